@@ -1,0 +1,74 @@
+"""Accelerator catalog.
+
+Figures are transcribed from `shared/data/accelerators_reference.csv` (vendor datasheets,
+dense peaks, not the sparsity numbers); `tests/costmodels/test_hardware.py` checks this
+table against that file so the two cannot drift apart. `cpu` describes this kind of
+development machine (2 cores, gloo between processes); its defaults were measured here
+with `torch.matmul` on 1024x1024 operands and are replaced by `meshplan bench`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from costmodels.specs import SpecError
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    key: str
+    bf16_tflops: float  # dense peak
+    fp8_tflops: float  # dense peak (0 = unsupported)
+    fp32_tflops: float  # plain FP32 (non-tensor-core) peak, used for fp32 runs
+    hbm_gb: float
+    hbm_tb_s: float
+    scaleup_gbps: float  # GB/s per GPU per direction (NVLink / xGMI)
+    scaleout_gbps: float  # GB/s per GPU per direction (NIC), from Gb/s / 8
+    gpus_per_node: int
+    tdp_w: float
+    # Relative sustained clock under the power cap vs the catalog peak's assumption.
+    power_derate: float = 1.0
+
+    def peak_tflops(self, precision: str) -> float:
+        """Dense peak for the precision a run computes in (fp16 equals bf16 on these parts)."""
+        if precision == "fp8":
+            if self.fp8_tflops <= 0:
+                raise SpecError(f"precision=fp8: {self.key} has no FP8 tensor cores; use bf16")
+            return self.fp8_tflops
+        if precision == "fp32":
+            return self.fp32_tflops
+        return self.bf16_tflops
+
+
+# bf16/fp8 dense TFLOP/s, HBM GB, HBM TB/s, NVLink GB/s per direction, NIC Gb/s per GPU / 8.
+ACCELERATORS: dict[str, Accelerator] = {
+    a.key: a
+    for a in (
+        Accelerator("a100-40gb", 312.0, 0.0, 19.5, 40, 1.555, 300, 200 / 8, 8, 400),
+        Accelerator("a100-80gb", 312.0, 0.0, 19.5, 80, 2.039, 300, 200 / 8, 8, 400),
+        Accelerator("h100-sxm", 989.4, 1978.9, 66.9, 80, 3.35, 450, 400 / 8, 8, 700),
+        # Meta's 96 GB HBM2e H100 capped at 500 W: same die, lower sustained clock. The
+        # derate (500 W / 700 W)^(1/3) assumes power ~ f^3 under DVFS (a physics prior,
+        # not a fit); the reference CSV only bounds its peak between H100 NVL and SXM.
+        Accelerator(
+            "h100-hbm2e-lowpower", 989.4, 1978.9, 66.9, 96, 2.4, 450, 400 / 8, 8, 500,
+            power_derate=(500 / 700) ** (1 / 3),
+        ),
+        Accelerator("h800", 989.4, 1978.9, 66.9, 80, 3.35, 200, 400 / 8, 8, 700),
+        Accelerator("h200", 989.4, 1978.9, 66.9, 141, 4.8, 450, 400 / 8, 8, 700),
+        Accelerator("b200", 2250.0, 4500.0, 80.0, 180, 7.7, 900, 400 / 8, 8, 1000),
+        Accelerator("mi300x", 1307.4, 2614.9, 163.4, 192, 5.3, 448, 400 / 8, 8, 750),
+        # This development machine: 2 cores; 0.18 TFLOP/s fp32 and 0.42 bf16 measured with
+        # torch.matmul (1024^3) here; "HBM" is host memory; gloo over loopback ~1 GB/s.
+        Accelerator("cpu", 0.42, 0.0, 0.18, 24, 0.01, 1.0, 1.0, 1, 0),
+    )
+}
+
+
+def get_accelerator(key: str) -> Accelerator:
+    k = key.strip().lower()
+    if k not in ACCELERATORS:
+        raise SpecError(
+            f"--gpu {key!r}: unknown accelerator; choose one of {', '.join(sorted(ACCELERATORS))}"
+        )
+    return ACCELERATORS[k]

@@ -1,0 +1,365 @@
+"""The three descriptions the cost model is a function of (after Calculon's split):
+the model (`ModelSpec`), the execution strategy (`Layout`) and the system (`ClusterSpec`,
+built on an `Accelerator` from `costmodels.hardware`).
+
+All are frozen dataclasses that validate themselves; a bad value raises `SpecError` with
+one line naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from costmodels.errors import MeshplanError
+
+MlpKind = Literal["swiglu", "gelu"]
+NormKind = Literal["rmsnorm", "layernorm"]
+Sharding = Literal["none", "zero1", "zero2", "zero3"]
+Recompute = Literal["none", "selective", "full"]
+Precision = Literal["bf16", "fp8", "fp16", "fp32"]
+Engine = Literal["torch", "deepspeed"]
+Schedule = Literal["gpipe", "1f1b", "interleaved"]
+
+SHARDINGS: tuple[str, ...] = ("none", "zero1", "zero2", "zero3")
+RECOMPUTES: tuple[str, ...] = ("none", "selective", "full")
+PRECISIONS: tuple[str, ...] = ("bf16", "fp8", "fp16", "fp32")
+
+
+class SpecError(MeshplanError):
+    """A user-facing specification error: one line naming the field and the fix."""
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise SpecError(message)
+
+
+def _positive_int(obj: object, name: str, minimum: int = 1) -> None:
+    value = getattr(obj, name)
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+        f"{type(obj).__name__}.{name}={value!r}: must be an integer >= {minimum}",
+    )
+
+
+def _one_of(obj: object, name: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(obj, name)
+    _require(
+        value in allowed,
+        f"{type(obj).__name__}.{name}={value!r}: must be one of {', '.join(allowed)}",
+    )
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A decoder-only (or encoder, for MLM) transformer, LLaMA-style by default."""
+
+    name: str
+    layers: int
+    hidden: int
+    ffn_hidden: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    seq_len: int
+    mlp: MlpKind = "swiglu"
+    norm: NormKind = "rmsnorm"
+    tied_embeddings: bool = False
+    bias: bool = False
+    # Mixture of experts (0 = dense). expert_ffn_hidden defaults to ffn_hidden.
+    num_experts: int = 0
+    experts_topk: int = 0
+    expert_ffn_hidden: int = 0
+    rope_theta: float = 500000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "hidden", "ffn_hidden", "heads", "kv_heads", "vocab", "seq_len"):
+            _positive_int(self, name)
+        _one_of(self, "mlp", ("swiglu", "gelu"))
+        _one_of(self, "norm", ("rmsnorm", "layernorm"))
+        _require(
+            self.hidden % self.heads == 0,
+            f"ModelSpec.hidden={self.hidden} must be divisible by heads={self.heads}",
+        )
+        _require(
+            self.heads % self.kv_heads == 0,
+            f"ModelSpec.kv_heads={self.kv_heads} must divide heads={self.heads} (GQA groups)",
+        )
+        _require(self.num_experts >= 0, "ModelSpec.num_experts must be >= 0 (0 = dense)")
+        if self.num_experts:
+            _require(
+                1 <= self.experts_topk <= self.num_experts,
+                f"ModelSpec.experts_topk={self.experts_topk} must be in 1..num_experts",
+            )
+
+    # -- derived sizes
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def expert_ffn(self) -> int:
+        return self.expert_ffn_hidden or self.ffn_hidden
+
+    @property
+    def mlp_matrices(self) -> int:
+        """Weight matrices of size hidden x ffn in one MLP: 3 for SwiGLU, 2 for GELU."""
+        return 3 if self.mlp == "swiglu" else 2
+
+    # -- parameter counts (exactly what executor.model builds)
+    def attention_params(self) -> int:
+        h, kv = self.hidden, self.kv_dim
+        weights = h * h + 2 * h * kv + h * h  # wq, wk, wv, wo
+        biases = (h + 2 * kv + h) if self.bias else 0
+        return weights + biases
+
+    def mlp_params(self, ffn: int | None = None) -> int:
+        f = ffn or self.ffn_hidden
+        weights = self.mlp_matrices * self.hidden * f
+        biases = ((self.mlp_matrices - 1) * f + self.hidden) if self.bias else 0
+        return weights + biases
+
+    def norm_params(self) -> int:
+        return self.hidden * (2 if self.norm == "layernorm" else 1)
+
+    def layer_params(self, active_only: bool = False) -> int:
+        if self.is_moe:
+            n_exp = self.experts_topk if active_only else self.num_experts
+            ffn = n_exp * self.mlp_params(self.expert_ffn) + self.hidden * self.num_experts
+        else:
+            ffn = self.mlp_params()
+        return self.attention_params() + ffn + 2 * self.norm_params()
+
+    def embedding_params(self) -> int:
+        """Input embedding plus the output projection (unless tied)."""
+        return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+
+    def param_count(self, active_only: bool = False) -> int:
+        return (
+            self.layers * self.layer_params(active_only)
+            + self.embedding_params()
+            + self.norm_params()  # final norm
+        )
+
+    def with_(self, **changes: Any) -> ModelSpec:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        _require(not unknown, f"model: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        try:
+            return cls(**data)
+        except TypeError as exc:  # missing required fields
+            raise SpecError(f"model: {exc}") from None
+
+
+def model_from_hf_config(path: str | Path, seq_len: int | None = None) -> ModelSpec:
+    """Read a Hugging Face LLaMA/Mistral/Qwen/GPT-NeoX-style `config.json` from disk."""
+    p = Path(path)
+    _require(p.is_file(), f"--hf-config {p}: file not found; pass the path of a config.json")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"--hf-config {p}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+    def get(*names: str, default: Any = None) -> Any:
+        for n in names:
+            if n in cfg and cfg[n] is not None:
+                return cfg[n]
+        _require(default is not None, f"--hf-config {p}: missing '{names[0]}'")
+        return default
+
+    hidden = int(get("hidden_size", "n_embd", "d_model"))
+    heads = int(get("num_attention_heads", "n_head"))
+    act = str(get("hidden_act", "activation_function", default="silu"))
+    return ModelSpec(
+        name=str(get("_name_or_path", "model_type", default=p.parent.name or "hf-model")),
+        layers=int(get("num_hidden_layers", "n_layer")),
+        hidden=hidden,
+        ffn_hidden=int(get("intermediate_size", "n_inner", default=4 * hidden)),
+        heads=heads,
+        kv_heads=int(get("num_key_value_heads", default=heads)),
+        vocab=int(get("vocab_size")),
+        seq_len=int(seq_len or get("max_position_embeddings", "n_positions", default=2048)),
+        mlp="swiglu" if act in ("silu", "swiglu", "swish") else "gelu",
+        norm="rmsnorm" if "rms_norm_eps" in cfg else "layernorm",
+        tied_embeddings=bool(get("tie_word_embeddings", default=False)),
+        bias=bool(get("attention_bias", "mlp_bias", default=False)),
+        num_experts=int(get("num_local_experts", "num_experts", "n_routed_experts", default=0) or 0),
+        experts_topk=int(get("num_experts_per_tok", "moe_topk", default=0) or 0),
+        expert_ffn_hidden=int(get("moe_intermediate_size", default=0) or 0),
+        rope_theta=float(get("rope_theta", default=10000.0)),
+        norm_eps=float(get("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", default=1e-5)),
+    )
+
+
+# --------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one training step is laid out over the cluster (Megatron / torchtitan terms).
+
+    Degrees multiply to the world size: tp * pp * dp * cp = GPUs (ep shards experts inside
+    dp * cp, as in Megatron-Core). `global_batch` counts sequences per optimizer step.
+    """
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    cp: int = 1
+    ep: int = 1
+    vpp: int = 1
+    sharding: Sharding = "none"
+    micro_batch: int = 1
+    global_batch: int = 1
+    recompute: Recompute = "none"
+    sequence_parallel: bool = False
+    precision: Precision = "bf16"
+    engine: Engine = "torch"
+    schedule: Schedule = "1f1b"
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "dp", "cp", "ep", "vpp", "micro_batch", "global_batch"):
+            _positive_int(self, name)
+        _one_of(self, "sharding", SHARDINGS)
+        _one_of(self, "recompute", RECOMPUTES)
+        _one_of(self, "precision", PRECISIONS)
+        _one_of(self, "engine", ("torch", "deepspeed"))
+        _one_of(self, "schedule", ("gpipe", "1f1b", "interleaved"))
+        _require(
+            self.global_batch % (self.micro_batch * self.dp) == 0,
+            f"Layout.global_batch={self.global_batch} must be a multiple of micro_batch x dp "
+            f"= {self.micro_batch * self.dp}; change global_batch or micro_batch",
+        )
+        _require(
+            self.vpp == 1 or self.pp > 1,
+            f"Layout.vpp={self.vpp} needs pp > 1 (interleaving splits pipeline stages)",
+        )
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp * self.cp
+
+    @property
+    def grad_accum(self) -> int:
+        """Micro-batches per optimizer step on each data-parallel rank."""
+        return self.global_batch // (self.micro_batch * self.dp)
+
+    @property
+    def effective_schedule(self) -> str:
+        return "interleaved" if self.vpp > 1 else self.schedule
+
+    def check_against(self, model: ModelSpec, world_size: int | None = None) -> None:
+        """Check the layout fits the model (and the GPU count when given)."""
+        if world_size is not None:
+            _require(
+                self.world_size == world_size,
+                f"layout: tp*pp*dp*cp = {self.tp}*{self.pp}*{self.dp}*{self.cp} = {self.world_size}"
+                f" but the cluster has {world_size} GPUs; make the product equal the GPU count",
+            )
+        _require(
+            model.heads % self.tp == 0,
+            f"layout.tp={self.tp} must divide the model's {model.heads} attention heads",
+        )
+        _require(
+            model.kv_heads % self.tp == 0 or self.tp % model.kv_heads == 0,
+            f"layout.tp={self.tp} must divide or be a multiple of kv_heads={model.kv_heads}",
+        )
+        _require(
+            self.pp * self.vpp <= model.layers,
+            f"layout.pp*vpp={self.pp * self.vpp} exceeds the model's {model.layers} layers; "
+            "use fewer pipeline stages",
+        )
+        _require(
+            model.seq_len % (2 * self.cp) == 0 or self.cp == 1,
+            f"layout.cp={self.cp}: seq_len={model.seq_len} must be divisible by 2*cp "
+            "(load-balanced ring attention)",
+        )
+        if self.ep > 1:
+            _require(model.is_moe, f"layout.ep={self.ep} needs a mixture-of-experts model")
+            _require(
+                model.num_experts % self.ep == 0,
+                f"layout.ep={self.ep} must divide num_experts={model.num_experts}",
+            )
+            _require(
+                (self.dp * self.cp) % self.ep == 0,
+                f"layout.ep={self.ep} must divide dp*cp={self.dp * self.cp}",
+            )
+        if self.effective_schedule == "interleaved":
+            _require(
+                model.layers % (self.pp * self.vpp) == 0,
+                f"layout.vpp={self.vpp}: layers={model.layers} must divide into pp*vpp="
+                f"{self.pp * self.vpp} equal chunks",
+            )
+
+    def with_(self, **changes: Any) -> Layout:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Layout:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        _require(not unknown, f"layout: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+
+# --------------------------------------------------------------------------- cluster
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Nodes of identical accelerators: an NVLink (scale-up) domain inside each node and
+    NICs (scale-out) between nodes. Bandwidths default to the accelerator catalog's.
+    """
+
+    accelerator: str
+    num_gpus: int
+    gpus_per_node: int = 8
+    scaleup_gbps: float = 0.0  # GB/s per GPU per direction inside a node; 0 = catalog
+    scaleout_gbps: float = 0.0  # GB/s per GPU per direction across nodes; 0 = catalog
+    nvlink_domain: int = 0  # GPUs sharing the scale-up fabric (NVL72: 72); 0 = gpus_per_node
+    extra: dict[str, float] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "num_gpus")
+        _positive_int(self, "gpus_per_node")
+        if self.num_gpus > self.gpus_per_node:
+            _require(
+                self.num_gpus % self.gpus_per_node == 0,
+                f"cluster: {self.num_gpus} GPUs is not a whole number of {self.gpus_per_node}-GPU "
+                "nodes; change --gpus or --gpus-per-node",
+            )
+
+    @property
+    def num_nodes(self) -> int:
+        return max(1, math.ceil(self.num_gpus / self.gpus_per_node))
+
+    @property
+    def domain_size(self) -> int:
+        """GPUs reachable over the scale-up fabric."""
+        return min(self.num_gpus, self.nvlink_domain or self.gpus_per_node)

@@ -1,0 +1,67 @@
+"""`meshplan` command line: a thin dispatcher.
+
+Each subcommand is a plugin registered under the `meshplan.commands` entry-point group
+(see pyproject.toml) as a `register(subparsers)` function, so the planner never imports
+the executor or the dashboard: they plug themselves in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib.metadata import entry_points
+
+from costmodels.errors import MeshplanError
+
+# Used only when the distribution's metadata is not installed (running from a checkout).
+_FALLBACK = {
+    "predict": "planner.commands.predict:register",
+    "validate": "planner.commands.validate:register",
+}
+
+
+def _load_registrars() -> dict[str, object]:
+    found = {ep.name: ep for ep in entry_points(group="meshplan.commands")}
+    if found:
+        return found
+    from importlib import import_module
+
+    class _EP:
+        def __init__(self, target: str) -> None:
+            self.target = target
+
+        def load(self):
+            mod, _, attr = self.target.partition(":")
+            return getattr(import_module(mod), attr)
+
+    return {name: _EP(t) for name, t in _FALLBACK.items()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshplan",
+        description="Plan, run and calibrate LLM pretraining layouts.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, ep in sorted(_load_registrars().items()):
+        ep.load()(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.func(args)
+    except MeshplanError as exc:
+        print(f"meshplan: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("meshplan: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""The plan file (`plan.yaml`): a versioned, validated description of one training job.
+
+The planner writes it; the executor runs exactly it. Sections: `model`, `cluster`,
+`layout`, `train`, `data`, `checkpoint`, `stability`, `continual`, and `predicted` (the
+cost model's numbers the plan was chosen with). Dotted overrides (`train.max_steps=40`)
+are applied before validation, as torchtitan / Hydra users expect.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from costmodels.errors import MeshplanError
+from costmodels.specs import Layout, ModelSpec, SpecError
+
+PLAN_VERSION = 1
+
+
+class PlanError(MeshplanError):
+    """A user-facing plan error: one line naming the field and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ClusterSection(_Section):
+    accelerator: str = "cpu"
+    num_gpus: int = Field(1, ge=1)
+    gpus_per_node: int = Field(1, ge=1)
+    num_nodes: int = Field(1, ge=1)
+
+
+class LayoutSection(_Section):
+    tp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
+    dp: int = Field(1, ge=1)
+    cp: int = Field(1, ge=1)
+    ep: int = Field(1, ge=1)
+    vpp: int = Field(1, ge=1)
+    sharding: Literal["none", "zero1", "zero2", "zero3"] = "none"
+    engine: Literal["torch", "deepspeed"] = "torch"
+    micro_batch_size: int = Field(1, ge=1)
+    global_batch_size: int = Field(1, ge=1)
+    recompute: Literal["none", "selective", "full"] = "none"
+    sequence_parallel: bool = False
+    schedule: Literal["gpipe", "1f1b", "interleaved"] = "1f1b"
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp * self.cp
+
+    @property
+    def grad_accum(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.dp)
+
+
+class TrainSection(_Section):
+    objective: Literal["clm", "mlm", "fim"] = "clm"
+    max_steps: int = Field(100, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    min_lr: float | None = Field(None, ge=0)  # default lr / 10
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)  # 0 = warmup_frac * max_steps
+    warmup_frac: float = Field(0.02, ge=0, le=1)
+    wsd_decay_frac: float = Field(0.2, ge=0, le=1)  # last share of steps that decays
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0)
+    precision: Literal["bf16", "fp32", "fp16", "fp8"] = "bf16"
+    seed: int = Field(1234, ge=0)
+    mlm_probability: float = Field(0.15, gt=0, lt=1)
+    fim_rate: float = Field(0.5, ge=0, le=1)
+    fim_spm_rate: float = Field(0.5, ge=0, le=1)
+    log_every: int = Field(1, ge=1)
+    eval_every: int = Field(0, ge=0)  # 0 = no periodic held-out evaluation
+    eval_batches: int = Field(4, ge=1)
+    attention_backend: Literal["auto", "flash", "torch_varlen", "sdpa"] = "auto"
+
+    @property
+    def resolved_min_lr(self) -> float:
+        return self.lr / 10 if self.min_lr is None else self.min_lr
+
+    @property
+    def resolved_warmup_steps(self) -> int:
+        return self.warmup_steps or int(round(self.warmup_frac * self.max_steps))
+
+
+class DataSection(_Section):
+    # Domain name -> sampling weight. Built-in domains: "code" (the Python standard
+    # library's source) and "english" (pydoc_data reference text).
+    mixture: dict[str, float] = Field(default_factory=lambda: {"code": 0.5, "english": 0.5})
+    # Domain name -> a prepared dataset directory, or a file / folder of raw text. Empty
+    # means the embedded default corpus.
+    sources: dict[str, str] = Field(default_factory=dict)
+    dataset_dir: str | None = None  # where prepared shards live (default: RUN_DIR/data)
+    tokenizer_vocab: int | None = None  # defaults to model.vocab
+    max_docs_per_domain: int = Field(4000, ge=1)
+    heldout_docs: int = Field(32, ge=0)
+
+    @field_validator("mixture")
+    @classmethod
+    def _weights_positive(cls, v: dict[str, float]) -> dict[str, float]:
+        if not v:
+            raise ValueError("needs at least one domain, e.g. {code: 1.0}")
+        for k, w in v.items():
+            if not (w >= 0):
+                raise ValueError(f"weight of domain {k!r} must be >= 0")
+        if sum(v.values()) <= 0:
+            raise ValueError("weights must not all be zero")
+        return v
+
+
+class CheckpointSection(_Section):
+    every: int = Field(50, ge=0)  # steps; 0 = only at the end / on stop
+    keep: int = Field(3, ge=1)
+    mirror_dir: str | None = None
+
+
+class StabilitySection(_Section):
+    spike_factor: float = Field(3.0, gt=1)  # skip when loss > factor x running good loss
+    spike_warmup_steps: int = Field(100, ge=0)  # no spike skipping before this step
+    grad_norm_limit: float = Field(10.0, gt=0)
+    max_consecutive_spikes: int = Field(3, ge=1)  # then roll back to the last good ckpt
+    ema_beta: float = Field(0.9, ge=0, lt=1)
+
+
+class ContinualSection(_Section):
+    init_from: str | None = None  # checkpoint dir, or HF safetensors + config.json dir
+    replay_fraction: float = Field(0.0, ge=0, lt=1)
+    replay_mixture: dict[str, float] = Field(default_factory=dict)
+    lr_fraction: float = Field(1.0, gt=0, le=1)
+    ewc_lambda: float = Field(0.0, ge=0)
+    ewc_fisher_batches: int = Field(8, ge=1)
+    branch_step: int | None = None  # WSD: branch from the stable checkpoint at this step
+
+
+class Plan(_Section):
+    version: int = PLAN_VERSION
+    model: dict[str, Any]
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
+    layout: LayoutSection = Field(default_factory=LayoutSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    data: DataSection = Field(default_factory=DataSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    stability: StabilitySection = Field(default_factory=StabilitySection)
+    continual: ContinualSection = Field(default_factory=ContinualSection)
+    predicted: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("version")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v != PLAN_VERSION:
+            raise ValueError(f"plan version {v} is not supported (this meshplan reads {PLAN_VERSION})")
+        return v
+
+    # -- typed views for the cost model
+    def model_spec(self) -> ModelSpec:
+        try:
+            return ModelSpec.from_dict(self.model)
+        except SpecError as exc:
+            raise PlanError(str(exc)) from None
+
+    def layout_spec(self) -> Layout:
+        lay = self.layout
+        try:
+            return Layout(
+                tp=lay.tp, pp=lay.pp, dp=lay.dp, cp=lay.cp, ep=lay.ep, vpp=lay.vpp,
+                sharding=lay.sharding, micro_batch=lay.micro_batch_size,
+                global_batch=lay.global_batch_size, recompute=lay.recompute,
+                sequence_parallel=lay.sequence_parallel, precision=self.train.precision,
+                engine=lay.engine, schedule=lay.schedule,
+            )
+        except SpecError as exc:
+            raise PlanError(str(exc)) from None
+
+    def check(self) -> None:
+        """Cross-section checks that pydantic field validation cannot express."""
+        spec = self.model_spec()
+        try:
+            self.layout_spec().check_against(spec, self.cluster.num_gpus)
+        except SpecError as exc:
+            raise PlanError(str(exc)) from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def _parse_scalar(text: str) -> Any:
+    """`--override a.b=VALUE`: VALUE is parsed as YAML (numbers, bools, lists, null)."""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = yaml.safe_load(yaml.safe_dump(data))  # deep copy through plain types
+    for item in overrides:
+        if "=" not in item:
+            raise PlanError(f"--override {item!r}: expected KEY=VALUE, e.g. train.max_steps=40")
+        key, _, value = item.partition("=")
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise PlanError(f"--override {item!r}: empty key")
+        node = out
+        for p in parts[:-1]:
+            if not isinstance(node.get(p, {}), dict):
+                raise PlanError(f"--override {key}: {p!r} is not a section")
+            node = node.setdefault(p, {})
+        node[parts[-1]] = _parse_scalar(value)
+    return out
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key; remove it or check its spelling"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{source}: {loc}: {msg}{more}"
+
+
+def plan_from_dict(data: Any, source: str = "plan", overrides: list[str] | None = None) -> Plan:
+    if not isinstance(data, dict):
+        raise PlanError(f"{source}: expected a mapping of sections (model, layout, train, ...)")
+    if overrides:
+        data = apply_overrides(data, overrides)
+    try:
+        plan = Plan.model_validate(data)
+    except ValidationError as exc:
+        raise PlanError(_format_validation_error(exc, source)) from None
+    plan.check()
+    return plan
+
+
+def load_plan(path: str | Path, overrides: list[str] | None = None) -> Plan:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "plan.yaml"
+    if not p.is_file():
+        raise PlanError(f"{p}: plan file not found; create one with `meshplan plan ... --out DIR`")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))  # safe loader: no object tags
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PlanError(f"{p}: not a valid YAML plan ({first})") from None
+    return plan_from_dict(data, str(p), overrides)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over `path`."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_plan(plan: Plan, path: str | Path) -> Path:
+    p = Path(path)
+    if p.is_dir() or p.suffix == "":
+        p = p / "plan.yaml"
+    atomic_write_text(p, plan.to_yaml())
+    return p
