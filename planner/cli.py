@@ -44,8 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name, ep in sorted(_load_registrars().items()):
-        ep.load()(sub)
+    for _name, ep in sorted(_load_registrars().items()):
+        try:
+            register = ep.load()
+        except ModuleNotFoundError:
+            continue  # a plugin whose package part is not built yet / not installed
+        register(sub)
     return parser
 
 

@@ -1,0 +1,122 @@
+"""The case table: one row per (model, layout, system) to evaluate, as a dict of numpy
+columns. The step-time and memory model is a set of array expressions over these columns,
+so the planner evaluates hundreds of thousands of candidate layouts in one call (Calculon
+evaluates one Python object graph at a time; STYLE.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from costmodels.comm import group_link
+from costmodels.hardware import get_accelerator
+from costmodels.profile import GENERATION
+from costmodels.specs import PRECISIONS, RECOMPUTES, SHARDINGS, ClusterSpec, Layout, ModelSpec
+
+Cases = dict[str, np.ndarray]
+
+GEN_ORDER = ("ampere", "hopper", "blackwell", "cdna3", "cpu")
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+
+
+def model_columns(model: ModelSpec, seq_len: int | None = None) -> dict[str, float]:
+    """Scalar columns describing a model (broadcast against layout columns)."""
+    moe = model.is_moe
+    dense_layer = model.attention_params() + 2 * model.norm_params()
+    expert = model.mlp_params(model.expert_ffn)
+    return {
+        "layers": model.layers,
+        "hidden": model.hidden,
+        "ffn": model.expert_ffn if moe else model.ffn_hidden,
+        "heads": model.heads,
+        "kv_dim": model.kv_dim,
+        "vocab": model.vocab,
+        "seq": seq_len or model.seq_len,
+        "swiglu": model.mlp == "swiglu",
+        "mlp_mats": model.mlp_matrices,
+        "experts": max(model.num_experts, 1),
+        "active_experts": model.experts_topk if moe else 1,
+        # Per layer: the part every rank of a TP group holds a slice of, and the experts
+        # (sharded further by EP).
+        "params_layer_dense": dense_layer + (0 if moe else model.mlp_params()),
+        "params_layer_expert": (model.num_experts * expert + model.hidden * model.num_experts) if moe else 0,
+        "params_embed": model.vocab * model.hidden,
+        "params_output": 0 if model.tied_embeddings else model.vocab * model.hidden,
+        "params_total": model.param_count(),
+        "params_active": model.param_count(active_only=True),
+    }
+
+
+def hardware_columns(accelerator: str, precision: str) -> dict[str, float]:
+    acc = get_accelerator(accelerator)
+    bf16 = acc.peak_tflops("fp32" if precision == "fp32" else "bf16") * 1e12 * acc.power_derate
+    gemm = acc.peak_tflops(precision) * 1e12 * acc.power_derate
+    return {
+        "peak_gemm": gemm,  # GEMMs run in the run's precision (FP8 where asked)
+        "peak_bf16": bf16,  # attention and the MFU denominator of non-FP8 runs
+        "peak_mfu": acc.peak_tflops(precision) * 1e12,  # MFU is quoted against catalog peak
+        "hbm_bytes": acc.hbm_gb * 1e9,
+        "hbm_bw": acc.hbm_tb_s * 1e12,
+        "gen_idx": GEN_ORDER.index(GENERATION[acc.key]),
+        "act_bytes": 4.0 if precision == "fp32" else 2.0,
+    }
+
+
+def link_columns(cluster: ClusterSpec, tp: np.ndarray, cp: np.ndarray, dp: np.ndarray, pp: np.ndarray) -> dict[str, np.ndarray]:
+    """Bandwidth / latency of each process group, ranks ordered tp -> cp -> dp -> pp."""
+    out = {f"{k}_{v}": np.empty(len(tp)) for k in ("tp", "cp", "dp", "pp") for v in ("bw", "lat")}
+    groups = {
+        "tp": (np.ones_like(tp), tp),
+        "cp": (tp, cp),
+        "dp": (tp * cp, dp),
+        "pp": (tp * cp * dp, pp),
+    }
+    for name, (stride, size) in groups.items():
+        keys = np.stack([stride, size], axis=1).astype(np.int64)
+        uniq, inv = np.unique(keys, axis=0, return_inverse=True)
+        vals = np.array([group_link(cluster, int(s), int(n)) for s, n in uniq])
+        out[f"{name}_bw"] = vals[inv.reshape(-1), 0]
+        out[f"{name}_lat"] = vals[inv.reshape(-1), 1]
+    # A DP collective over dp*cp replicas (CP ranks hold the same weights) rides the slower
+    # of the two groups.
+    return out
+
+
+def layout_columns(layouts: Iterable[Layout]) -> dict[str, np.ndarray]:
+    rows = list(layouts)
+    col = lambda f: np.array([f(r) for r in rows])  # noqa: E731
+    return {
+        "tp": col(lambda r: r.tp), "pp": col(lambda r: r.pp), "dp": col(lambda r: r.dp),
+        "cp": col(lambda r: r.cp), "ep": col(lambda r: r.ep), "vpp": col(lambda r: r.vpp),
+        "sharding": col(lambda r: SHARDINGS.index(r.sharding)),
+        "micro": col(lambda r: r.micro_batch), "gbs": col(lambda r: r.global_batch),
+        "recompute": col(lambda r: RECOMPUTES.index(r.recompute)),
+        "sp": col(lambda r: r.sequence_parallel),
+        "schedule": col(lambda r: SCHEDULES.index(r.effective_schedule)),
+        "precision_idx": col(lambda r: PRECISIONS.index(r.precision)),
+    }
+
+
+def build_cases(
+    model: ModelSpec, cluster: ClusterSpec, layout_cols: Mapping[str, np.ndarray], precision: str = "bf16",
+    seq_len: int | None = None,
+) -> Cases:
+    """Cases for one model on one cluster over many layouts (the planner's table)."""
+    n = len(layout_cols["tp"])
+    cases: Cases = {k: np.asarray(v) for k, v in layout_cols.items()}
+    for k, v in {**model_columns(model, seq_len), **hardware_columns(cluster.accelerator, precision)}.items():
+        cases[k] = np.full(n, v)
+    cases.update(link_columns(cluster, cases["tp"], cases["cp"], cases["dp"], cases["pp"]))
+    cases["gpus"] = np.full(n, cluster.num_gpus)
+    return cases
+
+
+def concat_cases(parts: list[Cases]) -> Cases:
+    keys = parts[0].keys()
+    return {k: np.concatenate([np.atleast_1d(p[k]) for p in parts]) for k in keys}
+
+
+def single_case(model: ModelSpec, layout: Layout, cluster: ClusterSpec) -> Cases:
+    return build_cases(model, cluster, layout_columns([layout]), layout.precision)

@@ -1,0 +1,137 @@
+"""Fit a profile's free parameters to measured runs: scipy least squares on the log of
+predicted / measured throughput (symmetric in over- and under-prediction), with bounds
+that keep every parameter physical, and cross-validation so reported error is always on
+runs the fit did not see.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import least_squares
+
+from costmodels.cases import GEN_ORDER, Cases
+from costmodels.profile import Profile
+from costmodels.steptime import evaluate
+
+# name, lower, upper (physical ranges); gemm_eff.<gen> entries are added per generation seen.
+SCALAR_PARAMS: tuple[tuple[str, float, float], ...] = (
+    ("attn_eff", 0.2, 1.0),
+    ("elementwise_factor", 0.5, 12.0),
+    ("tp_overlap", 0.0, 0.95),
+    ("dp_overlap", 0.0, 1.0),
+    ("link_eff", 0.3, 1.0),
+    ("layer_overhead_s", 0.0, 5e-4),
+)
+MEMORY_PARAMS: tuple[tuple[str, float, float], ...] = (
+    ("memory_factor", 1.0, 1.6),
+    ("memory_constant_gb", 0.0, 8.0),
+)
+
+
+def _subset(c: Cases, idx: np.ndarray) -> Cases:
+    return {k: np.asarray(v)[idx] for k, v in c.items()}
+
+
+@dataclass
+class FitResult:
+    profile: Profile
+    params: dict[str, float]
+    train_log_rmse: float
+    n: int
+
+
+def _param_space(c: Cases, fixed: Sequence[str]) -> list[tuple[str, float, float]]:
+    gens = sorted({GEN_ORDER[i] for i in np.unique(np.asarray(c["gen_idx"], dtype=int))})
+    space = [(f"gemm_eff.{g}", 0.3, 1.0) for g in gens]
+    space += [p for p in SCALAR_PARAMS if p[0] not in fixed]
+    return space
+
+
+def _apply(base: Profile, names: list[str], x: np.ndarray) -> Profile:
+    eff = dict(base.gemm_eff)
+    scalars = {}
+    for name, v in zip(names, x, strict=True):
+        if name.startswith("gemm_eff."):
+            eff[name.split(".", 1)[1]] = float(v)
+        else:
+            scalars[name] = float(v)
+    return base.with_(gemm_eff=eff, **scalars)
+
+
+def _get(base: Profile, name: str) -> float:
+    if name.startswith("gemm_eff."):
+        return base.gemm_eff.get(name.split(".", 1)[1], 0.6)
+    return float(getattr(base, name))
+
+
+def fit_throughput(
+    c: Cases, measured_tps: np.ndarray, base: Profile | None = None,
+    fixed: Sequence[str] = (), source: str = "fit",
+) -> FitResult:
+    """Fit GEMM efficiencies and the scalar parameters to measured tokens/s per GPU."""
+    base = base or Profile()
+    space = _param_space(c, fixed)
+    names = [s[0] for s in space]
+    lo = np.array([s[1] for s in space])
+    hi = np.array([s[2] for s in space])
+    x0 = np.clip(np.array([_get(base, n) for n in names]), lo + 1e-9, hi - 1e-9)
+    # Scale so each parameter moves on a comparable scale.
+    scale = np.maximum(hi - lo, 1e-12)
+    y = np.log(np.asarray(measured_tps, dtype=float))
+
+    def resid(z: np.ndarray) -> np.ndarray:
+        prof = _apply(base, names, lo + z * scale)
+        pred = evaluate(c, prof)["tokens_per_sec_per_gpu"]
+        return np.log(np.maximum(pred, 1e-12)) - y
+
+    z0 = (x0 - lo) / scale
+    res = least_squares(resid, z0, bounds=(0.0, 1.0), method="trf", x_scale="jac", max_nfev=400)
+    x = lo + res.x * scale
+    prof = _apply(base, names, x).with_(source=source)
+    rmse = float(np.sqrt(np.mean(res.fun**2)))
+    return FitResult(prof, dict(zip(names, map(float, x), strict=True)), rmse, len(y))
+
+
+def fit_memory(c: Cases, measured_gb: np.ndarray, base: Profile) -> Profile:
+    """Fit the allocator factor and constant to measured peak memory (relative error)."""
+    if len(measured_gb) < 2:
+        return base
+    names = [p[0] for p in MEMORY_PARAMS]
+    lo = np.array([p[1] for p in MEMORY_PARAMS])
+    hi = np.array([p[2] for p in MEMORY_PARAMS])
+    x0 = np.array([getattr(base, n) for n in names])
+
+    def resid(x: np.ndarray) -> np.ndarray:
+        prof = base.with_(**dict(zip(names, map(float, x), strict=True)))
+        return evaluate(c, prof)["peak_memory_gb"] / measured_gb - 1
+
+    res = least_squares(resid, np.clip(x0, lo, hi), bounds=(lo, hi))
+    return base.with_(**dict(zip(names, map(float, res.x), strict=True)))
+
+
+def ape_pct(pred: np.ndarray, measured: np.ndarray) -> np.ndarray:
+    return np.abs(np.asarray(pred) / np.asarray(measured) - 1) * 100
+
+
+def cross_validate(
+    c: Cases, measured_tps: np.ndarray, folds: np.ndarray, base: Profile | None = None,
+    fixed: Sequence[str] = (),
+) -> np.ndarray:
+    """Out-of-fold predictions: each fold is predicted by a profile fitted on the others."""
+    pred = np.full(len(measured_tps), np.nan)
+    for f in np.unique(folds):
+        train = folds != f
+        fr = fit_throughput(_subset(c, np.flatnonzero(train)), measured_tps[train], base, fixed)
+        test_idx = np.flatnonzero(~train)
+        pred[test_idx] = evaluate(_subset(c, test_idx), fr.profile)["tokens_per_sec_per_gpu"]
+    return pred
+
+
+def random_halves(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    folds = np.zeros(n, dtype=int)
+    folds[rng.permutation(n)[: n // 2]] = 1
+    return folds

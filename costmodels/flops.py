@@ -1,0 +1,99 @@
+"""FLOP counts per token.
+
+One MFU definition for all of meshplan (documented in README, "Counting FLOPs"):
+  MFU = model FLOPs per token x tokens/s per GPU / dense peak of the run's precision,
+where model FLOPs count every matmul of forward + backward (3 x forward), causal attention
+at half the full score matrix, the logits GEMM, and no recomputation. Hardware FLOPs
+(HFU-like) add the forward work repeated by activation recomputation.
+
+Every function takes scalars or numpy arrays (broadcasting), so the planner evaluates a
+whole candidate table in one call.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from costmodels.specs import ModelSpec
+
+ArrayLike = float | np.ndarray
+
+
+def matmul_params_per_layer(
+    hidden: ArrayLike, ffn: ArrayLike, kv_dim: ArrayLike, mlp_matrices: ArrayLike,
+    active_experts: ArrayLike = 1,
+) -> ArrayLike:
+    """Weights that take part in a GEMM per token in one layer (norms and biases excluded)."""
+    attn = 2 * hidden * hidden + 2 * hidden * kv_dim  # wq, wo + wk, wv (GQA)
+    mlp = mlp_matrices * hidden * ffn * active_experts
+    return attn + mlp
+
+
+def attention_flops_per_token_fwd(
+    seq: ArrayLike, hidden: ArrayLike, causal: bool | np.ndarray = True
+) -> ArrayLike:
+    """Score (QK^T) and context (AV) matmuls, per token per layer, forward.
+
+    2 GEMMs x 2 FLOP/MAC x seq x hidden (Narayanan et al. 2021, Sec. 5.1 / Appendix); a
+    causal mask needs only half the score matrix (FlashAttention-2, Dao 2023, Sec. 3.1).
+    """
+    full = 4.0 * seq * hidden
+    return np.where(causal, 0.5, 1.0) * full
+
+
+def model_flops_per_token(
+    layers: ArrayLike, hidden: ArrayLike, ffn: ArrayLike, kv_dim: ArrayLike,
+    mlp_matrices: ArrayLike, vocab: ArrayLike, seq: ArrayLike,
+    active_experts: ArrayLike = 1, causal: bool | np.ndarray = True,
+) -> ArrayLike:
+    """Training FLOPs per token: 3 x (2 x GEMM weights + attention + logits) (Kaplan 2020 Table 1
+    generalised; equals 6N + attention for dense models)."""
+    per_layer = 2 * matmul_params_per_layer(hidden, ffn, kv_dim, mlp_matrices, active_experts)
+    per_layer = per_layer + attention_flops_per_token_fwd(seq, hidden, causal)
+    logits = 2 * hidden * vocab
+    return 3.0 * (layers * per_layer + logits)
+
+
+def recompute_extra_flops_per_token(
+    layers: ArrayLike, hidden: ArrayLike, ffn: ArrayLike, kv_dim: ArrayLike,
+    mlp_matrices: ArrayLike, seq: ArrayLike, recompute: np.ndarray,
+    active_experts: ArrayLike = 1, causal: bool | np.ndarray = True,
+) -> ArrayLike:
+    """Forward work repeated in backward: full recompute repeats each layer's forward
+    (Korthikanti et al. 2022, Sec. 5: 4 passes instead of 3); selective repeats only the
+    attention core (QK^T, softmax, AV; ibid. Sec. 4.2). `recompute` codes: 0 none, 1
+    selective, 2 full."""
+    gemm = 2 * matmul_params_per_layer(hidden, ffn, kv_dim, mlp_matrices, active_experts)
+    attn = attention_flops_per_token_fwd(seq, hidden, causal)
+    full = layers * (gemm + attn)
+    selective = layers * attn
+    return np.where(recompute == 2, full, np.where(recompute == 1, selective, 0.0))
+
+
+def model_flops_per_token_spec(model: ModelSpec, seq: int | None = None, causal: bool = True) -> float:
+    return float(
+        model_flops_per_token(
+            model.layers, model.hidden, model.expert_ffn if model.is_moe else model.ffn_hidden,
+            model.kv_dim, model.mlp_matrices, model.vocab, seq or model.seq_len,
+            model.experts_topk if model.is_moe else 1, causal,
+        )
+    )
+
+
+def megatron_flops_per_token(
+    layers: ArrayLike, hidden: ArrayLike, seq: ArrayLike, vocab: ArrayLike, full_recompute: bool
+) -> ArrayLike:
+    """Megatron-LM's count for GPT (MHA, FFN = 4h, full-attention scores), per token.
+
+    Narayanan et al. 2021, Sec. 5.1, eq. (3): F = 96 B s l h^2 (1 + s/6h + V/16lh) with full
+    recomputation (4 passes); without it, 72 B s l h^2 (1 + s/6h + V/12lh) (3 passes; the
+    logits are never recomputed, hence the different V term).
+    """
+    if full_recompute:
+        return 96.0 * layers * hidden**2 * (1 + seq / (6 * hidden) + vocab / (16 * layers * hidden))
+    return 72.0 * layers * hidden**2 * (1 + seq / (6 * hidden) + vocab / (12 * layers * hidden))
+
+
+def mfu(tokens_per_sec_per_gpu: ArrayLike, flops_per_token: ArrayLike, peak_flops: ArrayLike) -> ArrayLike:
+    """Model FLOPs utilisation (PaLM, Chowdhery et al. 2022, App. B)."""
+    return tokens_per_sec_per_gpu * flops_per_token / peak_flops

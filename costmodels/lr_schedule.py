@@ -1,0 +1,178 @@
+"""The learning-rate schedule of a plan, as a pure function (no torch).
+
+One definition shared by the planner (curves, advice, emitters) and the executor's LR
+scheduler, so the plan's `train` section means exactly one curve. Semantics follow
+`planner.planfile.TrainSection`:
+
+* `step` is the 0-based index of the optimizer update (the LR used for update `step + 1`).
+* warmup: `W = warmup_steps or round(warmup_frac * max_steps)`; for `step < W` the LR rises
+  linearly, `lr * (step + 1) / W`, so the first update is never taken at LR 0 and update
+  `W - 1` uses the full `lr` (linear warmup, Goyal et al. 2017 §2.2).
+* `cosine`: after warmup, `min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2` with
+  `p = (step - W) / (max_steps - 1 - W)`, so the last update (`max_steps - 1`) uses exactly
+  `min_lr` (Loshchilov & Hutter 2017, SGDR eq. 5, one cycle, no restart).
+* `wsd`: warmup, then constant `lr` (the stable phase), then the last
+  `K = round(wsd_decay_frac * max_steps)` updates decay linearly to `min_lr`:
+  `lr - (lr - min_lr) * (step - (max_steps - K) + 1) / K`, reaching `min_lr` at the last
+  update (warmup-stable-decay, Hu et al. 2024 MiniCPM §4.1; linear decay as in Hägele et al.
+  2024). The decay never starts before warmup ends.
+* `constant`: warmup, then `lr`.
+* `min_lr` defaults to `lr / 10` (`TrainSection.resolved_min_lr`).
+* Steps at or past `max_steps` keep the final value.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from costmodels.errors import MeshplanError
+
+ScheduleKind = Literal["cosine", "wsd", "constant"]
+SCHEDULES: tuple[str, ...] = ("cosine", "wsd", "constant")
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """A fully resolved schedule: every default of `TrainSection` already applied."""
+
+    lr: float
+    max_steps: int
+    warmup_steps: int
+    schedule: ScheduleKind = "cosine"
+    min_lr: float | None = None
+    wsd_decay_frac: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise MeshplanError(
+                f"schedule={self.schedule!r}: must be one of {', '.join(SCHEDULES)}"
+            )
+        if not self.lr > 0:
+            raise MeshplanError(f"lr={self.lr}: must be > 0")
+        if self.max_steps < 1:
+            raise MeshplanError(f"max_steps={self.max_steps}: must be >= 1")
+        if not 0 <= self.warmup_steps <= self.max_steps:
+            raise MeshplanError(
+                f"warmup_steps={self.warmup_steps}: must be in 0..max_steps={self.max_steps}"
+            )
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise MeshplanError(f"min_lr={self.min_lr}: must be in [0, lr={self.lr}]")
+        if not 0 <= self.wsd_decay_frac <= 1:
+            raise MeshplanError(f"wsd_decay_frac={self.wsd_decay_frac}: must be in [0, 1]")
+
+    @property
+    def final_lr(self) -> float:
+        return self.lr / 10 if self.min_lr is None else self.min_lr
+
+    @property
+    def decay_steps(self) -> int:
+        """WSD: updates in the decay phase (never overlapping warmup)."""
+        k = int(round(self.wsd_decay_frac * self.max_steps))
+        return max(0, min(k, self.max_steps - self.warmup_steps))
+
+    @classmethod
+    def from_train(cls, train: object) -> LRSchedule:
+        """Build from a `planner.planfile.TrainSection` (duck-typed: no planner import)."""
+        return cls(
+            lr=float(train.lr),  # type: ignore[attr-defined]
+            max_steps=int(train.max_steps),  # type: ignore[attr-defined]
+            warmup_steps=int(train.resolved_warmup_steps),  # type: ignore[attr-defined]
+            schedule=train.schedule,  # type: ignore[attr-defined]
+            min_lr=train.resolved_min_lr,  # type: ignore[attr-defined]
+            wsd_decay_frac=float(train.wsd_decay_frac),  # type: ignore[attr-defined]
+        )
+
+    def at(self, step: int) -> float:
+        return lr_at(
+            step, self.lr, self.max_steps, warmup_steps=self.warmup_steps,
+            schedule=self.schedule, min_lr=self.min_lr, wsd_decay_frac=self.wsd_decay_frac,
+        )
+
+    def curve(self) -> np.ndarray:
+        return lr_curve(
+            self.lr, self.max_steps, warmup_steps=self.warmup_steps, schedule=self.schedule,
+            min_lr=self.min_lr, wsd_decay_frac=self.wsd_decay_frac,
+        )
+
+
+def resolve_warmup(max_steps: int, warmup_steps: int = 0, warmup_frac: float = 0.02) -> int:
+    """`TrainSection.resolved_warmup_steps`: explicit steps win, else a share of max_steps."""
+    return warmup_steps or int(round(warmup_frac * max_steps))
+
+
+def lr_at(
+    step: int,
+    lr: float,
+    max_steps: int,
+    *,
+    warmup_steps: int | None = None,
+    warmup_frac: float = 0.02,
+    schedule: str = "cosine",
+    min_lr: float | None = None,
+    wsd_decay_frac: float = 0.2,
+) -> float:
+    """LR of optimizer update `step` (0-based); see the module docstring for the formulas."""
+    total = max(1, int(max_steps))
+    w = resolve_warmup(total, warmup_steps or 0, warmup_frac) if warmup_steps is None else int(
+        warmup_steps
+    )
+    w = min(max(w, 0), total)
+    floor = lr / 10 if min_lr is None else min_lr
+    s = min(max(int(step), 0), total - 1)
+    if s < w:  # linear warmup (Goyal et al. 2017 §2.2)
+        return lr * (s + 1) / w
+    if schedule == "constant":
+        return lr
+    if schedule == "cosine":  # one cosine half-period to min_lr (Loshchilov & Hutter 2017 eq. 5)
+        span = total - 1 - w
+        p = 1.0 if span <= 0 else (s - w) / span
+        return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
+    if schedule == "wsd":  # warmup-stable-decay, linear decay tail (Hu et al. 2024 §4.1)
+        k = max(0, min(int(round(wsd_decay_frac * total)), total - w))
+        start = total - k
+        if k == 0 or s < start:
+            return lr
+        return lr - (lr - floor) * (s - start + 1) / k
+    raise MeshplanError(f"schedule={schedule!r}: must be one of {', '.join(SCHEDULES)}")
+
+
+def lr_curve(
+    lr: float,
+    max_steps: int,
+    *,
+    warmup_steps: int | None = None,
+    warmup_frac: float = 0.02,
+    schedule: str = "cosine",
+    min_lr: float | None = None,
+    wsd_decay_frac: float = 0.2,
+) -> np.ndarray:
+    """LR for every update 0..max_steps-1 (vectorised; equals `lr_at` element by element)."""
+    total = max(1, int(max_steps))
+    w = resolve_warmup(total, warmup_steps or 0, warmup_frac) if warmup_steps is None else int(
+        warmup_steps
+    )
+    w = min(max(w, 0), total)
+    floor = lr / 10 if min_lr is None else min_lr
+    s = np.arange(total, dtype=np.float64)
+    if schedule == "constant":
+        out = np.full(total, lr, dtype=np.float64)
+    elif schedule == "cosine":
+        span = total - 1 - w
+        p = np.ones(total) if span <= 0 else np.clip((s - w) / span, 0.0, 1.0)
+        out = floor + (lr - floor) * 0.5 * (1.0 + np.cos(np.pi * p))
+    elif schedule == "wsd":
+        k = max(0, min(int(round(wsd_decay_frac * total)), total - w))
+        start = total - k
+        out = np.full(total, lr, dtype=np.float64)
+        if k > 0:
+            tail = s >= start
+            out[tail] = lr - (lr - floor) * (s[tail] - start + 1) / k
+    else:
+        raise MeshplanError(f"schedule={schedule!r}: must be one of {', '.join(SCHEDULES)}")
+    if w > 0:
+        out[:w] = lr * (s[:w] + 1) / w
+    return out

@@ -1,0 +1,121 @@
+"""Calibration profile: the cost model's few free efficiency parameters, kept in a YAML file,
+not in code. `costmodels/profiles/default.yaml` is fitted on `published_runs.csv`
+(`benchmarks/fidelity.py --refit` reproduces it); `meshplan calibrate` writes new ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from costmodels.errors import MeshplanError
+
+# Accelerator generation of each catalog key: GEMM efficiency is a property of the chip's
+# tensor-core pipeline and its software stack, shared by parts of one generation.
+GENERATION = {
+    "a100-40gb": "ampere", "a100-80gb": "ampere",
+    "h100-sxm": "hopper", "h100-hbm2e-lowpower": "hopper", "h800": "hopper", "h200": "hopper",
+    "b200": "blackwell", "mi300x": "cdna3", "cpu": "cpu",
+}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Free parameters of the step-time and memory model. Bounds are physical ranges."""
+
+    # Fraction of dense peak a large, compute-bound GEMM sustains, per generation.
+    gemm_eff: dict[str, float] = field(
+        default_factory=lambda: {
+            "ampere": 0.80, "hopper": 0.70, "blackwell": 0.70, "cdna3": 0.55, "cpu": 0.80,
+        }
+    )
+    # Multiplier on a GEMM's operand/result bytes over HBM bandwidth (roofline memory term).
+    gemm_bytes_factor: float = 1.0
+    # FlashAttention sustained fraction of the GEMM efficiency.
+    attn_eff: float = 0.6
+    # Elementwise / norm / softmax traffic per layer, in multiples of the no-recompute
+    # activation bytes, read and written over HBM (forward + backward).
+    elementwise_factor: float = 3.0
+    # Share of TP collective time hidden behind compute (0 = fully exposed).
+    tp_overlap: float = 0.0
+    # Share of the overlap window (backward of the last micro-batch; all compute for ZeRO-3)
+    # during which DP collectives progress.
+    dp_overlap: float = 0.8
+    # Achieved fraction of link bandwidth by NCCL collectives (bus bandwidth / link rate).
+    link_eff: float = 0.8
+    # Fixed host/launch overhead per layer per micro-batch (s).
+    layer_overhead_s: float = 2e-5
+    # Memory: allocator fragmentation and workspace, as a factor on tensor bytes, plus a
+    # constant (CUDA context is outside max_memory_allocated; cuBLAS/NCCL workspaces are in).
+    memory_factor: float = 1.1
+    memory_constant_gb: float = 1.0
+    source: str = "built-in starting values"
+
+    # -- (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "profile") -> Profile:
+        if not isinstance(data, dict):
+            raise MeshplanError(f"{source}: expected a mapping of profile parameters")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise MeshplanError(
+                f"{source}: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        base = cls()
+        values: dict[str, Any] = {}
+        for k, v in data.items():
+            if k == "gemm_eff":
+                if not isinstance(v, dict):
+                    raise MeshplanError(f"{source}: gemm_eff must map generation -> fraction")
+                merged = dict(base.gemm_eff)
+                for gen, frac in v.items():
+                    merged[str(gen)] = _fraction(frac, f"{source}: gemm_eff.{gen}")
+                values[k] = merged
+            elif k == "source":
+                values[k] = str(v)
+            else:
+                try:
+                    values[k] = float(v)
+                except (TypeError, ValueError):
+                    raise MeshplanError(f"{source}: {k}={v!r} is not a number") from None
+        return replace(base, **values)
+
+    def with_(self, **changes: Any) -> Profile:
+        return replace(self, **changes)
+
+
+def _fraction(v: Any, where: str) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise MeshplanError(f"{where}={v!r} is not a number") from None
+    if not 0 < f <= 1.5:
+        raise MeshplanError(f"{where}={f} must be in (0, 1.5]")
+    return f
+
+
+def load_profile(path: str | Path | None = None) -> Profile:
+    """The shipped default profile, or the one at `path`."""
+    if path is None:
+        text = resources.files("costmodels").joinpath("profiles/default.yaml").read_text()
+        return Profile.from_dict(yaml.safe_load(text), "default profile")
+    p = Path(path)
+    if not p.is_file():
+        raise MeshplanError(f"--profile {p}: file not found; create one with `meshplan calibrate`")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise MeshplanError(f"--profile {p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return Profile.from_dict(data, str(p))
+
+
+def dump_profile(profile: Profile) -> str:
+    return yaml.safe_dump(profile.to_dict(), sort_keys=False)

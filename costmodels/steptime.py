@@ -1,0 +1,209 @@
+"""Step time, throughput, MFU and peak memory per GPU for a table of cases.
+
+Physics first, few free parameters (`costmodels.profile.Profile`):
+  compute     each layer GEMM on a roofline: 2mnk / (peak x gemm_eff) + bytes / HBM bandwidth
+              (Williams et al. 2009), for forward and the two backward GEMMs; FlashAttention
+              forward + 2.5x forward backward (Dao 2023, Sec. 3.1); elementwise kernels as HBM
+              traffic proportional to the layer's activation bytes; a per-layer launch cost.
+  TP          2 all-reduces forward, 2 backward per layer (Shoeybi et al. 2019, Sec. 3;
+              with SP an all-gather + reduce-scatter pair of the same volume, Korthikanti 2022).
+  CP          K/V ring passes overlapped with attention (Liu et al. 2023, Ring Attention).
+  PP          bubble (p - 1) / (v m) of the ideal (Narayanan et al. 2021, Sec. 2.2), plus the
+              p2p sends on the critical path.
+  DP / ZeRO   gradient all-reduce or reduce-scatter + all-gather once per step; ZeRO-3 gathers
+              parameters forward and backward every micro-batch (Rajbhandari et al. 2020);
+              overlapped with backward (or all compute for ZeRO-3) to a fitted degree.
+  optimizer   Adam reads and writes ~36 bytes per local parameter (fp32 master, m, v, grad).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from costmodels import comm, memory, pipeline
+from costmodels.cases import GEN_ORDER, Cases
+from costmodels.flops import attention_flops_per_token_fwd, model_flops_per_token
+from costmodels.profile import Profile
+
+ADAM_BYTES_PER_PARAM = 36.0  # read+write fp32 master, m, v (24) + read grad (4) + write 16-bit weight (2) ... rounded up for the fused kernel's extra reads
+FLASH_BWD_OVER_FWD = 2.5  # FlashAttention-2 backward recomputes QK^T: 5 matmuls vs 2 (Dao 2023, Sec. 3.1.2)
+
+
+def _gemm_time(m, n, k, peak, eff, hbm_bw, elem_bytes, bytes_factor):
+    """Roofline time of one GEMM (m x k) @ (k x n)."""
+    flops = 2.0 * m * n * k
+    traffic = elem_bytes * (m * k + k * n + m * n)
+    return flops / (peak * eff) + bytes_factor * traffic / hbm_bw
+
+
+def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
+    """Predict step-time breakdown, throughput, MFU and memory breakdown for every case."""
+    f64 = lambda k: np.asarray(c[k], dtype=np.float64)  # noqa: E731
+    tp, pp, dp, cp, vpp = f64("tp"), f64("pp"), f64("dp"), f64("cp"), f64("vpp")
+    ep = f64("ep") if "ep" in c else np.ones_like(tp)
+    micro, gbs, seq = f64("micro"), f64("gbs"), f64("seq")
+    h, ffn, kv, vocab, layers = f64("hidden"), f64("ffn"), f64("kv_dim"), f64("vocab"), f64("layers")
+    heads, mats, act_exp = f64("heads"), f64("mlp_mats"), f64("active_experts")
+    experts = f64("experts")
+    recompute = np.asarray(c["recompute"])
+    sharding = np.asarray(c["sharding"])
+    sp = np.asarray(c["sp"], dtype=bool)
+    swiglu = np.asarray(c["swiglu"], dtype=bool)
+    ab = f64("act_bytes")
+    hbm_bw = f64("hbm_bw")
+    peak_gemm, peak_bf16 = f64("peak_gemm"), f64("peak_bf16")
+    gen_eff = np.array([prof.gemm_eff.get(g, 0.6) for g in GEN_ORDER])[np.asarray(c["gen_idx"], dtype=int)]
+
+    world = tp * pp * dp * cp
+    m = np.maximum(gbs / (micro * dp), 1.0)  # micro-batches per step per pipeline
+    tok = micro * seq / cp  # tokens per micro-batch on one GPU's sequence shard
+    layers_stage = layers / pp
+    gb = prof.gemm_bytes_factor
+
+    # ---- compute per layer per micro-batch (forward), then x3 for fwd + bwd GEMMs
+    t_qkv = _gemm_time(tok, (h + 2 * kv) / tp, h, peak_gemm, gen_eff, hbm_bw, ab, gb)
+    t_o = _gemm_time(tok, h, h / tp, peak_gemm, gen_eff, hbm_bw, ab, gb)
+    # MoE: each token visits top-k experts of `ffn` width (Fedus et al. 2022): k x the FLOPs.
+    t_up = _gemm_time(tok * act_exp, (mats - 1) * ffn / tp, h, peak_gemm, gen_eff, hbm_bw, ab, gb)
+    t_down = _gemm_time(tok * act_exp, h, ffn / tp, peak_gemm, gen_eff, hbm_bw, ab, gb)
+    t_gemm_fwd = t_qkv + t_o + t_up + t_down
+    attn_flops_fwd = attention_flops_per_token_fwd(seq, h, True) * tok / tp
+    t_attn_fwd = attn_flops_fwd / (peak_bf16 * gen_eff * prof.attn_eff)
+    act_none = memory.layer_activation_bytes(
+        seq, micro, h, heads, kv, ffn * act_exp, swiglu, tp, cp, sp, 0, flash=True, act_bytes=ab
+    )
+    t_elem = prof.elementwise_factor * act_none / hbm_bw  # forward + backward traffic
+    recompute_fwd = np.where(recompute == 2, t_gemm_fwd + t_attn_fwd + t_elem / 3, np.where(recompute == 1, t_attn_fwd, 0.0))
+    t_layer = 3 * t_gemm_fwd + (1 + FLASH_BWD_OVER_FWD) * t_attn_fwd + t_elem + recompute_fwd
+    t_layer = t_layer + prof.layer_overhead_s * np.where(recompute == 2, 1.5, 1.0)
+
+    # ---- tensor parallel collectives per layer per micro-batch
+    tp_bw = f64("tp_bw") * prof.link_eff
+    n_tp = 4 + np.where(recompute == 2, 2, 0)
+    t_tp = n_tp * comm.allreduce_time(tok * h * ab, tp, tp_bw, f64("tp_lat")) * (1 - prof.tp_overlap)
+    t_tp = np.where(tp > 1, t_tp, 0.0)
+
+    # ---- context parallel: K/V ring, fwd (cp-1) passes, bwd sends K/V and dK/dV back
+    cp_bw = f64("cp_bw") * prof.link_eff
+    kv_bytes = tok * 2 * kv / tp * ab
+    t_cp_raw = 3 * (cp - 1) * comm.p2p_time(kv_bytes, cp_bw, f64("cp_lat"))
+    t_cp = np.where(cp > 1, np.maximum(0.0, t_cp_raw - (1 + FLASH_BWD_OVER_FWD) * t_attn_fwd), 0.0)
+
+    # ---- the logits GEMM (+ cross entropy traffic) on the last stage
+    t_logits = 3 * _gemm_time(tok, vocab / tp, h, peak_gemm, gen_eff, hbm_bw, ab, gb)
+    t_logits = t_logits + 2 * memory.logits_bytes(tok, vocab, tp) / hbm_bw
+
+    stage_mb = layers_stage * (t_layer + t_tp + t_cp) + t_logits
+    compute = m * stage_mb
+
+    # ---- pipeline bubble and p2p on the critical path
+    bubble = np.where(pp > 1, pipeline.bubble_over_ideal(pp, m, vpp) * (m * stage_mb), 0.0)
+    p2p_bytes = tok * h * ab / np.where(sp, tp, 1.0)
+    t_p2p = np.where(pp > 1, 2 * (pp - 1) * comm.p2p_time(p2p_bytes, f64("pp_bw") * prof.link_eff, f64("pp_lat")), 0.0)
+
+    # ---- data parallel / ZeRO
+    dense_local = f64("params_layer_dense") * layers_stage / tp
+    expert_local = f64("params_layer_expert") * layers_stage / (tp * ep)
+    embed_local = (f64("params_embed") + f64("params_output")) / tp / np.where(pp > 1, 2.0, 1.0)
+    params_local = dense_local + expert_local + embed_local  # the heavier of first/last stage
+    replicas = dp * cp
+    grad_comm_bytes = np.where(ab > 2, 4.0, 2.0)  # gradients reduced in the compute dtype
+    dp_bw = np.minimum(f64("dp_bw"), np.where(cp > 1, f64("cp_bw"), np.inf)) * prof.link_eff
+    dp_lat = f64("dp_lat")
+    grad_bytes = params_local * grad_comm_bytes
+    t_dp_step = np.where(
+        sharding >= 2,
+        comm.reduce_scatter_time(grad_bytes, replicas, dp_bw, dp_lat)
+        + comm.allgather_time(params_local * ab, replicas, dp_bw, dp_lat),
+        comm.allreduce_time(grad_bytes, replicas, dp_bw, dp_lat),
+    )
+    # ZeRO-3: all-gather weights in forward and again in backward, reduce-scatter grads,
+    # every micro-batch.
+    t_z3 = m * (
+        2 * comm.allgather_time(params_local * ab, replicas, dp_bw, dp_lat)
+        + comm.reduce_scatter_time(grad_bytes, replicas, dp_bw, dp_lat)
+    )
+    t_dp = np.where(replicas > 1, np.where(sharding == 3, t_z3, t_dp_step), 0.0)
+    window = np.where(sharding == 3, compute, (2.0 / 3.0) * stage_mb)
+    first_bucket = t_dp / np.maximum(layers_stage * np.where(sharding == 3, 3 * m, 1), 1)
+    dp_exposed = np.maximum(0.0, t_dp - prof.dp_overlap * window) + np.where(replicas > 1, first_bucket, 0.0)
+    dp_exposed = np.minimum(dp_exposed, t_dp)
+
+    # ---- optimizer step over the local shard
+    opt_shard = np.where(sharding >= 1, replicas, 1.0)
+    t_opt = ADAM_BYTES_PER_PARAM * params_local / opt_shard / hbm_bw
+
+    step = compute + bubble + t_p2p + dp_exposed + t_opt
+    tokens_step = gbs * seq
+    tps_gpu = tokens_step / step / world
+
+    fpt = model_flops_per_token(layers, h, ffn, kv, mats, vocab, seq, act_exp, True)
+    mfu = fpt * tps_gpu / f64("peak_mfu")
+
+    mem = memory_breakdown(c, prof, params_local, m)
+    out = {
+        "step_time_s": step,
+        "compute_s": m * layers_stage * t_layer + m * t_logits,
+        "tp_comm_s": m * layers_stage * t_tp,
+        "cp_comm_s": m * layers_stage * t_cp,
+        "pp_bubble_s": bubble,
+        "pp_p2p_s": t_p2p,
+        "dp_comm_s": t_dp,
+        "dp_exposed_s": dp_exposed,
+        "optimizer_s": t_opt,
+        "tokens_per_sec_per_gpu": tps_gpu,
+        "mfu": mfu,
+        "flops_per_token": fpt,
+        "micro_batches": m,
+        "params_local": params_local,
+        "experts_per_rank": experts / ep,
+    }
+    out.update(mem)
+    return out
+
+
+def memory_breakdown(c: Cases, prof: Profile, params_local: np.ndarray, m: np.ndarray) -> dict[str, np.ndarray]:
+    """Peak bytes per GPU on the busier of the first and last pipeline stage."""
+    f64 = lambda k: np.asarray(c[k], dtype=np.float64)  # noqa: E731
+    tp, pp, dp, cp, vpp = f64("tp"), f64("pp"), f64("dp"), f64("cp"), f64("vpp")
+    micro, seq, h = f64("micro"), f64("seq"), f64("hidden")
+    ab = f64("act_bytes")
+    fp32 = ab > 2
+    sharding = np.asarray(c["sharding"])
+    sp = np.asarray(c["sp"], dtype=bool)
+    recompute = np.asarray(c["recompute"])
+    # Mixed precision: 16-bit weights, fp32 main gradients (Megatron's main_grad, FSDP2's
+    # fp32 reduce), fp32 master + Adam m, v = 12 B; pure fp32: 4 + 4 + 8.
+    wb = np.where(fp32, 4.0, 2.0)
+    gbytes = 4.0
+    ob = np.where(fp32, 8.0, 12.0)
+    states = memory.model_state_bytes(params_local, dp * cp, sharding, wb, gbytes, ob)
+    layers_stage = f64("layers") / pp
+    act_layer = memory.layer_activation_bytes(
+        seq, micro, h, f64("heads"), f64("kv_dim"), f64("ffn") * f64("active_experts"),
+        np.asarray(c["swiglu"], dtype=bool), tp, cp, sp, recompute, flash=True, act_bytes=ab,
+    )
+    inflight = pipeline.activation_multiplier(pp, vpp, m, np.asarray(c["schedule"]))
+    tok = micro * seq / cp
+    first = act_layer * layers_stage * inflight + memory.embedding_output_bytes(tok, h, tp, sp)
+    last = act_layer * layers_stage + memory.logits_bytes(tok, f64("vocab"), tp)
+    # Full recompute still materialises one layer's full activations during its backward.
+    working = np.where(recompute == 2, memory.layer_activation_bytes(
+        seq, micro, h, f64("heads"), f64("kv_dim"), f64("ffn") * f64("active_experts"),
+        np.asarray(c["swiglu"], dtype=bool), tp, cp, sp, 0, flash=True, act_bytes=ab), 0.0)
+    activations = np.maximum(first, np.where(pp > 1, last, first + memory.logits_bytes(tok, f64("vocab"), tp))) + working
+    layer_params = params_local / np.maximum(layers_stage, 1)
+    gather = np.where(sharding == 3, memory.zero3_gather_bytes(layer_params, 2.0), 0.0)
+    buffers = gather + np.where((dp * cp) > 1, 2 * 25e6 * 2, 0.0)  # two 25 MB DDP/NCCL buckets, bf16
+    tensors = states["weights"] + states["gradients"] + states["optimizer"] + activations + buffers
+    total = tensors * prof.memory_factor + prof.memory_constant_gb * 1e9
+    return {
+        "mem_weights_gb": states["weights"] / 1e9,
+        "mem_gradients_gb": states["gradients"] / 1e9,
+        "mem_optimizer_gb": states["optimizer"] / 1e9,
+        "mem_activations_gb": activations / 1e9,
+        "mem_buffers_gb": buffers / 1e9,
+        "mem_overhead_gb": (total - tensors) / 1e9,
+        "peak_memory_gb": total / 1e9,
+        "hbm_gb": f64("hbm_bytes") / 1e9,
+    }

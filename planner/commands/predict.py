@@ -1,0 +1,99 @@
+"""`meshplan predict`: one model + cluster + layout -> memory and step-time breakdowns."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from costmodels.cases import single_case
+from costmodels.errors import MeshplanError
+from costmodels.profile import load_profile
+from costmodels.specs import Layout
+from costmodels.steptime import evaluate
+from planner.model_args import (
+    add_cluster_args, add_model_args, cluster_from_args, load_yaml_config, model_from_args,
+)
+from planner.render import print_prediction
+
+LAYOUT_FLAGS = ("tp", "pp", "dp", "cp", "ep", "vpp", "micro_batch", "global_batch")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="predict memory, step time, tokens/s and MFU of one layout")
+    add_model_args(p)
+    add_cluster_args(p)
+    g = p.add_argument_group("layout")
+    for name in LAYOUT_FLAGS:
+        g.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
+    g.add_argument("--sharding", choices=["none", "zero1", "zero2", "zero3"], default=None)
+    g.add_argument("--recompute", choices=["none", "selective", "full"], default=None)
+    g.add_argument("--sequence-parallel", action="store_true", default=None)
+    g.add_argument("--precision", choices=["bf16", "fp8", "fp16", "fp32"], default=None)
+    g.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved"], default=None)
+    p.add_argument("--config", help="YAML with model / cluster / layout sections (flags override)")
+    p.add_argument("--profile", help="calibration profile YAML (default: the shipped one)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def predict_dict(model, layout: Layout, cluster, profile) -> dict[str, Any]:
+    layout.check_against(model, cluster.num_gpus)
+    out = evaluate(single_case(model, layout, cluster), profile)
+    v = {k: float(x[0]) for k, x in out.items()}
+    return {
+        "model": model.name, "params": model.param_count(), "accelerator": cluster.accelerator,
+        "gpus": cluster.num_gpus, "layout": layout.to_dict(),
+        "memory_gb": {
+            "weights": v["mem_weights_gb"], "gradients": v["mem_gradients_gb"],
+            "optimizer": v["mem_optimizer_gb"], "activations": v["mem_activations_gb"],
+            "buffers": v["mem_buffers_gb"], "overhead": v["mem_overhead_gb"],
+            "total": v["peak_memory_gb"], "capacity": v["hbm_gb"],
+        },
+        "step_time_s": {
+            "compute": v["compute_s"], "tp_comm": v["tp_comm_s"], "cp_comm": v["cp_comm_s"],
+            "pp_bubble": v["pp_bubble_s"], "pp_p2p": v["pp_p2p_s"],
+            "dp_comm_total": v["dp_comm_s"], "dp_comm_exposed": v["dp_exposed_s"],
+            "optimizer": v["optimizer_s"], "total": v["step_time_s"],
+        },
+        "micro_batches_per_step": v["micro_batches"],
+        "tokens_per_sec_per_gpu": v["tokens_per_sec_per_gpu"],
+        "mfu_pct": v["mfu"] * 100,
+        "flops_per_token": v["flops_per_token"],
+        "fits_in_memory": v["peak_memory_gb"] <= v["hbm_gb"],
+        "profile": profile.source,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_yaml_config(args.config)
+    model = model_from_args(args, cfg)
+    cluster_cfg = cfg.get("cluster", {}) or {}
+    if args.gpus is None and "gpus" in cluster_cfg:
+        args.gpus = int(cluster_cfg["gpus"])
+    if cluster_cfg.get("gpu") and args.gpu == "h100-sxm":
+        args.gpu = str(cluster_cfg["gpu"])
+    lay: dict[str, Any] = dict(cfg.get("layout", {}) or {})
+    for name in (*LAYOUT_FLAGS, "sharding", "recompute", "sequence_parallel", "precision", "schedule"):
+        val = getattr(args, name)
+        if val is not None:
+            lay[name] = val
+    if args.gpus is None:
+        args.gpus = int(lay.get("tp", 1)) * int(lay.get("pp", 1)) * int(lay.get("dp", 1)) * int(lay.get("cp", 1))
+    cluster = cluster_from_args(args)
+    if "dp" not in lay:
+        other = int(lay.get("tp", 1)) * int(lay.get("pp", 1)) * int(lay.get("cp", 1))
+        if cluster.num_gpus % other:
+            raise MeshplanError(f"--gpus={cluster.num_gpus} is not divisible by tp*pp*cp={other}")
+        lay["dp"] = cluster.num_gpus // other
+    lay.setdefault("global_batch", int(lay.get("micro_batch", 1)) * int(lay["dp"]) * max(1, int(lay.get("pp", 1))))
+    try:
+        layout = Layout.from_dict(lay)
+    except TypeError as exc:
+        raise MeshplanError(f"layout: {exc}") from None
+    result = predict_dict(model, layout, cluster, load_profile(args.profile))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_prediction(result)
+    return 0

@@ -1,0 +1,100 @@
+"""Shared CLI arguments: model / cluster / layout flags, and building specs from them."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from costmodels.errors import MeshplanError
+from costmodels.hardware import get_accelerator
+from costmodels.presets import get_preset
+from costmodels.specs import ClusterSpec, Layout, ModelSpec, model_from_hf_config
+
+TOKEN_SUFFIXES = {"k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9, "t": 1e12}
+
+
+def parse_count(text: str, what: str) -> float:
+    """'16M', '4096', '2.5e6', '1.5k' -> a number (SI suffixes for tokens)."""
+    t = str(text).strip().lower().replace("_", "")
+    mult = 1.0
+    if t and t[-1] in TOKEN_SUFFIXES:
+        mult, t = TOKEN_SUFFIXES[t[-1]], t[:-1]
+    try:
+        v = float(t) * mult
+    except ValueError:
+        raise MeshplanError(f"{what}={text!r} is not a number (e.g. 4096, 16M, 2.5e6)") from None
+    if not (v > 0) or v != v or v == float("inf"):
+        raise MeshplanError(f"{what}={text!r} must be a positive finite number")
+    return v
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="preset name (e.g. llama3-8b, tiny) ")
+    g.add_argument("--hf-config", help="a Hugging Face config.json on disk")
+    g.add_argument("--seq-len", type=int, help="sequence length (default: the model's)")
+
+
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cluster")
+    g.add_argument("--gpu", default="h100-sxm", help="accelerator key (h100-sxm, a100-80gb, cpu, ...)")
+    g.add_argument("--gpus", type=int, default=None, help="total GPU (or CPU process) count")
+    g.add_argument("--gpus-per-node", type=int, default=None, help="default: the catalog's (8; cpu: 1)")
+    g.add_argument("--nvlink-gbps", type=float, default=0.0, help="scale-up GB/s per GPU per direction")
+    g.add_argument("--nic-gbps", type=float, default=0.0, help="scale-out GB/s per GPU per direction")
+
+
+def model_from_args(args: argparse.Namespace, config: dict[str, Any] | None = None) -> ModelSpec:
+    config = config or {}
+    if args.hf_config:
+        model = model_from_hf_config(args.hf_config, args.seq_len)
+    elif args.model:
+        model = get_preset(args.model)
+    elif "model" in config:
+        m = config["model"]
+        model = get_preset(m) if isinstance(m, str) else ModelSpec.from_dict(m)
+    else:
+        raise MeshplanError("no model given: pass --model PRESET or --hf-config PATH")
+    if args.seq_len:
+        if args.seq_len <= 0:
+            raise MeshplanError(f"--seq-len={args.seq_len} must be positive")
+        model = model.with_(seq_len=args.seq_len)
+    return model
+
+
+def cluster_from_args(args: argparse.Namespace, gpus: int | None = None) -> ClusterSpec:
+    acc = get_accelerator(args.gpu)
+    n = gpus or args.gpus
+    if n is None:
+        raise MeshplanError("--gpus is required (the number of GPUs / processes)")
+    if n <= 0:
+        raise MeshplanError(f"--gpus={n} must be a positive integer")
+    per_node = args.gpus_per_node or acc.gpus_per_node
+    if per_node <= 0:
+        raise MeshplanError(f"--gpus-per-node={per_node} must be positive")
+    return ClusterSpec(
+        acc.key, n, gpus_per_node=min(per_node, n) if n < per_node else per_node,
+        scaleup_gbps=args.nvlink_gbps, scaleout_gbps=args.nic_gbps,
+    )
+
+
+def load_yaml_config(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise MeshplanError(f"--config {p}: file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise MeshplanError(f"--config {p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise MeshplanError(f"--config {p}: expected a mapping with model / cluster / layout keys")
+    return data
+
+
+def layout_from(values: dict[str, Any]) -> Layout:
+    return Layout.from_dict(values)
