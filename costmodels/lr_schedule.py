@@ -116,6 +116,8 @@ def lr_at(
     wsd_decay_frac: float = 0.2,
 ) -> float:
     """LR of optimizer update `step` (0-based); see the module docstring for the formulas."""
+    if schedule not in SCHEDULES:
+        raise MeshplanError(f"schedule={schedule!r}: must be one of {', '.join(SCHEDULES)}")
     total = max(1, int(max_steps))
     w = resolve_warmup(total, warmup_steps or 0, warmup_frac) if warmup_steps is None else int(
         warmup_steps

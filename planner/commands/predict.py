@@ -12,7 +12,11 @@ from costmodels.profile import load_profile
 from costmodels.specs import Layout
 from costmodels.steptime import evaluate
 from planner.model_args import (
-    add_cluster_args, add_model_args, cluster_from_args, load_yaml_config, model_from_args,
+    add_cluster_args,
+    add_model_args,
+    cluster_from_args,
+    load_yaml_config,
+    model_from_args,
 )
 from planner.render import print_prediction
 

@@ -48,6 +48,6 @@ def run(args: argparse.Namespace) -> int:
     )
     skipped = [r for r in v.rows if r["skipped_reason"]]
     if skipped:
-        console.print(f"skipped: " + "; ".join(f"{r['run_id']}: {r['skipped_reason']}" for r in skipped[:5])
+        console.print("skipped: " + "; ".join(f"{r['run_id']}: {r['skipped_reason']}" for r in skipped[:5])
                       + (f" (+{len(skipped) - 5} more)" if len(skipped) > 5 else ""))
     return 0

@@ -1,0 +1,117 @@
+"""`meshplan predict` and `meshplan validate`: contract keys, accuracy targets, bad input."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from tests.conftest import assert_clean_error, run_cli
+
+ROW_KEYS = {
+    "run_id", "predicted_tokens_per_sec_per_gpu", "measured_tokens_per_sec_per_gpu", "ape_pct",
+    "predicted_peak_memory_gb", "measured_peak_memory_gb", "skipped_reason",
+}
+SUMMARY_KEYS = {
+    "n_scored", "n_skipped", "mape_pct", "median_ape_pct", "within_10pct_share",
+    "within_20pct_share", "memory_mape_pct",
+}
+
+
+@pytest.fixture(scope="module")
+def validation(published_runs):
+    proc = run_cli("validate", str(published_runs), "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_validate_json_contract(validation, published_runs):
+    assert set(validation) >= {"rows", "summary"}
+    assert set(validation["summary"]) >= SUMMARY_KEYS
+    assert len(validation["rows"]) == len(pd.read_csv(published_runs))
+    for row in validation["rows"]:
+        assert set(row) >= ROW_KEYS
+        assert (row["ape_pct"] is None) == (row["skipped_reason"] is not None)
+
+
+def test_dense_accuracy_target(validation, published_runs):
+    df = pd.read_csv(published_runs)
+    dense_measured = set(df[(df.model_type == "dense") & df.measured_tokens_per_sec_per_gpu.notna()].run_id)
+    scored = {r["run_id"]: r["ape_pct"] for r in validation["rows"] if r["ape_pct"] is not None}
+    dense_scored = [scored[r] for r in dense_measured if r in scored]
+    assert len(dense_scored) >= 0.9 * len(dense_measured)
+    mape = sum(dense_scored) / len(dense_scored)
+    assert mape <= 15.0, mape
+
+
+def test_cross_validated_halves_stay_accurate(published_runs):
+    proc = run_cli("validate", str(published_runs), "--json", "--cross-validate", "--seed", "1")
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(proc.stdout)["summary"]
+    assert s["cross_validated"] is True
+    assert s["dense_mape_pct"] <= 15.0
+
+
+def test_validate_human_table(published_runs):
+    proc = run_cli("validate", str(published_runs))
+    assert proc.returncode == 0, proc.stderr
+    assert "llmfoundry_bench" in proc.stdout and "MAPE" in proc.stdout
+
+
+def test_missing_micro_batch_is_defaulted_not_skipped(tmp_path, published_runs):
+    df = pd.read_csv(published_runs).head(3).copy()
+    df["micro_batch_size"] = None
+    df["recompute"] = None
+    p = tmp_path / "runs.csv"
+    df.to_csv(p, index=False)
+    out = json.loads(run_cli("validate", str(p), "--json").stdout)
+    assert out["summary"]["n_scored"] == 3
+    assert any("micro_batch_size=1" in a for a in out["rows"][0]["assumed"])
+
+
+def test_validate_bad_inputs(tmp_path, published_runs):
+    df = pd.read_csv(published_runs).head(4)
+    p = tmp_path / "missing.csv"
+    df.drop(columns=["tp"]).to_csv(p, index=False)
+    assert_clean_error(run_cli("validate", str(p)), "missing column", "tp")
+    bad = df.copy()
+    bad["hidden_size"] = bad["hidden_size"].astype(object)
+    bad.loc[bad.index[1], "hidden_size"] = "lots"
+    p2 = tmp_path / "nonnumeric.csv"
+    bad.to_csv(p2, index=False)
+    assert_clean_error(run_cli("validate", str(p2)), "hidden_size", "not a number")
+    assert_clean_error(run_cli("validate", str(tmp_path / "nope.csv")), "not found")
+
+
+def test_predict_json_breakdowns():
+    proc = run_cli("predict", "--model", "llama3-8b", "--gpu", "h100-sxm", "--gpus", "8",
+                   "--sharding", "zero3", "--micro-batch", "2", "--global-batch", "64", "--json")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    mem = r["memory_gb"]
+    parts = sum(mem[k] for k in ("weights", "gradients", "optimizer", "activations", "buffers", "overhead"))
+    assert parts == pytest.approx(mem["total"], rel=1e-9)
+    assert r["step_time_s"]["total"] > r["step_time_s"]["compute"] > 0
+    assert 20 < r["mfu_pct"] < 70
+    assert r["layout"]["dp"] == 8
+
+
+def test_predict_from_yaml(tmp_path):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("model: llama3-70b\ncluster: {gpu: h100-sxm, gpus: 64}\nlayout: {tp: 8, pp: 2, dp: 4, global_batch: 64, sequence_parallel: true}\n")
+    proc = run_cli("predict", "--config", str(cfg), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["layout"]["tp"] == 8
+
+
+@pytest.mark.parametrize(
+    "args,needles",
+    [
+        (["--model", "llama3-8b", "--gpu", "tpu9", "--gpus", "8"], ["unknown accelerator"]),
+        (["--model", "llama3-8b", "--gpus", "8", "--tp", "3"], ["not divisible"]),
+        (["--model", "llama3-8b", "--gpus", "6", "--tp", "3", "--dp", "2"], ["divide", "heads"]),
+        (["--model", "nosuch", "--gpus", "8"], ["unknown preset"]),
+        (["--model", "llama3-8b", "--gpus", "8", "--tp", "2", "--dp", "2"], ["cluster has 8 GPUs"]),
+    ],
+)
+def test_predict_bad_inputs(args, needles):
+    assert_clean_error(run_cli("predict", *args), *needles)
