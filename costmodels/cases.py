@@ -64,19 +64,28 @@ def hardware_columns(accelerator: str, precision: str) -> dict[str, float]:
     }
 
 
-def link_columns(cluster: ClusterSpec, tp: np.ndarray, cp: np.ndarray, dp: np.ndarray, pp: np.ndarray) -> dict[str, np.ndarray]:
-    """Bandwidth / latency of each process group, ranks ordered tp -> cp -> dp -> pp."""
-    out = {f"{k}_{v}": np.empty(len(tp)) for k in ("tp", "cp", "dp", "pp") for v in ("bw", "lat")}
+def link_columns(
+    cluster: ClusterSpec, tp: np.ndarray, cp: np.ndarray, dp: np.ndarray, pp: np.ndarray,
+    dp_shard: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Bandwidth / latency of each process group, ranks ordered tp -> cp -> dp -> pp.
+
+    `shard` is the ZeRO sharding group (cp x dp_shard consecutive ranks at stride tp) and
+    `rep` the replica group across sharding groups (HSDP)."""
+    shard = dp if dp_shard is None else np.where(dp_shard > 0, dp_shard, dp)
+    out: dict[str, np.ndarray] = {}
     groups = {
         "tp": (np.ones_like(tp), tp),
         "cp": (tp, cp),
         "dp": (tp * cp, dp),
         "pp": (tp * cp * dp, pp),
+        "shard": (tp, cp * shard),
+        "rep": (tp * cp * shard, dp // shard),
     }
     for name, (stride, size) in groups.items():
-        keys = np.stack([stride, size], axis=1).astype(np.int64)
-        uniq, inv = np.unique(keys, axis=0, return_inverse=True)
-        vals = np.array([group_link(cluster, int(s), int(n)) for s, n in uniq])
+        keys = np.asarray(stride, dtype=np.int64) * (1 << 32) + np.asarray(size, dtype=np.int64)
+        uniq, inv = np.unique(keys, return_inverse=True)
+        vals = np.array([group_link(cluster, int(k >> 32), int(k & 0xFFFFFFFF)) for k in uniq])
         out[f"{name}_bw"] = vals[inv.reshape(-1), 0]
         out[f"{name}_lat"] = vals[inv.reshape(-1), 1]
     # A DP collective over dp*cp replicas (CP ranks hold the same weights) rides the slower
@@ -96,6 +105,8 @@ def layout_columns(layouts: Iterable[Layout]) -> dict[str, np.ndarray]:
         "sp": col(lambda r: r.sequence_parallel),
         "schedule": col(lambda r: SCHEDULES.index(r.effective_schedule)),
         "precision_idx": col(lambda r: PRECISIONS.index(r.precision)),
+        "dp_shard": col(lambda r: r.dp_shard),
+        "recompute_layers": col(lambda r: r.recompute_layers),
     }
 
 
@@ -108,8 +119,12 @@ def build_cases(
     cases: Cases = {k: np.asarray(v) for k, v in layout_cols.items()}
     for k, v in {**model_columns(model, seq_len), **hardware_columns(cluster.accelerator, precision)}.items():
         cases[k] = np.full(n, v)
-    cases.update(link_columns(cluster, cases["tp"], cases["cp"], cases["dp"], cases["pp"]))
+    n_rows = len(cases["tp"])
+    cases.setdefault("dp_shard", np.zeros(n_rows, dtype=np.int64))
+    cases.setdefault("recompute_layers", np.zeros(n_rows, dtype=np.int64))
+    cases.update(link_columns(cluster, cases["tp"], cases["cp"], cases["dp"], cases["pp"], cases["dp_shard"]))
     cases["gpus"] = np.full(n, cluster.num_gpus)
+    cases["gpus_per_node"] = np.full(n, cluster.gpus_per_node)
     return cases
 
 

@@ -29,8 +29,8 @@ from costmodels.specs import ClusterSpec
 
 ArrayLike = float | np.ndarray
 
-NVLINK_LATENCY_S = 3e-6  # per hop, NCCL's NVLink base latency order (NCCL tuning tables)
-NET_LATENCY_S = 8e-6  # per hop across the NIC + switch (InfiniBand/RoCE, NCCL tuning tables)
+NVLINK_LATENCY_S = 1e-6  # one NVLink ring step (NCCL tuning tables: ~0.6-1 us hardware latency)
+NET_LATENCY_S = 5e-6  # one ring step across NICs (NCCL tuning tables: IB/RoCE ~3-6 us)
 
 
 def cluster_graph(cluster: ClusterSpec, max_nodes: int = 4) -> nx.Graph:
@@ -48,8 +48,8 @@ def cluster_graph(cluster: ClusterSpec, max_nodes: int = 4) -> nx.Graph:
         dom = i // max(domain, 1)
         g.add_edge(("gpu", i), ("switch", dom), gbps=up, latency=NVLINK_LATENCY_S / 2)
         if cluster.num_gpus > domain:
-            g.add_edge(("gpu", i), ("nic", i), gbps=out, latency=NET_LATENCY_S / 2)
-            g.add_edge(("nic", i), "fabric", gbps=out * per_node, latency=NET_LATENCY_S / 2)
+            g.add_edge(("gpu", i), ("nic", i), gbps=out, latency=NET_LATENCY_S / 4)
+            g.add_edge(("nic", i), "fabric", gbps=out * per_node, latency=NET_LATENCY_S / 4)
         g.nodes[("gpu", i)]["node"] = node
     return g
 

@@ -24,6 +24,7 @@ SCALAR_PARAMS: tuple[tuple[str, float, float], ...] = (
     ("dp_overlap", 0.0, 1.0),
     ("link_eff", 0.3, 1.0),
     ("layer_overhead_s", 0.0, 5e-4),
+    ("sync_jitter", 0.0, 0.1),
 )
 MEMORY_PARAMS: tuple[tuple[str, float, float], ...] = (
     ("memory_factor", 1.0, 1.6),

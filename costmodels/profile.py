@@ -47,6 +47,8 @@ class Profile:
     dp_overlap: float = 0.8
     # Achieved fraction of link bandwidth by NCCL collectives (bus bandwidth / link rate).
     link_eff: float = 0.8
+    # Relative per-node step-time jitter; synchronous steps pay sigma sqrt(2 ln nodes).
+    sync_jitter: float = 0.02
     # Fixed host/launch overhead per layer per micro-batch (s).
     layer_overhead_s: float = 2e-5
     # Memory: allocator fragmentation and workspace, as a factor on tensor bytes, plus a

@@ -239,8 +239,22 @@ class Layout:
     precision: Precision = "bf16"
     engine: Engine = "torch"
     schedule: Schedule = "1f1b"
+    # Hierarchical sharding (HSDP; DeepSpeed MiCS / hpZ; Megatron distributed-optimizer
+    # instances): ZeRO states are sharded over groups of `dp_shard` DP ranks and replicated
+    # across the dp / dp_shard groups. 0 = shard over all of dp.
+    dp_shard: int = 0
+    # With recompute="full": layers per pipeline stage that are recomputed (Megatron's
+    # --recompute-num-layers); 0 = all of them.
+    recompute_layers: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("dp_shard", "recompute_layers"):
+            _positive_int(self, name, minimum=0)
+        if self.dp_shard:
+            _require(
+                self.dp % self.dp_shard == 0,
+                f"Layout.dp_shard={self.dp_shard} must divide dp={self.dp}",
+            )
         for name in ("tp", "pp", "dp", "cp", "ep", "vpp", "micro_batch", "global_batch"):
             _positive_int(self, name)
         _one_of(self, "sharding", SHARDINGS)
@@ -307,12 +321,15 @@ class Layout:
                 (self.dp * self.cp) % self.ep == 0,
                 f"layout.ep={self.ep} must divide dp*cp={self.dp * self.cp}",
             )
-        if self.effective_schedule == "interleaved":
+        if self.vpp > 1:
+            m = self.grad_accum
             _require(
-                model.layers % (self.pp * self.vpp) == 0,
-                f"layout.vpp={self.vpp}: layers={model.layers} must divide into pp*vpp="
-                f"{self.pp * self.vpp} equal chunks",
+                m % self.pp == 0,
+                f"layout.vpp={self.vpp}: the interleaved schedule needs micro-batches per step "
+                f"({m}) to be a multiple of pp={self.pp}; raise global_batch or lower micro_batch",
             )
+        # Interleaved chunks may be uneven (Megatron-Core's uneven pipeline split): the slowest
+        # stage then holds ceil(layers / (pp * vpp)) layers per chunk.
 
     def with_(self, **changes: Any) -> Layout:
         return replace(self, **changes)

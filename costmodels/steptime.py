@@ -26,6 +26,7 @@ from costmodels.flops import attention_flops_per_token_fwd, model_flops_per_toke
 from costmodels.profile import Profile
 
 ADAM_BYTES_PER_PARAM = 36.0  # read+write fp32 master, m, v (24) + read grad (4) + write 16-bit weight (2) ... rounded up for the fused kernel's extra reads
+DP_BUCKET_BYTES = 50e6  # gradient bucket: DDP's 25 MB default .. Megatron's 40M-param buffers
 FLASH_BWD_OVER_FWD = 2.5  # FlashAttention-2 backward recomputes QK^T: 5 matmuls vs 2 (Dao 2023, Sec. 3.1.2)
 
 
@@ -55,9 +56,15 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     gen_eff = np.array([prof.gemm_eff.get(g, 0.6) for g in GEN_ORDER])[np.asarray(c["gen_idx"], dtype=int)]
 
     world = tp * pp * dp * cp
+    dp_shard = f64("dp_shard") if "dp_shard" in c else np.zeros_like(tp)
+    shard_n = np.where((dp_shard > 0) & (sharding > 0), dp_shard, dp) * cp  # ZeRO sharding group
+    rep_n = dp * cp / shard_n  # replicas of each shard (HSDP)
     m = np.maximum(gbs / (micro * dp), 1.0)  # micro-batches per step per pipeline
     tok = micro * seq / cp  # tokens per micro-batch on one GPU's sequence shard
-    layers_stage = layers / pp
+    # The slowest stage sets the pace: uneven splits give some stages ceil(L / (p v)) layers
+    # per chunk (Megatron's uneven pipeline split).
+    layers_stage = np.ceil(layers / (pp * vpp)) * vpp
+    rc_frac = _recompute_fraction(c, layers_stage)
     gb = prof.gemm_bytes_factor
 
     # ---- compute per layer per micro-batch (forward), then x3 for fwd + bwd GEMMs
@@ -73,13 +80,16 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
         seq, micro, h, heads, kv, ffn * act_exp, swiglu, tp, cp, sp, 0, flash=True, act_bytes=ab
     )
     t_elem = prof.elementwise_factor * act_none / hbm_bw  # forward + backward traffic
-    recompute_fwd = np.where(recompute == 2, t_gemm_fwd + t_attn_fwd + t_elem / 3, np.where(recompute == 1, t_attn_fwd, 0.0))
+    recompute_fwd = np.where(
+        recompute == 2, rc_frac * (t_gemm_fwd + t_attn_fwd + t_elem / 3),
+        np.where(recompute == 1, t_attn_fwd, 0.0),
+    )
     t_layer = 3 * t_gemm_fwd + (1 + FLASH_BWD_OVER_FWD) * t_attn_fwd + t_elem + recompute_fwd
-    t_layer = t_layer + prof.layer_overhead_s * np.where(recompute == 2, 1.5, 1.0)
+    t_layer = t_layer + prof.layer_overhead_s * np.where(recompute == 2, 1 + 0.5 * rc_frac, 1.0)
 
     # ---- tensor parallel collectives per layer per micro-batch
     tp_bw = f64("tp_bw") * prof.link_eff
-    n_tp = 4 + np.where(recompute == 2, 2, 0)
+    n_tp = 4 + np.where(recompute == 2, 2 * rc_frac, 0)
     t_tp = n_tp * comm.allreduce_time(tok * h * ab, tp, tp_bw, f64("tp_lat")) * (1 - prof.tp_overlap)
     t_tp = np.where(tp > 1, t_tp, 0.0)
 
@@ -110,19 +120,31 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     grad_comm_bytes = np.where(ab > 2, 4.0, 2.0)  # gradients reduced in the compute dtype
     dp_bw = np.minimum(f64("dp_bw"), np.where(cp > 1, f64("cp_bw"), np.inf)) * prof.link_eff
     dp_lat = f64("dp_lat")
+    sh_bw, sh_lat = f64("shard_bw") * prof.link_eff, f64("shard_lat")
+    rep_bw, rep_lat = f64("rep_bw") * prof.link_eff, f64("rep_lat")
     grad_bytes = params_local * grad_comm_bytes
-    t_dp_step = np.where(
-        sharding >= 2,
-        comm.reduce_scatter_time(grad_bytes, replicas, dp_bw, dp_lat)
-        + comm.allgather_time(params_local * ab, replicas, dp_bw, dp_lat),
-        comm.allreduce_time(grad_bytes, replicas, dp_bw, dp_lat),
+    # Collectives are issued per bucket (DDP / Megatron buffers) or per layer (FSDP units),
+    # so the alpha term is paid per message: time = n_msgs x collective(bytes / n_msgs).
+    n_bkt = np.maximum(1.0, np.ceil(grad_bytes / DP_BUCKET_BYTES))
+    n_lay = np.maximum(layers_stage, 1.0)
+
+    def per_msg(fn, nbytes, n, bw, lat, msgs):
+        return msgs * fn(nbytes / msgs, n, bw, lat)
+
+    # HSDP: the shard of gradients is all-reduced across replicas once per step.
+    t_rep = np.where(rep_n > 1, per_msg(comm.allreduce_time, grad_bytes / shard_n, rep_n, rep_bw, rep_lat, n_bkt), 0.0)
+    t_plain = per_msg(comm.allreduce_time, grad_bytes, replicas, dp_bw, dp_lat, n_bkt)
+    t_sharded_step = (
+        per_msg(comm.reduce_scatter_time, grad_bytes, shard_n, sh_bw, sh_lat, n_bkt)
+        + per_msg(comm.allgather_time, params_local * ab, shard_n, sh_bw, sh_lat, n_bkt) + t_rep
     )
-    # ZeRO-3: all-gather weights in forward and again in backward, reduce-scatter grads,
-    # every micro-batch.
+    t_dp_step = np.where((sharding >= 2) | ((sharding == 1) & (rep_n > 1)), t_sharded_step, t_plain)
+    # ZeRO-3: all-gather each layer's weights in forward and again in backward, reduce-scatter
+    # its grads, every micro-batch (Rajbhandari et al. 2020, Sec. 7.2.2: 1.5x DP volume).
     t_z3 = m * (
-        2 * comm.allgather_time(params_local * ab, replicas, dp_bw, dp_lat)
-        + comm.reduce_scatter_time(grad_bytes, replicas, dp_bw, dp_lat)
-    )
+        2 * per_msg(comm.allgather_time, params_local * ab, shard_n, sh_bw, sh_lat, n_lay)
+        + per_msg(comm.reduce_scatter_time, grad_bytes, shard_n, sh_bw, sh_lat, n_lay)
+    ) + t_rep
     t_dp = np.where(replicas > 1, np.where(sharding == 3, t_z3, t_dp_step), 0.0)
     window = np.where(sharding == 3, compute, (2.0 / 3.0) * stage_mb)
     first_bucket = t_dp / np.maximum(layers_stage * np.where(sharding == 3, 3 * m, 1), 1)
@@ -130,17 +152,23 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     dp_exposed = np.minimum(dp_exposed, t_dp)
 
     # ---- optimizer step over the local shard
-    opt_shard = np.where(sharding >= 1, replicas, 1.0)
+    opt_shard = np.where(sharding >= 1, shard_n, 1.0)
     t_opt = ADAM_BYTES_PER_PARAM * params_local / opt_shard / hbm_bw
 
     step = compute + bubble + t_p2p + dp_exposed + t_opt
+    # Synchronous steps wait for the slowest node: with per-node jitter of relative size
+    # sigma, the expected maximum over N nodes is ~ sigma sqrt(2 ln N) (Gumbel / extreme
+    # value of Gaussians; the straggler effect of Dubey et al. 2024, Sec. 3.3.4).
+    nodes = np.maximum(world / np.maximum(f64("gpus_per_node"), 1.0), 1.0)
+    t_sync = step * prof.sync_jitter * np.sqrt(2 * np.log(nodes))
+    step = step + t_sync
     tokens_step = gbs * seq
     tps_gpu = tokens_step / step / world
 
     fpt = model_flops_per_token(layers, h, ffn, kv, mats, vocab, seq, act_exp, True)
     mfu = fpt * tps_gpu / f64("peak_mfu")
 
-    mem = memory_breakdown(c, prof, params_local, m)
+    mem = memory_breakdown(c, prof, params_local, m, shard_n, layers_stage, rc_frac)
     out = {
         "step_time_s": step,
         "compute_s": m * layers_stage * t_layer + m * t_logits,
@@ -151,6 +179,7 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
         "dp_comm_s": t_dp,
         "dp_exposed_s": dp_exposed,
         "optimizer_s": t_opt,
+        "sync_s": t_sync,
         "tokens_per_sec_per_gpu": tps_gpu,
         "mfu": mfu,
         "flops_per_token": fpt,
@@ -162,7 +191,17 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     return out
 
 
-def memory_breakdown(c: Cases, prof: Profile, params_local: np.ndarray, m: np.ndarray) -> dict[str, np.ndarray]:
+def _recompute_fraction(c: Cases, layers_stage: np.ndarray) -> np.ndarray:
+    """Share of a stage's layers that full recompute applies to (Megatron's uniform
+    --recompute-num-layers); 0 in the column means all."""
+    rl = np.asarray(c["recompute_layers"], dtype=np.float64) if "recompute_layers" in c else np.zeros_like(layers_stage)
+    return np.where(rl > 0, np.minimum(rl / layers_stage, 1.0), 1.0)
+
+
+def memory_breakdown(
+    c: Cases, prof: Profile, params_local: np.ndarray, m: np.ndarray, shard_n: np.ndarray,
+    layers_stage: np.ndarray, rc_frac: np.ndarray,
+) -> dict[str, np.ndarray]:
     """Peak bytes per GPU on the busier of the first and last pipeline stage."""
     f64 = lambda k: np.asarray(c[k], dtype=np.float64)  # noqa: E731
     tp, pp, dp, cp, vpp = f64("tp"), f64("pp"), f64("dp"), f64("cp"), f64("vpp")
@@ -177,20 +216,19 @@ def memory_breakdown(c: Cases, prof: Profile, params_local: np.ndarray, m: np.nd
     wb = np.where(fp32, 4.0, 2.0)
     gbytes = 4.0
     ob = np.where(fp32, 8.0, 12.0)
-    states = memory.model_state_bytes(params_local, dp * cp, sharding, wb, gbytes, ob)
-    layers_stage = f64("layers") / pp
-    act_layer = memory.layer_activation_bytes(
-        seq, micro, h, f64("heads"), f64("kv_dim"), f64("ffn") * f64("active_experts"),
-        np.asarray(c["swiglu"], dtype=bool), tp, cp, sp, recompute, flash=True, act_bytes=ab,
-    )
+    states = memory.model_state_bytes(params_local, shard_n, sharding, wb, gbytes, ob)
+    act_args = (seq, micro, h, f64("heads"), f64("kv_dim"), f64("ffn") * f64("active_experts"),
+                np.asarray(c["swiglu"], dtype=bool), tp, cp, sp)
+    act_layer = memory.layer_activation_bytes(*act_args, recompute, flash=True, act_bytes=ab)
+    act_none = memory.layer_activation_bytes(*act_args, 0, flash=True, act_bytes=ab)
+    # Partial full recompute: recomputed layers keep their input only, the rest everything.
+    act_layer = np.where(recompute == 2, rc_frac * act_layer + (1 - rc_frac) * act_none, act_layer)
     inflight = pipeline.activation_multiplier(pp, vpp, m, np.asarray(c["schedule"]))
     tok = micro * seq / cp
     first = act_layer * layers_stage * inflight + memory.embedding_output_bytes(tok, h, tp, sp)
     last = act_layer * layers_stage + memory.logits_bytes(tok, f64("vocab"), tp)
     # Full recompute still materialises one layer's full activations during its backward.
-    working = np.where(recompute == 2, memory.layer_activation_bytes(
-        seq, micro, h, f64("heads"), f64("kv_dim"), f64("ffn") * f64("active_experts"),
-        np.asarray(c["swiglu"], dtype=bool), tp, cp, sp, 0, flash=True, act_bytes=ab), 0.0)
+    working = np.where(recompute == 2, act_none, 0.0)
     activations = np.maximum(first, np.where(pp > 1, last, first + memory.logits_bytes(tok, f64("vocab"), tp))) + working
     layer_params = params_local / np.maximum(layers_stage, 1)
     gather = np.where(sharding == 3, memory.zero3_gather_bytes(layer_params, 2.0), 0.0)

@@ -157,14 +157,20 @@ def torchrun_script(plan: Plan, max_restarts: int | None = None) -> str:
 _ZERO_STAGE = {"none": 0, "zero1": 1, "zero2": 2, "zero3": 3}
 
 
-def deepspeed_config(plan: Plan) -> dict[str, Any]:
+def deepspeed_config(plan: Plan, include_scheduler: bool = True) -> dict[str, Any]:
     """DeepSpeed JSON for the plan's layout and optimizer.
 
     DeepSpeed's world size is the data-parallel size (its `mpu` hides TP/PP), so
     train_batch_size = layout.global_batch_size = micro x accumulation x dp.
-    Scheduler: cosine -> WarmupCosineLR, constant -> WarmupLR, both with linear warmup over
-    the plan's warmup steps; WSD has no DeepSpeed built-in, so the block is omitted and the
-    executor passes its own scheduler (`costmodels.lr_schedule`) to deepspeed.initialize.
+
+    Scheduler (for launching with DeepSpeed directly): cosine -> WarmupCosineLR, constant ->
+    WarmupLR, both with linear warmup over the plan's warmup steps. These built-ins only
+    approximate the plan's curve (`costmodels.lr_schedule`): DeepSpeed's linear warmup takes
+    its first two updates at LR 0 and its cosine runs over all `total_num_steps`, so values
+    differ by up to a few % mid-run (measured against `lr_curve`). WSD has no DeepSpeed
+    built-in, so its block is omitted. The meshplan executor should call this with
+    `include_scheduler=False` and hand its own `costmodels.lr_schedule` scheduler to
+    `deepspeed.initialize(lr_scheduler=...)`, which reproduces the plan's curve exactly.
     """
     lay, tr = plan.layout, plan.train
     if lay.global_batch_size % (lay.micro_batch_size * lay.dp):
@@ -203,6 +209,8 @@ def deepspeed_config(plan: Plan) -> dict[str, Any]:
         "wall_clock_breakdown": False,
     }
     warmup = max(1, tr.resolved_warmup_steps)
+    if not include_scheduler:
+        return cfg
     if tr.schedule == "cosine":
         cfg["scheduler"] = {
             "type": "WarmupCosineLR",

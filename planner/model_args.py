@@ -13,23 +13,6 @@ from costmodels.hardware import get_accelerator
 from costmodels.presets import get_preset
 from costmodels.specs import ClusterSpec, Layout, ModelSpec, model_from_hf_config
 
-TOKEN_SUFFIXES = {"k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9, "t": 1e12}
-
-
-def parse_count(text: str, what: str) -> float:
-    """'16M', '4096', '2.5e6', '1.5k' -> a number (SI suffixes for tokens)."""
-    t = str(text).strip().lower().replace("_", "")
-    mult = 1.0
-    if t and t[-1] in TOKEN_SUFFIXES:
-        mult, t = TOKEN_SUFFIXES[t[-1]], t[:-1]
-    try:
-        v = float(t) * mult
-    except ValueError:
-        raise MeshplanError(f"{what}={text!r} is not a number (e.g. 4096, 16M, 2.5e6)") from None
-    if not (v > 0) or v != v or v == float("inf"):
-        raise MeshplanError(f"{what}={text!r} must be a positive finite number")
-    return v
-
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")

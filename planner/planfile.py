@@ -51,6 +51,8 @@ class LayoutSection(_Section):
     recompute: Literal["none", "selective", "full"] = "none"
     sequence_parallel: bool = False
     schedule: Literal["gpipe", "1f1b", "interleaved"] = "1f1b"
+    dp_shard: int = Field(0, ge=0)  # HSDP sharding-group size; 0 = all of dp
+    recompute_layers: int = Field(0, ge=0)  # with recompute=full: layers per stage; 0 = all
 
     @property
     def world_size(self) -> int:
@@ -177,7 +179,8 @@ class Plan(_Section):
                 sharding=lay.sharding, micro_batch=lay.micro_batch_size,
                 global_batch=lay.global_batch_size, recompute=lay.recompute,
                 sequence_parallel=lay.sequence_parallel, precision=self.train.precision,
-                engine=lay.engine, schedule=lay.schedule,
+                engine=lay.engine, schedule=lay.schedule, dp_shard=lay.dp_shard,
+                recompute_layers=lay.recompute_layers,
             )
         except SpecError as exc:
             raise PlanError(str(exc)) from None

@@ -7,7 +7,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+# Wide enough for the ranked-layout table when output is a pipe or a file.
+console = Console(width=None if Console().is_terminal else 160)
 
 
 def _bar(value: float, total: float, width: int = 30) -> str:

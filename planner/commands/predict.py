@@ -58,7 +58,7 @@ def predict_dict(model, layout: Layout, cluster, profile) -> dict[str, Any]:
             "compute": v["compute_s"], "tp_comm": v["tp_comm_s"], "cp_comm": v["cp_comm_s"],
             "pp_bubble": v["pp_bubble_s"], "pp_p2p": v["pp_p2p_s"],
             "dp_comm_total": v["dp_comm_s"], "dp_comm_exposed": v["dp_exposed_s"],
-            "optimizer": v["optimizer_s"], "total": v["step_time_s"],
+            "optimizer": v["optimizer_s"], "straggler_sync": v["sync_s"], "total": v["step_time_s"],
         },
         "micro_batches_per_step": v["micro_batches"],
         "tokens_per_sec_per_gpu": v["tokens_per_sec_per_gpu"],

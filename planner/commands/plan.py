@@ -1,0 +1,232 @@
+"""`meshplan plan`: search every valid layout for a model on a cluster, rank them, explain
+the winner, and (with --out) write plan.yaml plus launch files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from costmodels.errors import MeshplanError
+from costmodels.profile import load_profile
+from costmodels.specs import RECOMPUTES, SHARDINGS
+from planner.emitters import write_launch_files
+from planner.model_args import add_cluster_args, add_model_args, cluster_from_args, model_from_args
+from planner.planfile import Plan, plan_from_dict, save_plan
+from planner.render import console
+from planner.schedule_advice import parse_count, recommend_lr, steps_for_tokens
+from planner.search import SearchResult, SearchSpace, explain_runner_ups, search, top_json
+
+
+def _csv_choice(text: str, allowed: tuple[str, ...], flag: str) -> tuple[str, ...]:
+    vals = tuple(v.strip() for v in text.split(",") if v.strip())
+    bad = [v for v in vals if v not in allowed]
+    if bad or not vals:
+        raise MeshplanError(f"{flag}={text!r}: choose from {', '.join(allowed)} (comma-separated)")
+    return vals
+
+
+def _csv_ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise MeshplanError(f"{flag}={text!r}: expected comma-separated integers, e.g. 1,2,4") from None
+    if not vals or min(vals) < 1:
+        raise MeshplanError(f"{flag}={text!r}: expected positive integers")
+    return vals
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="search layouts for a model on a cluster; write plan.yaml + launch files")
+    add_model_args(p)
+    add_cluster_args(p)
+    g = p.add_argument_group("batch and training")
+    g.add_argument("--global-batch-tokens", help="tokens per optimizer step (e.g. 4M, 16M, 4096)")
+    g.add_argument("--global-batch", type=int, help="sequences per optimizer step (instead of tokens)")
+    g.add_argument("--train-tokens", help="total training tokens (default: 20 x params, Chinchilla)")
+    g.add_argument("--steps", type=int, help="optimizer steps (overrides --train-tokens)")
+    g.add_argument("--objective", choices=["clm", "mlm", "fim"], default="clm")
+    g.add_argument("--lr", type=float, help="peak LR (default: recommended by model size)")
+    g.add_argument("--schedule", choices=["cosine", "wsd", "constant"], help="LR schedule (default: recommended)")
+    g.add_argument("--precision", choices=["bf16", "fp8", "fp16", "fp32"], default="bf16")
+    c = p.add_argument_group("search constraints")
+    c.add_argument("--max-tp", type=int, default=0, help="largest TP degree (default: the NVLink domain)")
+    c.add_argument("--tp-across-nodes", action="store_true", help="allow TP groups to span nodes")
+    cp = c.add_mutually_exclusive_group()
+    cp.add_argument("--allow-cp", dest="allow_cp", action="store_true", default=None,
+                    help="search context parallelism (default: only from 16K tokens)")
+    cp.add_argument("--no-cp", dest="allow_cp", action="store_false")
+    c.add_argument("--sharding", default=",".join(SHARDINGS), help="ZeRO stages to consider, e.g. zero1,zero3")
+    c.add_argument("--recompute", default=",".join(RECOMPUTES), help="recompute modes to consider")
+    c.add_argument("--micro-batches", default="1,2,3,4,5,6,8,10,12,16,20,24,32")
+    c.add_argument("--max-pp", type=int, default=128)
+    c.add_argument("--no-hsdp", action="store_true", help="do not search sharding-group sizes")
+    c.add_argument("--headroom", type=float, default=0.05, help="share of HBM kept free (default 0.05)")
+    c.add_argument("--engine", choices=["torch", "deepspeed"], default="torch")
+    o = p.add_argument_group("output")
+    o.add_argument("--rank-by", choices=["throughput", "memory"], default="throughput")
+    o.add_argument("--top", type=int, default=10)
+    o.add_argument("--profile", help="calibration profile YAML (default: the shipped one)")
+    o.add_argument("--out", help="write DIR/plan.yaml and the launch files there")
+    o.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override applied to the written plan, e.g. train.max_steps=40")
+    o.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def global_batch_from(args: argparse.Namespace, seq_len: int, gpus: int) -> tuple[int, str | None]:
+    """Sequences per step. A token count that is not a whole number of sequences, or not a
+    multiple of the GPU count's power-of-two part, is snapped to the nearest such batch
+    within 5% (16M tokens at 8K -> 1953.1 sequences -> 2048), and the change is reported."""
+    if args.global_batch is not None:
+        if args.global_batch < 1:
+            raise MeshplanError(f"--global-batch={args.global_batch} must be >= 1")
+        return args.global_batch, None
+    if not args.global_batch_tokens:
+        raise MeshplanError("pass --global-batch-tokens (e.g. 4M) or --global-batch (sequences)")
+    tokens = parse_count(args.global_batch_tokens, "--global-batch-tokens")
+    exact = tokens / seq_len
+    if exact < 1:
+        raise MeshplanError(
+            f"--global-batch-tokens={args.global_batch_tokens} is less than one sequence of {seq_len} tokens"
+        )
+    unit = 1
+    while gpus % (unit * 2) == 0 and unit * 2 <= exact * 1.05:
+        unit *= 2
+    snapped = max(unit, round(exact / unit) * unit)
+    if abs(snapped / exact - 1) <= 0.05:
+        note = None if snapped == exact else (
+            f"global batch {exact:g} sequences rounded to {snapped} (a multiple of {unit})")
+        return int(snapped), note
+    gbs = max(1, round(exact))
+    return gbs, (None if gbs == exact else f"global batch {exact:g} sequences rounded to {gbs}")
+
+
+def build_plan(res: SearchResult, args: argparse.Namespace) -> Plan:
+    model, cluster = res.model, res.cluster
+    lay = res.layout(0)
+    tokens_per_step = res.global_batch * model.seq_len
+    if args.steps:
+        steps = args.steps
+    else:
+        total = parse_count(args.train_tokens, "--train-tokens") if args.train_tokens else 20 * model.param_count()
+        steps = steps_for_tokens(total, tokens_per_step)
+    advice = recommend_lr(float(model.param_count()), int(steps))
+    train = advice.train_overrides()
+    train.update(objective=args.objective, precision=args.precision)
+    if args.lr:
+        train.update(lr=args.lr, min_lr=args.lr / 10)
+    if args.schedule:
+        train["schedule"] = args.schedule
+    best = res.ranked.iloc[0]
+    predicted = {
+        "step_time_s": float(best.step_time_s),
+        "tokens_per_sec_per_gpu": float(best.tokens_per_sec_per_gpu),
+        "mfu_pct": float(best.mfu_pct),
+        "peak_memory_gb": float(best.peak_memory_gb),
+        "breakdown_s": top_json(res)[0]["breakdown_s"],
+        "memory_gb": {k.removeprefix("mem_").removesuffix("_gb"): float(best[k]) for k in best.index if k.startswith("mem_")},
+        "time_to_train_hours": float(best.step_time_s) * steps / 3600,
+        "candidates_evaluated": res.candidates_evaluated,
+        "profile": load_profile(args.profile).source,
+    }
+    data = {
+        "model": model.to_dict(),
+        "cluster": {
+            "accelerator": cluster.accelerator, "num_gpus": cluster.num_gpus,
+            "gpus_per_node": cluster.gpus_per_node, "num_nodes": cluster.num_nodes,
+        },
+        "layout": {
+            "tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "cp": lay.cp, "ep": lay.ep, "vpp": lay.vpp,
+            "sharding": lay.sharding, "engine": args.engine, "micro_batch_size": lay.micro_batch,
+            "global_batch_size": lay.global_batch, "recompute": lay.recompute,
+            "sequence_parallel": lay.sequence_parallel, "schedule": lay.schedule,
+            "dp_shard": lay.dp_shard, "recompute_layers": lay.recompute_layers,
+        },
+        "train": train,
+        "predicted": predicted,
+    }
+    return plan_from_dict(data, "plan", args.override)
+
+
+def run(args: argparse.Namespace) -> int:
+    model = model_from_args(args)
+    cluster = cluster_from_args(args)
+    if args.top < 1:
+        raise MeshplanError(f"--top={args.top} must be >= 1")
+    if not 0 <= args.headroom < 1:
+        raise MeshplanError(f"--headroom={args.headroom} must be in [0, 1)")
+    gbs, batch_note = global_batch_from(args, model.seq_len, cluster.num_gpus)
+    space = SearchSpace(
+        max_tp=args.max_tp, tp_across_nodes=args.tp_across_nodes, allow_cp=args.allow_cp,
+        max_pp=args.max_pp, micro_batches=_csv_ints(args.micro_batches, "--micro-batches"),
+        shardings=_csv_choice(args.sharding, SHARDINGS, "--sharding"),
+        recomputes=_csv_choice(args.recompute, RECOMPUTES, "--recompute"),
+        hsdp=not args.no_hsdp, precision=args.precision, memory_headroom=args.headroom,
+    )
+    if cluster.accelerator == "cpu" and args.precision == "bf16":
+        pass  # bf16 autocast runs on the CPU too
+    res = search(model, cluster, gbs, load_profile(args.profile), space, args.top, args.rank_by)
+    notes = ([batch_note] if batch_note else []) + res.notes
+    out: dict[str, Any] = {
+        "model": model.name, "params": model.param_count(), "accelerator": cluster.accelerator,
+        "gpus": cluster.num_gpus, "seq_len": model.seq_len, "global_batch_size": gbs,
+        "global_batch_tokens": gbs * model.seq_len,
+        "candidates_evaluated": res.candidates_evaluated,
+        "search_seconds": round(res.search_seconds, 4),
+        "top": top_json(res),
+        "pareto": [
+            {"tp": int(r.tp), "pp": int(r.pp), "dp": int(r.dp), "cp": int(r.cp), "vpp": int(r.vpp),
+             "sharding": r.sharding, "micro_batch_size": int(r.micro), "recompute": r.recompute,
+             "predicted_peak_memory_gb": round(float(r.peak_memory_gb), 3),
+             "predicted_tokens_per_sec_per_gpu": round(float(r.tokens_per_sec_per_gpu), 3)}
+            for r in res.pareto.itertuples()
+        ],
+        "why_not_runner_ups": explain_runner_ups(res),
+        "notes": notes,
+    }
+    if args.out:
+        plan = build_plan(res, args)
+        plan_path = save_plan(plan, Path(args.out) / "plan.yaml")
+        files = write_launch_files(plan, args.out)
+        out["plan_path"] = str(plan_path)
+        out["launch_files"] = [str(f) for f in files]
+    if args.json:
+        print(json.dumps(out))
+    else:
+        _print(out)
+    return 0
+
+
+def _print(out: dict[str, Any]) -> None:
+    console.print(
+        f"[bold]{out['model']}[/] ({out['params'] / 1e9:.2f} B) on {out['gpus']} x {out['accelerator']}, "
+        f"seq {out['seq_len']}, global batch {out['global_batch_size']} sequences "
+        f"({out['global_batch_tokens'] / 1e6:.2f} M tokens): {out['candidates_evaluated']:,} candidates "
+        f"in {out['search_seconds']:.3f} s"
+    )
+    t = Table(title="Ranked layouts")
+    for col in ("#", "tp", "pp", "dp", "cp", "vpp", "ZeRO", "shard", "mbs", "recompute", "sp",
+                "tokens/s/GPU", "MFU %", "mem GB", "step s"):
+        t.add_column(col, justify="right")
+    for i, r in enumerate(out["top"], 1):
+        rc = r["recompute"] + (f" ({r['recompute_layers']})" if r["recompute_layers"] else "")
+        t.add_row(str(i), str(r["tp"]), str(r["pp"]), str(r["dp"]), str(r["cp"]), str(r["vpp"]),
+                  r["sharding"], str(r["dp_shard"] or "all"), str(r["micro_batch_size"]), rc,
+                  "y" if r["sequence_parallel"] else "", f"{r['predicted_tokens_per_sec_per_gpu']:.1f}",
+                  f"{r['predicted_mfu_pct']:.1f}", f"{r['predicted_peak_memory_gb']:.1f}",
+                  f"{r['predicted_step_time_s']:.3f}")
+    console.print(t)
+    w = out["top"][0]
+    console.print("winner's step time: " + ", ".join(
+        f"{k} {v:.3g}s" for k, v in w["breakdown_s"].items() if v > 0))
+    for line in out["why_not_runner_ups"]:
+        console.print("  " + line)
+    console.print(f"memory/throughput Pareto front: {len(out['pareto'])} layouts")
+    for n in out["notes"]:
+        console.print(f"[dim]{n}[/]")
+    if "plan_path" in out:
+        console.print(f"wrote {out['plan_path']} and {', '.join(Path(f).name for f in out['launch_files'])}")

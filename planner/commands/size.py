@@ -1,0 +1,373 @@
+"""`meshplan size`: model size and token count for a compute budget, and the data behind it.
+
+    meshplan size --compute-flops 3.8e25
+    meshplan size --gpus 2048 --days 30 --gpu h100-sxm --mfu 40 --inference-tokens 2T
+    meshplan size --compute-flops 1e23 --data-size 10TB --language en \\
+        --mixture web=45,code=17,wiki+books=20,academic=8,other=10 --available code=200B
+    meshplan size --compute-flops 1e23 --seq-len 4096 --global-batch-tokens 4Mi --json
+
+Answers: the 20-tokens-per-parameter rule, the parametric-loss optimum for the chosen fit(s)
+with its predicted loss, optionally the inference-optimal size (Sardana & Frankle 2023),
+where LLaMA-3 8B at 15T tokens sits against those optima, tokens from raw data and a domain
+mixture, and the batch / LR-schedule recommendation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from typing import Any
+
+from costmodels import scaling
+from costmodels.errors import MeshplanError
+from costmodels.hardware import get_accelerator
+from planner import datamix, schedule_advice
+
+PRIMARY_FIT = "besiroglu"  # agrees with Hoffmann's Approaches 1-2 (~20 tokens/param)
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "size",
+        help="compute-optimal / inference-optimal model size and tokens for a budget",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    b = p.add_argument_group("compute budget (one of)")
+    b.add_argument("--compute-flops", metavar="C", help="training FLOPs, e.g. 3.8e25")
+    b.add_argument("--gpus", type=int, help="accelerators in the cluster")
+    b.add_argument("--days", type=float, help="wall-clock days of training")
+    b.add_argument("--gpu", help="accelerator key (see costmodels.hardware), e.g. h100-sxm")
+    b.add_argument(
+        "--mfu", type=float, default=None,
+        help=f"model FLOPs utilisation in %% (default {scaling.DEFAULT_MFU_PCT:g})",
+    )
+    b.add_argument(
+        "--precision", default="bf16", choices=("bf16", "fp8", "fp32"),
+        help="peak used with --gpus/--days (default bf16)",
+    )
+    s = p.add_argument_group("sizing")
+    s.add_argument("--fit", default="both", choices=("hoffmann", "besiroglu", "both"),
+                   help="parametric loss fit (default both; besiroglu is the primary answer)")
+    s.add_argument("--inference-tokens", metavar="T",
+                   help="lifetime inference tokens, e.g. 2T: adds the inference-optimal size")
+    d = p.add_argument_group("data")
+    d.add_argument("--data-size", metavar="SIZE", help="raw text size, e.g. 10TB, 500GiB")
+    d.add_argument("--language", default="en", help="en, code or ko (chars/token defaults)")
+    d.add_argument("--sample", metavar="FILE", help="sample text file to measure chars/token")
+    d.add_argument("--tokenizer", metavar="JSON", help="local tokenizers JSON for --sample")
+    d.add_argument("--mixture", metavar="D=W,...", help="domain weights, e.g. web=45,code=17")
+    d.add_argument("--available", metavar="D=T,...",
+                   help="unique tokens available per domain, e.g. code=200B,web=5T")
+    d.add_argument("--max-epochs", type=float, default=datamix.DEFAULT_MAX_EPOCHS,
+                   help="warn when a domain repeats more than this (default 4)")
+    d.add_argument("--tokens", metavar="T",
+                   help="training-token budget for the mixture (default: the sized answer)")
+    t = p.add_argument_group("batch and LR schedule")
+    t.add_argument("--seq-len", type=int, help="sequence length in tokens")
+    t.add_argument("--global-batch-tokens", metavar="T", help="tokens per step, e.g. 4Mi")
+    t.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch")
+    t.add_argument("--dp", type=int, default=1, help="data-parallel degree")
+    t.add_argument("--open-ended", action="store_true",
+                   help="run length not fixed in advance (recommends WSD over cosine)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+# --------------------------------------------------------------------------- computation
+
+
+def _budget(args: argparse.Namespace) -> dict[str, Any] | None:
+    cluster_args = [args.gpus, args.days, args.gpu]
+    if args.compute_flops is not None:
+        if any(v is not None for v in cluster_args):
+            raise MeshplanError(
+                "--compute-flops and --gpus/--days/--gpu are alternatives; pass only one budget"
+            )
+        if args.mfu is not None:
+            raise MeshplanError("--mfu only applies with --gpus/--days/--gpu; drop it")
+        c = schedule_advice.parse_count(args.compute_flops, "--compute-flops")
+        return {"flops": c, "from": "compute-flops"}
+    if any(v is not None for v in cluster_args):
+        missing = [n for n, v in zip(("--gpus", "--days", "--gpu"), cluster_args, strict=True)
+                   if v is None]
+        if missing:
+            raise MeshplanError(
+                f"budget from a cluster needs {', '.join(missing)} too "
+                "(or pass --compute-flops C instead)"
+            )
+        acc = get_accelerator(args.gpu)
+        mfu = scaling.DEFAULT_MFU_PCT if args.mfu is None else args.mfu
+        peak = acc.peak_tflops(args.precision) * acc.power_derate
+        c = scaling.flops_from_cluster(args.gpus, args.days, peak, mfu)
+        return {
+            "flops": c, "from": "cluster", "gpus": args.gpus, "days": args.days,
+            "gpu": acc.key, "precision": args.precision, "peak_tflops": peak, "mfu_pct": mfu,
+            "mfu_source": "--mfu" if args.mfu is not None else
+            "documented default (Llama 3 405B reports 38-43% BF16 MFU)",
+        }
+    return None
+
+
+def _fits(choice: str) -> list[scaling.LossFit]:
+    if choice == "both":
+        return [scaling.BESIROGLU_2024, scaling.HOFFMANN_2022]
+    return [scaling.get_fit(choice)]
+
+
+def _parametric_entry(s: scaling.Sizing, fit: scaling.LossFit) -> dict[str, Any]:
+    return {
+        "params": s.params, "tokens": s.tokens, "flops": s.flops, "loss": s.loss,
+        "tokens_per_param": s.tokens_per_param, "fit": fit.key, "source": fit.source,
+        "coefficients": {"E": fit.E, "A": fit.A, "B": fit.B, "alpha": fit.alpha, "beta": fit.beta},
+        "exponents": {"a": fit.a, "b": fit.b},
+    }
+
+
+def compute(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything `meshplan size` reports, as one JSON-able dict."""
+    out: dict[str, Any] = {}
+    budget = _budget(args)
+    fits = _fits(args.fit)
+    primary = fits[0]
+    inf_tokens = (
+        schedule_advice.parse_count(args.inference_tokens, "--inference-tokens")
+        if args.inference_tokens is not None else 0.0
+    )
+    has_data = any(
+        v is not None
+        for v in (args.data_size, args.sample, args.tokenizer, args.mixture, args.available)
+    )
+    if budget is None and not has_data:
+        raise MeshplanError(
+            "no budget: pass --compute-flops C, or --gpus N --days D --gpu KEY "
+            "(or --data-size / --sample / --mixture for data sizing alone)"
+        )
+    answer_params: float | None = None
+    answer_tokens: float | None = None
+    if budget is not None:
+        c = budget["flops"]
+        out["budget"] = budget
+        r20 = scaling.rule_of_20(c)
+        out["rule_of_20"] = {
+            "params": r20.params, "tokens": r20.tokens, "flops": r20.flops,
+            "tokens_per_param": r20.tokens_per_param, "formula": "N = sqrt(C/120), D = 20N",
+            "source": r20.source,
+        }
+        per_fit = {f.key: _parametric_entry(scaling.compute_optimal(c, f), f) for f in fits}
+        out["parametric"] = per_fit[primary.key]
+        out["fits"] = per_fit
+        answer_params, answer_tokens = out["parametric"]["params"], out["parametric"]["tokens"]
+        if inf_tokens > 0:
+            per = {}
+            for f in fits:
+                target = per_fit[f.key]["loss"]
+                per[f.key] = scaling.inference_optimal(target, inf_tokens, f).to_dict()
+            out["inference_optimal"] = per[primary.key]
+            out["inference_optimal_fits"] = per
+    # Where LLaMA-3 8B at 15T tokens (D/N ~ 1875) sits against each optimum.
+    out["reference"] = {
+        "llama3_8b": {
+            f.key: scaling.distance_from_optimum(
+                scaling.LLAMA3_8B_PARAMS, scaling.LLAMA3_8B_TOKENS, f, inf_tokens
+            )
+            for f in fits
+        },
+        "source": "LLaMA-3 8B: ~8B params, ~15T tokens (Dubey et al. 2024)",
+    }
+    if has_data:
+        out["data"] = _data(args, answer_tokens)
+    if args.seq_len is not None or args.global_batch_tokens is not None:
+        out["batch"], out["lr"] = _batch_and_lr(args, answer_params, answer_tokens)
+    return out
+
+
+def _data(args: argparse.Namespace, answer_tokens: float | None) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    if args.sample is not None or args.tokenizer is not None:
+        if args.sample is None or args.tokenizer is None:
+            raise MeshplanError("--sample and --tokenizer go together: pass both (or neither)")
+        ratio = datamix.measure_sample(args.sample, args.tokenizer)
+    else:
+        ratio = datamix.default_ratio(args.language)
+    data["ratio"] = ratio.to_dict()
+    if args.data_size is not None:
+        size = datamix.parse_size_bytes(args.data_size)
+        data["size_bytes"] = size
+        data["tokens"] = datamix.tokens_from_bytes(size, ratio)
+        if answer_tokens:
+            data["epochs_at_answer"] = answer_tokens / data["tokens"]
+    if args.available is not None and args.mixture is None:
+        raise MeshplanError("--available needs --mixture (the weights of those domains)")
+    if args.mixture is not None:
+        weights = datamix.parse_mixture(args.mixture)
+        available = datamix.parse_available(args.available) if args.available else {}
+        if args.tokens is not None:
+            budget = schedule_advice.parse_count(args.tokens, "--tokens")
+        elif answer_tokens is not None:
+            budget = answer_tokens
+        else:
+            raise MeshplanError(
+                "--mixture needs a token budget: pass --tokens T or a compute budget"
+            )
+        data["mixture"] = datamix.plan_mixture(
+            budget, weights, available, args.max_epochs
+        ).to_dict()
+    return data
+
+
+def _batch_and_lr(
+    args: argparse.Namespace, params: float | None, tokens: float | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    if args.seq_len is None or args.global_batch_tokens is None:
+        raise MeshplanError("batch advice needs both --seq-len and --global-batch-tokens")
+    if args.seq_len < 1:
+        raise MeshplanError(f"--seq-len {args.seq_len}: must be >= 1")
+    target = schedule_advice.parse_count(args.global_batch_tokens, "--global-batch-tokens")
+    bp = schedule_advice.solve_grad_accum(target, args.seq_len, args.micro_batch, args.dp)
+    batch = bp.to_dict()
+    batch["formula"] = "tokens/step = micro x dp x accumulation x seq_len"
+    if tokens is None and args.tokens is not None:
+        tokens = schedule_advice.parse_count(args.tokens, "--tokens")
+    if params is None or tokens is None:
+        return batch, {}
+    steps = schedule_advice.steps_for_tokens(tokens, bp.tokens)
+    batch["steps"] = steps
+    adv = schedule_advice.recommend_lr(params, steps, length_known=not args.open_ended)
+    lr = adv.to_dict()
+    lr["how"] = (
+        "peak LR interpolated log-log between the anchors 3e-4 @ 7B, 1e-4 @ 13B, 3e-5 @ 70B "
+        "(held flat outside them); min LR = peak/10; warmup 2% (<10k steps) or 1%"
+    )
+    return batch, lr
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _h(x: float | None, unit: str = "") -> str:
+    """1.2345e11 -> '123.5B'; small numbers plain."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    for div, suf in ((1e24, "Y"), (1e21, "Z"), (1e18, "E"), (1e15, "P"), (1e12, "T"),
+                     (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{suf}{unit}"
+    return f"{x:.4g}{unit}"
+
+
+def _render(res: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    if "budget" in res:
+        b = res["budget"]
+        extra = ""
+        if b["from"] == "cluster":
+            extra = (f"  ({b['gpus']} x {b['gpu']} x {b['days']:g} days x "
+                     f"{b['peak_tflops']:.4g} TFLOP/s x {b['mfu_pct']:g}% MFU)")
+        con.print(f"[bold]Compute budget[/bold] C = {b['flops']:.4g} FLOPs{extra}")
+        t = Table(title="Compute-optimal size (C = 6ND)")
+        for col in ("method", "params N", "tokens D", "D/N", "pred. loss"):
+            t.add_column(col)
+        r = res["rule_of_20"]
+        t.add_row("rule of 20: N = sqrt(C/120)", _h(r["params"]), _h(r["tokens"]),
+                  f"{r['tokens_per_param']:.1f}", "-")
+        for key, p in res["fits"].items():
+            t.add_row(f"parametric L(N,D): {key}", _h(p["params"]), _h(p["tokens"]),
+                      f"{p['tokens_per_param']:.1f}", f"{p['loss']:.4f}")
+        con.print(t)
+        con.print(f"  rule of 20: {r['source']}")
+        for key, p in res["fits"].items():
+            c = p["coefficients"]
+            con.print(f"  {key}: {p['source']} (E={c['E']}, A={c['A']}, B={c['B']}, "
+                      f"alpha={c['alpha']}, beta={c['beta']})")
+    if "inference_optimal_fits" in res:
+        t = Table(title="Inference-optimal (train + 2N x inference tokens, same loss)")
+        for col in ("fit", "params N", "tokens D", "D/N", "Chinchilla N", "lifetime FLOPs",
+                    "saved vs Chinchilla"):
+            t.add_column(col)
+        for key, io in res["inference_optimal_fits"].items():
+            t.add_row(key, _h(io["params"]), _h(io["tokens"]), f"{io['tokens_per_param']:.0f}",
+                      _h(io["chinchilla_params"]), f"{io['total_flops']:.3g}",
+                      f"{io['savings_pct']:.1f}%")
+        con.print(t)
+    ref = res["reference"]["llama3_8b"]
+    t = Table(title="LLaMA-3 8B @ 15T tokens vs the optima")
+    cols = ["fit", "D/N", "vs 20", "opt. D/N", "loss", "FLOPs overhead"]
+    has_life = any("lifetime_overhead" in v for v in ref.values())
+    if has_life:
+        cols += ["inf.-opt. D/N", "lifetime overhead"]
+    for col in cols:
+        t.add_column(col)
+    for key, v in ref.items():
+        row = [key, f"{v['tokens_per_param']:.0f}", f"{v['ratio_vs_rule_of_20']:.0f}x",
+               f"{v['compute_optimal_tokens_per_param_at_same_flops']:.1f}", f"{v['loss']:.4f}",
+               f"{v['compute_overhead']:.2f}x"]
+        if has_life:
+            row += [f"{v.get('inference_optimal_tokens_per_param', float('nan')):.0f}",
+                    f"{v.get('lifetime_overhead', float('nan')):.2f}x"]
+        t.add_row(*row)
+    con.print(t)
+    con.print("  opt. D/N: compute-optimal at the same FLOPs; FLOPs overhead: its training "
+              "FLOPs over the least reaching the same loss")
+    if "data" in res:
+        d = res["data"]
+        r = d["ratio"]
+        con.print(f"[bold]Tokens per byte[/bold]: {r['chars_per_token']:.3g} chars/token, "
+                  f"{r['bytes_per_char']:.3g} bytes/char ({r['source']})")
+        if "tokens" in d:
+            line = f"{_h(d['size_bytes'], 'B')} of text ~ {_h(d['tokens'])} tokens"
+            if "epochs_at_answer" in d:
+                line += f"; the sized run would take {d['epochs_at_answer']:.2f} epochs of it"
+            con.print(line)
+        if "mixture" in d:
+            m = d["mixture"]
+            t = Table(title=f"Mixture over {_h(m['total_tokens'])} tokens")
+            for col in ("domain", "weight", "tokens", "available", "epochs"):
+                t.add_column(col)
+            for row in m["domains"]:
+                ep = row["epochs"]
+                style = "red" if row["warning"] else ""
+                t.add_row(row["domain"], f"{100 * row['weight']:.1f}%", _h(row["tokens"]),
+                          _h(row["available"]), "-" if ep is None else f"{ep:.2f}",
+                          style=style)
+            con.print(t)
+            for w in m["warnings"]:
+                con.print(f"[yellow]warning:[/yellow] {w}")
+    if "batch" in res:
+        b = res["batch"]
+        con.print(
+            f"[bold]Batch[/bold]: {b['micro_batch']} micro x {b['dp']} dp x {b['grad_accum']} "
+            f"accum x {b['seq_len']} seq = {b['tokens']:,} tokens/step "
+            f"({b['deviation_pct']:+.2f}% vs target)"
+            + (f", {b['steps']:,} steps" if "steps" in b else "")
+        )
+    if res.get("lr"):
+        lr = res["lr"]
+        con.print(
+            f"[bold]LR[/bold]: {lr['schedule']} peak {lr['max_lr']:.3g} -> {lr['min_lr']:.3g}, "
+            f"warmup {lr['warmup_steps']:,} steps ({100 * lr['warmup_frac']:.0f}%); "
+            f"{lr['reason']}"
+        )
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def run(args: argparse.Namespace) -> int:
+    res = compute(args)
+    if args.json:
+        print(json.dumps(_jsonable(res)))
+    else:
+        _render(res)
+    return 0

@@ -1,0 +1,253 @@
+"""Layout search: enumerate every valid TP x PP x DP x CP x VPP x ZeRO x micro-batch x
+recompute x SP layout as numpy columns, evaluate them all in one call of the cost model,
+prune by memory, rank, and explain.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from costmodels.cases import SCHEDULES, build_cases
+from costmodels.errors import MeshplanError
+from costmodels.profile import Profile
+from costmodels.specs import PRECISIONS, RECOMPUTES, SHARDINGS, ClusterSpec, Layout, ModelSpec
+from costmodels.steptime import evaluate
+
+BREAKDOWN = (
+    "compute_s", "tp_comm_s", "cp_comm_s", "pp_bubble_s", "pp_p2p_s", "dp_exposed_s", "optimizer_s", "sync_s",
+)
+CP_AUTO_MIN_SEQ = 16384
+RANK_KEYS = {
+    "throughput": ("step_time_s", True),
+    "memory": ("peak_memory_gb", True),
+}
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    max_tp: int = 0  # 0: the scale-up (NVLink) domain
+    tp_across_nodes: bool = False
+    # Context parallelism is a long-context tool: Llama 3 trained with CP = 1 at 8K and
+    # CP = 16 at 128K tokens (Dubey et al. 2024, Table 4). Searched from 16K tokens on, or
+    # always with --allow-cp.
+    allow_cp: bool | None = None
+    max_cp: int = 32
+    max_pp: int = 128
+    max_vpp: int = 32  # Megatron allows down to one layer per virtual stage
+    micro_batches: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32)
+    shardings: tuple[str, ...] = SHARDINGS
+    recomputes: tuple[str, ...] = RECOMPUTES
+    schedules: tuple[str, ...] = ("1f1b", "gpipe")
+    hsdp: bool = True  # also search sharding-group sizes (HSDP / MiCS / dist-opt instances)
+    # Share of each stage's layers that full recompute applies to, in eighths.
+    recompute_fractions: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+    precision: str = "bf16"
+    memory_headroom: float = 0.05  # keep this share of HBM free
+
+
+@dataclass
+class SearchResult:
+    model: ModelSpec
+    cluster: ClusterSpec
+    global_batch: int
+    table: pd.DataFrame  # all evaluated candidates with predictions
+    candidates_evaluated: int
+    search_seconds: float
+    ranked: pd.DataFrame  # fitting candidates, best first
+    pareto: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+
+    def layout(self, i: int = 0) -> Layout:
+        return row_to_layout(self.ranked.iloc[i], self.global_batch, self.table.attrs["precision"])
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _powers_of_two_up_to(n: int) -> list[int]:
+    out, v = [], 1
+    while v <= n:
+        out.append(v)
+        v *= 2
+    return out
+
+
+def enumerate_layouts(model: ModelSpec, cluster: ClusterSpec, global_batch: int, space: SearchSpace) -> dict[str, np.ndarray]:
+    """All degree combinations as columns, then vectorised validity filtering."""
+    g = cluster.num_gpus
+    domain = cluster.domain_size
+    max_tp = space.max_tp or (g if space.tp_across_nodes else domain)
+    tps = [t for t in _divisors(model.heads) if t <= max_tp and g % t == 0 and (
+        model.kv_heads % t == 0 or t % model.kv_heads == 0)]
+    pps = [p for p in _divisors(g) if p <= min(model.layers, space.max_pp)]
+    allow_cp = space.allow_cp if space.allow_cp is not None else model.seq_len >= CP_AUTO_MIN_SEQ
+    cps = [c for c in _powers_of_two_up_to(min(space.max_cp, g)) if allow_cp or c == 1]
+    cps = [c for c in cps if c == 1 or model.seq_len % (2 * c) == 0]
+    vpps = list(range(1, space.max_vpp + 1))
+    shard = [SHARDINGS.index(s) for s in space.shardings]
+    rec = [RECOMPUTES.index(r) for r in space.recomputes]
+    sched = [SCHEDULES.index(s) for s in space.schedules if s != "interleaved"]
+    axes = [tps, pps, cps, vpps, list(space.micro_batches), shard, rec, [0, 1], sched]
+    if not tps:
+        raise MeshplanError(
+            f"no tensor-parallel degree divides {model.heads} heads and {g} GPUs within max TP "
+            f"{max_tp}; raise --max-tp or change --gpus"
+        )
+    mesh = np.meshgrid(*[np.asarray(a, dtype=np.int64) for a in axes], indexing="ij")
+    tp, pp, cp, vpp, mb, sh, rc, sp, sc = (x.reshape(-1) for x in mesh)
+    dp = g // (tp * pp * cp)
+    ok = (tp * pp * cp * dp == g) & (dp >= 1)
+    ok &= (global_batch % np.maximum(mb * dp, 1) == 0)
+    ok &= (sp == 0) | (tp > 1)  # sequence parallel only means something with TP
+    # Interleaving needs PP; chunks may be uneven (the slowest stage gets ceil(L/(p v)) layers
+    # per chunk, as Megatron-Core's uneven pipeline split does), but every chunk needs a layer.
+    ok &= (vpp == 1) | (pp > 1)
+    ok &= (vpp == 1) | (sc == SCHEDULES.index("1f1b"))  # interleaving is a 1F1B variant
+    ok &= (sc == SCHEDULES.index("1f1b")) | (pp > 1)  # GPipe only differs under PP
+    ok &= (sh == 0) | (dp * cp > 1)  # ZeRO needs replicas to shard over
+    ok &= pp * vpp <= model.layers
+    m = global_batch // np.maximum(mb * dp, 1)
+    ok &= (pp == 1) | (m >= 1)
+    # Interleaved 1F1B needs the micro-batch count to be a multiple of the stage count
+    # (Narayanan et al. 2021, Sec. 2.2.2; Megatron-LM enforces it).
+    ok &= (vpp == 1) | (m % np.maximum(pp, 1) == 0)
+    base = {
+        "tp": tp[ok], "pp": pp[ok], "dp": dp[ok], "cp": cp[ok], "vpp": vpp[ok], "micro": mb[ok],
+        "sharding": sh[ok], "recompute": rc[ok], "sp": sp[ok].astype(bool),
+        "schedule": np.where(vpp[ok] > 1, SCHEDULES.index("interleaved"), sc[ok]),
+    }
+    # Expand each row over its sharding-group sizes (powers of two dividing dp, below dp;
+    # 0 = all of dp) and, for full recompute, the recomputed share of each stage's layers.
+    shard_opts = [0] + ([2**k for k in range(1, 16)] if space.hsdp else [])
+    frac_opts = sorted(set(space.recompute_fractions) | {1.0})
+    n0 = len(base["tp"])
+    rows, shards, fracs = [], [], []
+    for d in shard_opts:
+        keep = np.ones(n0, dtype=bool) if d == 0 else (
+            (base["sharding"] > 0) & (base["dp"] % d == 0) & (base["dp"] > d))
+        for f in frac_opts:
+            k2 = keep if f == 1.0 else keep & (base["recompute"] == RECOMPUTES.index("full"))
+            idx = np.flatnonzero(k2)
+            rows.append(idx)
+            shards.append(np.full(len(idx), d))
+            fracs.append(np.full(len(idx), f))
+    idx = np.concatenate(rows)
+    cols = {k: v[idx] for k, v in base.items()}
+    n = len(idx)
+    layers_stage = np.ceil(model.layers / (cols["pp"] * cols["vpp"])) * cols["vpp"]
+    frac = np.concatenate(fracs)
+    cols.update({
+        "ep": np.ones(n, dtype=np.int64), "gbs": np.full(n, global_batch),
+        "precision_idx": np.full(n, PRECISIONS.index(space.precision)),
+        "dp_shard": np.concatenate(shards),
+        "recompute_layers": np.where(frac < 1.0, np.maximum(1, np.round(frac * layers_stage)), 0).astype(np.int64),
+    })
+    return cols
+
+
+def search(
+    model: ModelSpec, cluster: ClusterSpec, global_batch: int, profile: Profile,
+    space: SearchSpace | None = None, top: int = 10, rank_by: str = "throughput",
+) -> SearchResult:
+    space = space or SearchSpace()
+    if global_batch < 1:
+        raise MeshplanError("--global-batch-tokens must give at least one sequence per step")
+    t0 = time.perf_counter()
+    cols = enumerate_layouts(model, cluster, global_batch, space)
+    n = len(cols["tp"])
+    if n == 0:
+        raise MeshplanError(
+            f"no layout divides {cluster.num_gpus} GPUs with a global batch of {global_batch} sequences; "
+            "make the global batch a multiple of the GPU count (or of a divisor of it)"
+        )
+    cases = build_cases(model, cluster, cols, space.precision)
+    pred = evaluate(cases, profile)
+    elapsed_eval = time.perf_counter() - t0
+    mem = pred["peak_memory_gb"]
+    fits = np.flatnonzero(mem <= pred["hbm_gb"] * (1 - space.memory_headroom))
+    if fits.size == 0:
+        i = int(np.argmin(mem))
+        raise MeshplanError(
+            f"no layout fits in memory: the smallest needs {mem[i]:.1f} GB per GPU of "
+            f"{pred['hbm_gb'][i]:.0f} GB (tp={cols['tp'][i]} pp={cols['pp'][i]} "
+            f"{SHARDINGS[cols['sharding'][i]]} recompute={RECOMPUTES[cols['recompute'][i]]}); "
+            "use more GPUs, a larger-memory accelerator, or a shorter sequence"
+        )
+    key, _ = RANK_KEYS.get(rank_by, RANK_KEYS["throughput"])
+    order = fits[np.lexsort((mem[fits], pred[key][fits]))]
+    # Pareto front of (peak memory, step time) among fitting layouts.
+    by_mem = fits[np.lexsort((pred["step_time_s"][fits], mem[fits]))]
+    st = pred["step_time_s"][by_mem]
+    best_before = np.r_[np.inf, np.minimum.accumulate(st)[:-1]]
+    front = by_mem[st < best_before]
+    ranked = _frame(cols, pred, order[: max(top, 1) * 20])
+    ranked = ranked.drop_duplicates(subset=list(BREAKDOWN) + ["peak_memory_gb"]).head(max(top, 1))
+    table = _frame(cols, pred, fits)
+    table.attrs["precision"] = space.precision
+    elapsed = time.perf_counter() - t0
+    res = SearchResult(model, cluster, global_batch, table, n, elapsed, ranked.reset_index(drop=True),
+                       _frame(cols, pred, front).reset_index(drop=True))
+    res.notes.append(f"{n} candidates evaluated in {elapsed_eval:.3f} s; {fits.size} fit in memory")
+    return res
+
+
+def _frame(cols: dict[str, np.ndarray], pred: dict[str, np.ndarray], idx: np.ndarray) -> pd.DataFrame:
+    df = pd.DataFrame({**{k: v[idx] for k, v in cols.items() if k != "precision_idx"},
+                       **{k: v[idx] for k, v in pred.items()}})
+    df["sharding"] = np.array(SHARDINGS)[df["sharding"].to_numpy()]
+    df["recompute"] = np.array(RECOMPUTES)[df["recompute"].to_numpy()]
+    df["schedule"] = np.array(SCHEDULES)[df["schedule"].to_numpy()]
+    df["mfu_pct"] = df["mfu"] * 100
+    return df
+
+
+def row_to_layout(row: pd.Series, global_batch: int, precision: str) -> Layout:
+    return Layout(
+        tp=int(row["tp"]), pp=int(row["pp"]), dp=int(row["dp"]), cp=int(row["cp"]), ep=1,
+        vpp=int(row["vpp"]), sharding=str(row["sharding"]), micro_batch=int(row["micro"]),
+        global_batch=global_batch, recompute=str(row["recompute"]), sequence_parallel=bool(row["sp"]),
+        precision=precision, schedule=str(row["schedule"]), dp_shard=int(row["dp_shard"]),
+        recompute_layers=int(row["recompute_layers"]),
+    )
+
+
+def top_json(result: SearchResult) -> list[dict[str, Any]]:
+    out = []
+    for _, r in result.ranked.iterrows():
+        out.append({
+            "tp": int(r.tp), "pp": int(r.pp), "dp": int(r.dp), "cp": int(r.cp), "vpp": int(r.vpp),
+            "sharding": str(r.sharding), "micro_batch_size": int(r.micro), "recompute": str(r.recompute),
+            "sequence_parallel": bool(r.sp), "schedule": str(r.schedule),
+            "dp_shard": int(r.dp_shard), "recompute_layers": int(r.recompute_layers),
+            "grad_accum": int(r.micro_batches),
+            "predicted_tokens_per_sec_per_gpu": round(float(r.tokens_per_sec_per_gpu), 3),
+            "predicted_mfu_pct": round(float(r.mfu_pct), 3),
+            "predicted_peak_memory_gb": round(float(r.peak_memory_gb), 3),
+            "predicted_step_time_s": round(float(r.step_time_s), 6),
+            "breakdown_s": {k.removesuffix("_s"): round(float(r[k]), 6) for k in BREAKDOWN},
+        })
+    return out
+
+
+def explain_runner_ups(result: SearchResult, k: int = 4) -> list[str]:
+    """Why each runner-up loses to the winner: the breakdown terms that grew most."""
+    if len(result.ranked) < 2:
+        return []
+    w = result.ranked.iloc[0]
+    lines = []
+    for i in range(1, min(k + 1, len(result.ranked))):
+        r = result.ranked.iloc[i]
+        deltas = sorted(((float(r[c] - w[c]), c) for c in BREAKDOWN), reverse=True)
+        worse = [f"+{d:.3g}s {c.removesuffix('_s')}" for d, c in deltas if d > 1e-9][:2]
+        better = [f"{d:.3g}s {c.removesuffix('_s')}" for d, c in deltas[::-1] if d < -1e-9][:1]
+        desc = f"tp={r.tp} pp={r.pp} dp={r.dp} cp={r.cp} vpp={r.vpp} {r.sharding} mbs={r.micro} rc={r.recompute}"
+        gap = (r.step_time_s / w.step_time_s - 1) * 100
+        lines.append(f"#{i + 1} {desc}: {gap:.1f}% slower ({', '.join(worse) or 'ties'}"
+                     + (f"; gains {', '.join(better)}" if better else "") + ")")
+    return lines

@@ -1,0 +1,126 @@
+"""`meshplan plan`: contract keys, the 405B-on-16K-GPUs case, plan files, impossible requests."""
+
+import json
+
+import pytest
+import yaml
+
+from planner.planfile import PlanError, apply_overrides, load_plan, plan_from_dict, save_plan
+from tests.conftest import assert_clean_error, run_cli
+
+TOP_KEYS = {
+    "tp", "pp", "dp", "cp", "vpp", "sharding", "micro_batch_size", "recompute", "sequence_parallel",
+    "predicted_tokens_per_sec_per_gpu", "predicted_mfu_pct", "predicted_peak_memory_gb",
+}
+
+
+@pytest.fixture(scope="module")
+def llama405():
+    proc = run_cli("plan", "--model", "llama3-405b", "--gpu", "h100-sxm", "--gpus", "16384",
+                   "--seq-len", "8192", "--global-batch-tokens", "16M", "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_plan_json_contract(llama405):
+    assert {"candidates_evaluated", "search_seconds", "top"} <= set(llama405)
+    assert llama405["top"] and all(set(t) >= TOP_KEYS for t in llama405["top"])
+
+
+def test_llama3_405b_on_16k_gpus(llama405):
+    # Dubey et al. 2024, Table 4: 38-43% BF16 MFU at 8K-16K GPUs.
+    assert llama405["candidates_evaluated"] >= 100_000
+    w = llama405["top"][0]
+    assert w["tp"] <= 8
+    assert w["tp"] * w["pp"] * w["dp"] * w["cp"] == 16384
+    assert 38.0 <= w["predicted_mfu_pct"] <= 43.0, w
+    assert w["predicted_peak_memory_gb"] <= 80 * 0.95
+    assert llama405["global_batch_size"] == 2048
+    # Ranked best first.
+    tps = [t["predicted_tokens_per_sec_per_gpu"] for t in llama405["top"]]
+    assert tps == sorted(tps, reverse=True)
+    assert llama405["why_not_runner_ups"]
+
+
+def test_tiny_cpu_plan_writes_runnable_files(tmp_path):
+    out = tmp_path / "plan"
+    proc = run_cli("plan", "--model", "tiny", "--gpu", "cpu", "--gpus", "1", "--seq-len", "128",
+                   "--global-batch-tokens", "4096", "--out", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)
+    plan = load_plan(out / "plan.yaml")
+    assert plan.cluster.accelerator == "cpu"
+    assert plan.layout.tp * plan.layout.pp * plan.layout.dp * plan.layout.cp == 1
+    assert plan.layout.global_batch_size * plan.model["seq_len"] == 4096
+    for key in ("tp", "pp", "dp", "cp", "vpp", "sharding", "engine", "micro_batch_size", "recompute"):
+        assert key in plan.layout.model_dump()
+    for key in ("objective", "max_steps", "lr", "schedule"):
+        assert key in plan.train.model_dump()
+    assert plan.predicted["step_time_s"] > 0
+    names = {p.split("/")[-1] for p in res["launch_files"]}
+    assert names == {"launch_torchrun.sh", "deepspeed_config.json", "megatron_args.txt", "launch_slurm.sbatch"}
+
+
+def test_plan_overrides_are_applied(tmp_path):
+    proc = run_cli("plan", "--model", "tiny", "--gpu", "cpu", "--gpus", "2", "--seq-len", "64",
+                   "--global-batch-tokens", "1024", "--out", str(tmp_path), "--override", "train.max_steps=40",
+                   "--override", "train.objective=fim")
+    assert proc.returncode == 0, proc.stderr
+    plan = load_plan(tmp_path)
+    assert plan.train.max_steps == 40 and plan.train.objective == "fim"
+    assert plan.layout.dp * plan.layout.tp * plan.layout.pp == 2
+
+
+def test_plan_file_round_trip(tmp_path):
+    from costmodels.presets import get_preset
+
+    plan = plan_from_dict({"model": get_preset("tiny").to_dict(), "train": {"max_steps": 7}})
+    p = save_plan(plan, tmp_path / "plan.yaml")
+    again = load_plan(p)
+    assert again == plan
+    assert again.to_yaml() == plan.to_yaml()
+
+
+def test_plan_file_errors(tmp_path):
+    from costmodels.presets import get_preset
+
+    base = {"model": get_preset("tiny").to_dict()}
+    with pytest.raises(PlanError, match="train.max_steps"):
+        plan_from_dict(base, overrides=["train.max_steps=-1"])
+    with pytest.raises(PlanError, match="unknown key"):
+        plan_from_dict({**base, "trian": {}})
+    with pytest.raises(PlanError, match="tp"):
+        plan_from_dict({**base, "layout": {"tp": 3}})
+    with pytest.raises(PlanError, match="KEY=VALUE"):
+        apply_overrides(base, ["train.max_steps"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(PlanError, match="not a valid YAML plan"):
+        load_plan(bad)
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("model: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(PlanError):
+        load_plan(evil)
+    with pytest.raises(PlanError, match="not found"):
+        load_plan(tmp_path / "missing.yaml")
+    yaml.safe_dump(base, (tmp_path / "ok.yaml").open("w"))
+    assert load_plan(tmp_path / "ok.yaml").model["name"] == "tiny"
+
+
+@pytest.mark.parametrize(
+    "args,needles",
+    [
+        (["--model", "llama3-405b", "--gpu", "h100-sxm", "--gpus", "8", "--global-batch-tokens", "1M"],
+         ["no layout fits in memory"]),
+        (["--model", "llama3-8b", "--gpu", "h100-sxm", "--gpus", "12", "--global-batch-tokens", "1M"],
+         ["whole number"]),
+        (["--model", "llama3-8b", "--gpu", "h100-sxm", "--gpus", "8", "--global-batch", "3",
+          "--max-tp", "1", "--max-pp", "1", "--no-cp"],
+         ["no layout divides"]),
+        (["--model", "llama3-8b", "--gpu", "h100-sxm", "--gpus", "8"], ["--global-batch-tokens"]),
+        (["--model", "llama3-8b", "--gpus", "8", "--global-batch-tokens", "lots"], ["not a"]),
+        (["--model", "llama3-8b", "--gpus", "8", "--global-batch-tokens", "1M", "--sharding", "zero9"], ["--sharding"]),
+    ],
+)
+def test_impossible_requests(args, needles):
+    assert_clean_error(run_cli("plan", *args), *needles)
