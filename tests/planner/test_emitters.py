@@ -38,7 +38,7 @@ def tiny_cpu_plan(**layout) -> Plan:
 
 def big_gpu_plan(**changes) -> Plan:
     layout = dict(tp=8, pp=14, dp=16, cp=1, vpp=3, sharding="zero3", micro_batch_size=1,
-                  global_batch_size=512, recompute="full", sequence_parallel=True,
+                  global_batch_size=448, recompute="full", sequence_parallel=True,
                   schedule="interleaved")
     train = dict(schedule="wsd", max_steps=1000, lr=8e-5, precision="bf16", grad_clip=1.0)
     layout.update(changes.pop("layout", {}))
@@ -146,7 +146,7 @@ def test_deepspeed_config_fields_and_batch_consistency():
     big = emitters.deepspeed_config(big_gpu_plan())
     assert big["zero_optimization"]["stage"] == 3 and "scheduler" not in big  # WSD
     assert "torch_adam" not in big["optimizer"]["params"]
-    assert big["gradient_accumulation_steps"] == 32
+    assert big["gradient_accumulation_steps"] == 28  # 448 sequences / (micro 1 x dp 16)
     assert "scheduler" not in emitters.deepspeed_config(plan, include_scheduler=False)
     none = emitters.deepspeed_config(tiny_cpu_plan(sharding="none"))
     assert none["zero_optimization"]["stage"] == 0
@@ -321,7 +321,7 @@ def test_megatron_args_parse_back():
     assert ns.num_layers_per_virtual_pipeline_stage == spec.layers // (lay.pp * lay.vpp) == 2
     assert ns.sequence_parallel and ns.use_torch_fsdp2 and not ns.use_distributed_optimizer
     assert (ns.recompute_granularity, ns.recompute_method) == ("full", "uniform")
-    assert (ns.micro_batch_size, ns.global_batch_size) == (1, 512)
+    assert (ns.micro_batch_size, ns.global_batch_size) == (1, 448)
     assert (ns.num_layers, ns.hidden_size, ns.ffn_hidden_size) == (84, 8192, 28672)
     assert ns.num_attention_heads == 64 and ns.group_query_attention
     assert ns.num_query_groups == 8 and ns.swiglu and ns.bf16
