@@ -186,6 +186,8 @@ def deepspeed_config(plan: Plan, include_scheduler: bool = True) -> dict[str, An
         zero.update(reduce_scatter=True)
     if stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=True)
+        if lay.dp_shard and lay.dp_shard < lay.dp:
+            zero["mics_shard_size"] = lay.dp_shard  # shard within groups (MiCS), replicate across
     cfg: dict[str, Any] = {
         "train_batch_size": lay.global_batch_size,
         "train_micro_batch_size_per_gpu": lay.micro_batch_size,
@@ -238,6 +240,18 @@ def deepspeed_config(plan: Plan, include_scheduler: bool = True) -> dict[str, An
 # --------------------------------------------------------------------------- Megatron-LM
 
 
+def pipeline_layout_string(layers: int, pp: int, vpp: int) -> str:
+    """Megatron-Core `--pipeline-model-parallel-layout` for an uneven interleaved split:
+    pp x vpp chunks in schedule order (virtual stage k runs on pipeline rank k mod pp), the
+    first `layers mod chunks` chunks one layer longer."""
+    chunks = pp * vpp
+    base, extra = divmod(layers, chunks)
+    parts = ["t" * (base + (1 if k < extra else 0)) for k in range(chunks)]
+    parts[0] = "E" + parts[0]
+    parts[-1] = parts[-1] + "L"
+    return "|".join(parts)
+
+
 def megatron_args(plan: Plan) -> list[str]:
     """Megatron-LM `pretrain_gpt.py` arguments (model, parallelism, batch, optimizer, LR).
 
@@ -253,20 +267,27 @@ def megatron_args(plan: Plan) -> list[str]:
     ]
     if lay.vpp > 1:
         if spec.layers % (lay.pp * lay.vpp):
-            raise MeshplanError(
-                f"layout.vpp={lay.vpp}: layers={spec.layers} must split into pp*vpp="
-                f"{lay.pp * lay.vpp} equal chunks for Megatron's interleaved schedule"
-            )
-        a += ["--num-layers-per-virtual-pipeline-stage", str(spec.layers // (lay.pp * lay.vpp))]
+            # Uneven chunks: Megatron-Core's explicit layout string, virtual stages in schedule
+            # order separated by "|", E = embedding, t = decoder layer, L = loss.
+            a += ["--pipeline-model-parallel-layout", pipeline_layout_string(spec.layers, lay.pp, lay.vpp)]
+        else:
+            a += ["--num-layers-per-virtual-pipeline-stage", str(spec.layers // (lay.pp * lay.vpp))]
     if lay.sequence_parallel and lay.tp > 1:
         a.append("--sequence-parallel")
     if lay.recompute == "selective":
         a += ["--recompute-granularity", "selective"]
+    elif lay.recompute == "full" and lay.recompute_layers:
+        # Recompute only the first N layers of each stage, keep the rest (Megatron "block").
+        a += ["--recompute-granularity", "full", "--recompute-method", "block",
+              "--recompute-num-layers", str(lay.recompute_layers)]
     elif lay.recompute == "full":
         a += ["--recompute-granularity", "full", "--recompute-method", "uniform",
               "--recompute-num-layers", "1"]
     if lay.sharding in ("zero1", "zero2"):
         a.append("--use-distributed-optimizer")  # shards optimizer state + grads over DP
+        if lay.dp_shard and lay.dp_shard < lay.dp:
+            # HSDP-style: optimizer sharded within groups, replicated across them.
+            a += ["--num-distributed-optimizer-instances", str(lay.dp // lay.dp_shard)]
     elif lay.sharding == "zero3":
         a.append("--use-torch-fsdp2")  # fully sharded parameters (Megatron's FSDP2 path)
     if spec.is_moe:

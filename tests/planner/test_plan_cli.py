@@ -124,3 +124,14 @@ def test_plan_file_errors(tmp_path):
 )
 def test_impossible_requests(args, needles):
     assert_clean_error(run_cli("plan", *args), *needles)
+
+
+def test_uneven_interleaving_emits_megatron_layout():
+    from planner.emitters import pipeline_layout_string
+
+    s = pipeline_layout_string(126, 4, 16)
+    chunks = s.split("|")
+    assert len(chunks) == 64
+    assert s.count("t") == 126
+    assert chunks[0].startswith("E") and chunks[-1].endswith("L")
+    assert max(c.count("t") for c in chunks) - min(c.count("t") for c in chunks) <= 1
