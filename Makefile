@@ -3,21 +3,35 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEMO_STEPS ?= 150
 
 .PHONY: demo test lint setup clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	# torch first: 2.13.0 CPU lies on this disk; on a GPU machine an existing CUDA torch is kept.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev,dashboard]"
+	# DeepSpeed's setup imports torch: build against the torch above, compile no ops now.
+	$(BIN)/python -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 $(BIN)/python -m pip install -q \
+		--no-build-isolation "deepspeed>=0.14"
 	touch $(STAMP)
 
 setup: $(STAMP)
 
+DEMO := runs/demo
+PUBLISHED := ../shared/data/published_runs.csv
+
+# The main job: score the cost model, plan a tiny model for this CPU, train it on the
+# embedded corpus (stdlib source + pydoc text), then compare predicted and measured.
 demo: $(STAMP)
-	$(BIN)/python -m planner.demo
+	@if [ -f $(PUBLISHED) ]; then $(BIN)/meshplan validate $(PUBLISHED); fi
+	rm -rf $(DEMO)
+	$(BIN)/meshplan plan --model tiny --gpu cpu --gpus 1 --seq-len 128 \
+		--global-batch-tokens 2048 --out $(DEMO)/plan \
+		--override train.max_steps=$(DEMO_STEPS) --override train.lr=1e-3
+	$(BIN)/meshplan run $(DEMO)/plan/plan.yaml --out $(DEMO)/run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

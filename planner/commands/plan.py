@@ -116,7 +116,9 @@ def build_plan(res: SearchResult, args: argparse.Namespace) -> Plan:
         steps = steps_for_tokens(total, tokens_per_step)
     advice = recommend_lr(float(model.param_count()), int(steps))
     train = advice.train_overrides()
-    train.update(objective=args.objective, precision=args.precision)
+    # Keep warmup as a share of the run so `--override train.max_steps=N` scales it.
+    train.pop("warmup_steps", None)
+    train.update(warmup_frac=advice.warmup_frac, objective=args.objective, precision=args.precision)
     if args.lr:
         train.update(lr=args.lr, min_lr=args.lr / 10)
     if args.schedule:
