@@ -7,6 +7,7 @@ evaluates one Python object graph at a time; STYLE.md).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 
 import numpy as np
 
@@ -110,19 +111,44 @@ def layout_columns(layouts: Iterable[Layout]) -> dict[str, np.ndarray]:
     }
 
 
+def _measured(cluster: ClusterSpec, precision: str, hw: Mapping[str, float]) -> tuple[ClusterSpec, dict[str, float]]:
+    """Apply a profile's measured hardware figures (`meshplan bench`) to the cluster and
+    the hardware columns."""
+    cols = hardware_columns(cluster.accelerator, precision)
+    key = {"fp32": "fp32_tflops", "fp8": "fp8_tflops"}.get(precision, "bf16_tflops")
+    if hw.get(key):
+        cols["peak_gemm"] = cols["peak_mfu"] = hw[key] * 1e12
+    bf = hw.get("fp32_tflops" if precision == "fp32" else "bf16_tflops")
+    if bf:
+        cols["peak_bf16"] = bf * 1e12
+    if hw.get("hbm_tb_s"):
+        cols["hbm_bw"] = hw["hbm_tb_s"] * 1e12
+    up, out = hw.get("scaleup_gbps", 0.0), hw.get("scaleout_gbps", 0.0)
+    if up or out:
+        cluster = replace(cluster, scaleup_gbps=up or cluster.scaleup_gbps,
+                          scaleout_gbps=out or cluster.scaleout_gbps)
+    return cluster, cols
+
+
 def build_cases(
     model: ModelSpec, cluster: ClusterSpec, layout_cols: Mapping[str, np.ndarray], precision: str = "bf16",
-    seq_len: int | None = None,
+    seq_len: int | None = None, hardware: Mapping[str, float] | None = None,
 ) -> Cases:
-    """Cases for one model on one cluster over many layouts (the planner's table)."""
+    """Cases for one model on one cluster over many layouts (the planner's table).
+    `hardware`: measured figures overriding the catalog (a profile's `hardware[key]`)."""
     n = len(layout_cols["tp"])
     cases: Cases = {k: np.asarray(v) for k, v in layout_cols.items()}
-    for k, v in {**model_columns(model, seq_len), **hardware_columns(cluster.accelerator, precision)}.items():
+    cluster, hw_cols = _measured(cluster, precision, hardware or {})
+    for k, v in {**model_columns(model, seq_len), **hw_cols}.items():
         cases[k] = np.full(n, v)
     n_rows = len(cases["tp"])
     cases.setdefault("dp_shard", np.zeros(n_rows, dtype=np.int64))
     cases.setdefault("recompute_layers", np.zeros(n_rows, dtype=np.int64))
     cases.update(link_columns(cluster, cases["tp"], cases["cp"], cases["dp"], cases["pp"], cases["dp_shard"]))
+    lat = (hardware or {}).get("link_latency_s")
+    if lat:
+        for g in ("tp", "cp", "dp", "pp", "shard", "rep"):
+            cases[f"{g}_lat"] = np.where(np.isfinite(cases[f"{g}_bw"]), lat, 0.0)
     cases["gpus"] = np.full(n, cluster.num_gpus)
     cases["gpus_per_node"] = np.full(n, cluster.gpus_per_node)
     return cases
@@ -133,5 +159,7 @@ def concat_cases(parts: list[Cases]) -> Cases:
     return {k: np.concatenate([np.atleast_1d(p[k]) for p in parts]) for k in keys}
 
 
-def single_case(model: ModelSpec, layout: Layout, cluster: ClusterSpec) -> Cases:
-    return build_cases(model, cluster, layout_columns([layout]), layout.precision)
+def single_case(
+    model: ModelSpec, layout: Layout, cluster: ClusterSpec, hardware: Mapping[str, float] | None = None
+) -> Cases:
+    return build_cases(model, cluster, layout_columns([layout]), layout.precision, hardware=hardware)

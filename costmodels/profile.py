@@ -55,6 +55,9 @@ class Profile:
     # constant (CUDA context is outside max_memory_allocated; cuBLAS/NCCL workspaces are in).
     memory_factor: float = 1.1
     memory_constant_gb: float = 1.0
+    # Measured hardware by accelerator key (`meshplan bench`): any of bf16_tflops,
+    # fp32_tflops, fp8_tflops, hbm_tb_s, scaleup_gbps, scaleout_gbps, link_latency_s.
+    hardware: dict[str, dict[str, float]] = field(default_factory=dict)
     source: str = "built-in starting values"
 
     # -- (de)serialisation
@@ -83,6 +86,8 @@ class Profile:
                 values[k] = merged
             elif k == "source":
                 values[k] = str(v)
+            elif k == "hardware":
+                values[k] = _hardware(v, source)
             else:
                 try:
                     values[k] = float(v)
@@ -92,6 +97,37 @@ class Profile:
 
     def with_(self, **changes: Any) -> Profile:
         return replace(self, **changes)
+
+
+HARDWARE_KEYS = (
+    "bf16_tflops", "fp32_tflops", "fp8_tflops", "hbm_tb_s", "scaleup_gbps", "scaleout_gbps",
+    "link_latency_s",
+)
+
+
+def _hardware(v: Any, source: str) -> dict[str, dict[str, float]]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise MeshplanError(f"{source}: hardware must map accelerator -> measured figures")
+    out: dict[str, dict[str, float]] = {}
+    for acc, figs in v.items():
+        if not isinstance(figs, dict):
+            raise MeshplanError(f"{source}: hardware.{acc} must be a mapping")
+        bad = sorted(set(figs) - set(HARDWARE_KEYS))
+        if bad:
+            raise MeshplanError(f"{source}: hardware.{acc}: unknown key(s) {', '.join(bad)}")
+        entry = {}
+        for key, val in figs.items():
+            try:
+                f = float(val)
+            except (TypeError, ValueError):
+                raise MeshplanError(f"{source}: hardware.{acc}.{key}={val!r} is not a number") from None
+            if not f >= 0 or f == float("inf"):
+                raise MeshplanError(f"{source}: hardware.{acc}.{key}={val!r} must be >= 0 and finite")
+            entry[key] = f
+        out[str(acc)] = entry
+    return out
 
 
 def _fraction(v: Any, where: str) -> float:

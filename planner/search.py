@@ -166,7 +166,7 @@ def search(
             f"no layout divides {cluster.num_gpus} GPUs with a global batch of {global_batch} sequences; "
             "make the global batch a multiple of the GPU count (or of a divisor of it)"
         )
-    cases = build_cases(model, cluster, cols, space.precision)
+    cases = build_cases(model, cluster, cols, space.precision, hardware=profile.hardware.get(cluster.accelerator))
     pred = evaluate(cases, profile)
     elapsed_eval = time.perf_counter() - t0
     mem = pred["peak_memory_gb"]

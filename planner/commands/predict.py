@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def predict_dict(model, layout: Layout, cluster, profile) -> dict[str, Any]:
     layout.check_against(model, cluster.num_gpus)
-    out = evaluate(single_case(model, layout, cluster), profile)
+    out = evaluate(single_case(model, layout, cluster, profile.hardware.get(cluster.accelerator)), profile)
     v = {k: float(x[0]) for k, x in out.items()}
     return {
         "model": model.name, "params": model.param_count(), "accelerator": cluster.accelerator,

@@ -1,0 +1,227 @@
+"""Microbenchmarks of this machine: GEMM throughput at the shapes a transformer layer uses,
+memory bandwidth, and every collective the cost model uses across message sizes, fitted to
+the alpha-beta model (latency + bytes / bandwidth). Gloo between processes on the CPU; NCCL
+between GPUs when CUDA is present.
+
+The result is a hardware override for the cost model's profile (`Profile.hardware[key]`),
+so `--gpu cpu` plans use what was measured here.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Ring-algorithm bytes each rank moves per byte of message, for n ranks (Thakur et al. 2005):
+# all-reduce 2(n-1)/n, all-gather / reduce-scatter / all-to-all (n-1)/n, p2p 1.
+BUS_FACTOR: dict[str, Callable[[int], float]] = {
+    "all_reduce": lambda n: 2 * (n - 1) / n,
+    "all_gather": lambda n: (n - 1) / n,
+    "reduce_scatter": lambda n: (n - 1) / n,
+    "all_to_all": lambda n: (n - 1) / n,
+    "send_recv": lambda n: 1.0,
+}
+
+
+@dataclass
+class BenchResult:
+    device: str
+    threads: int
+    gemm: list[dict[str, float]] = field(default_factory=list)
+    memory_gb_s: float = 0.0
+    collectives: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def gemm_tflops(self, dtype: str) -> float:
+        """Sustained TFLOP/s at the largest (most efficient) benchmarked shapes."""
+        vals = [g["tflops"] for g in self.gemm if g["dtype"] == dtype]
+        return float(max(vals)) if vals else 0.0
+
+    def hardware_override(self) -> dict[str, float]:
+        """The profile's hardware entry: measured peaks, bandwidth, link alpha-beta."""
+        out: dict[str, float] = {}
+        if self.gemm_tflops("fp32"):
+            out["fp32_tflops"] = self.gemm_tflops("fp32")
+        if self.gemm_tflops("bf16"):
+            out["bf16_tflops"] = self.gemm_tflops("bf16")
+        if self.memory_gb_s:
+            out["hbm_tb_s"] = self.memory_gb_s / 1000
+        ar = self.collectives.get("all_reduce")
+        if ar:
+            out["scaleout_gbps"] = ar["bus_gbps"]
+            out["scaleup_gbps"] = ar["bus_gbps"]
+            out["link_latency_s"] = ar["alpha_s"]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device, "threads": self.threads, "seconds": self.seconds,
+            "gemm": self.gemm, "memory_gb_s": self.memory_gb_s, "collectives": self.collectives,
+            "hardware_override": self.hardware_override(),
+        }
+
+
+def _timeit(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def layer_gemm_shapes(hidden: int, ffn: int, tokens: int, kv_dim: int | None = None) -> list[tuple[int, int, int]]:
+    """(m, n, k) of a transformer layer's GEMMs: QKV, output projection, MLP up, MLP down."""
+    kv = kv_dim or hidden
+    return [(tokens, hidden + 2 * kv, hidden), (tokens, hidden, hidden), (tokens, ffn, hidden), (tokens, hidden, ffn)]
+
+
+def bench_gemm(
+    shapes: list[tuple[int, int, int]], dtypes: list[str], device: str = "cpu", repeats: int = 5
+) -> list[dict[str, float]]:
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    out = []
+    for dt in dtypes:
+        for m, n, k in shapes:
+            a = torch.randn(m, k, device=device, dtype=DTYPES[dt])
+            b = torch.randn(k, n, device=device, dtype=DTYPES[dt])
+            t = _timeit(lambda a=a, b=b: a @ b, repeats, sync)
+            out.append({"dtype": dt, "m": m, "n": n, "k": k, "seconds": t, "tflops": 2 * m * n * k / t / 1e12})
+    return out
+
+
+def bench_memory(device: str = "cpu", mbytes: int = 64, repeats: int = 5) -> float:
+    """GB/s of an in-place add (reads two arrays, writes one): the STREAM 'add' kernel."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    n = mbytes * 1024 * 1024 // 4
+    a = torch.ones(n, device=device)
+    b = torch.ones(n, device=device)
+    t = _timeit(lambda: a.add_(b), repeats, sync)
+    return 3 * n * 4 / t / 1e9
+
+
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _collective_worker(rank: int, world: int, port: int, sizes: list[int], repeats: int, out_path: str, backend: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    device = f"cuda:{rank}" if backend == "nccl" else "cpu"
+    sync = torch.cuda.synchronize if backend == "nccl" else (lambda: None)
+    results: dict[str, list[tuple[int, float]]] = {k: [] for k in BUS_FACTOR}
+    for nbytes in sizes:
+        n = max(world, nbytes // 4 // world * world)
+        x = torch.ones(n, device=device)
+        out_g = torch.empty(n * world, device=device)
+        out_rs = torch.empty(n // world, device=device)
+        out_a2a = torch.empty(n, device=device)
+
+        def p2p(x=x):
+            if rank % 2 == 0 and rank + 1 < world:
+                dist.send(x, rank + 1)
+            elif rank % 2 == 1:
+                dist.recv(x, rank - 1)
+
+        ops = {
+            "all_reduce": lambda x=x: dist.all_reduce(x),
+            "all_gather": lambda x=x, o=out_g: _ALL_GATHER(o, x),
+            "reduce_scatter": lambda x=x, o=out_rs: _REDUCE_SCATTER(o, x),
+            "all_to_all": lambda x=x, o=out_a2a: dist.all_to_all_single(o, x),
+            "send_recv": p2p,
+        }
+        for name, fn in ops.items():
+            dist.barrier()
+            t = _timeit(fn, repeats, sync)
+            # All-gather moves the gathered size; the others the message size.
+            moved = n * 4 * (world if name == "all_gather" else 1)
+            results[name].append((moved, t))
+    if rank == 0:
+        torch.save(results, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def fit_alpha_beta(points: list[tuple[int, float]], bus_factor: float) -> dict[str, float]:
+    """Least squares t = alpha + bus_factor * bytes / beta over message sizes."""
+    from scipy.optimize import nnls
+
+    x = np.array([p[0] * bus_factor for p in points], dtype=float)
+    y = np.array([p[1] for p in points], dtype=float)
+    scale = np.array([1.0, x.max() or 1.0])  # condition the two columns alike
+    (alpha, inv_beta_scaled), _ = nnls(np.stack([np.ones_like(x), x / scale[1]], axis=1), y)
+    inv_beta = inv_beta_scaled / scale[1]
+    if inv_beta <= 0:  # timing noise swamped the size dependence: largest message's rate
+        i = int(np.argmax(x))
+        inv_beta = max(y[i] - alpha, 1e-12) / x[i]
+    return {"alpha_s": float(alpha), "bus_gbps": float(1 / inv_beta / 1e9), "points": len(points)}
+
+
+def bench_collectives(world: int = 2, sizes: list[int] | None = None, repeats: int = 5, timeout_s: float = 300) -> dict[str, dict[str, float]]:
+    sizes = sizes or [4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20]
+    backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world else "gloo"
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "coll.pt")
+        ctx = mp.start_processes(
+            _collective_worker, args=(world, _free_port(), sizes, repeats, out, backend),
+            nprocs=world, join=False, start_method="spawn",
+        )
+        deadline = time.monotonic() + timeout_s
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                raise TimeoutError(f"collective benchmark exceeded {timeout_s:.0f} s")
+        raw = torch.load(out, weights_only=True)
+    result = {}
+    for name, pts in raw.items():
+        fit = fit_alpha_beta(pts, BUS_FACTOR[name](world))
+        fit["world"] = world
+        fit["backend"] = backend
+        result[name] = fit
+    return result
+
+
+def run_bench(
+    quick: bool = False, world: int = 2, device: str | None = None,
+    model_dims: tuple[int, int, int] = (256, 688, 128 * 16),
+) -> BenchResult:
+    """Benchmark GEMMs at a layer's shapes (hidden, ffn, tokens), memory and collectives."""
+    t0 = time.perf_counter()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    h, f, tokens = model_dims
+    shapes = layer_gemm_shapes(h, f, tokens)
+    if not quick:
+        shapes += layer_gemm_shapes(1024, 2816, 2048)
+    res = BenchResult(device=device, threads=torch.get_num_threads())
+    res.gemm = bench_gemm(shapes, ["fp32", "bf16"], device, repeats=3 if quick else 5)
+    res.memory_gb_s = bench_memory(device, mbytes=32 if quick else 128)
+    if world > 1:
+        sizes = [4 << 10, 256 << 10, 4 << 20] if quick else None
+        res.collectives = bench_collectives(world, sizes, repeats=3 if quick else 5)
+    res.seconds = time.perf_counter() - t0
+    return res

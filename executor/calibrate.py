@@ -1,0 +1,206 @@
+"""Calibrate the cost model on measured runs: read run directories written by `meshplan run`,
+predict each with the current profile, fit the profile's free parameters with scipy least
+squares, and report errors out of sample (leave-one-run-out) so no run is scored by a fit
+that saw it.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from costmodels.cases import Cases, build_cases, concat_cases, layout_columns
+from costmodels.errors import MeshplanError
+from costmodels.fit import cross_validate, fit_throughput
+from costmodels.profile import Profile
+from costmodels.specs import ClusterSpec
+from costmodels.steptime import evaluate
+from planner.planfile import Plan, load_plan
+
+WARMUP_STEPS = 2  # first steps include allocator growth and lazy init: not steady state
+# With few runs only the parameters a CPU run can identify are fitted; the rest keep the
+# base profile's values (fitting 9 parameters to 4 runs would just memorise them).
+FEW_RUNS_FIXED = ("attn_eff", "tp_overlap", "dp_overlap", "sync_jitter", "elementwise_factor")
+
+
+@dataclass
+class MeasuredRun:
+    name: str
+    path: Path
+    plan: Plan
+    step_time_s: float
+    steps_used: int
+    peak_memory_gb: float | None
+
+    @property
+    def tokens_per_sec_per_gpu(self) -> float:
+        lay = self.plan.layout
+        return lay.global_batch_size * self.plan.model["seq_len"] / self.step_time_s / lay.world_size
+
+    def layout_label(self) -> str:
+        lay = self.plan.layout
+        parts = [f"{k}{getattr(lay, k)}" for k in ("dp", "tp", "pp", "cp") if getattr(lay, k) > 1]
+        if lay.sharding != "none":
+            parts.append(lay.sharding)
+        if lay.engine != "torch":
+            parts.append(lay.engine)
+        return "+".join(parts) or "single"
+
+
+def load_run(path: str | Path) -> MeasuredRun:
+    """A run directory's plan and its steady-state step time; one-line error if unusable."""
+    p = Path(path)
+    if not p.is_dir():
+        raise MeshplanError(f"{p}: not a run directory")
+    plan = load_plan(p / "plan.yaml")
+    metrics = p / "metrics.jsonl"
+    if not metrics.is_file():
+        raise MeshplanError(f"{p}: no metrics.jsonl (the run never logged a step)")
+    times: list[float] = []
+    for i, line in enumerate(metrics.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise MeshplanError(f"{metrics}: line {i + 1} is not JSON (corrupt metrics)") from None
+        if rec.get("skipped") or int(rec.get("step", 0)) <= WARMUP_STEPS:
+            continue
+        t = rec.get("step_time_s")
+        if isinstance(t, int | float) and t > 0:
+            times.append(float(t))
+    if len(times) < 2:
+        raise MeshplanError(f"{p}: fewer than 2 steady-state steps after warm-up to measure")
+    peak = None
+    summary = p / "summary.json"
+    if summary.is_file():
+        try:
+            s = json.loads(summary.read_text())
+            if s.get("peak_memory_bytes"):
+                peak = float(s["peak_memory_bytes"]) / 1e9
+        except (json.JSONDecodeError, TypeError, ValueError):
+            peak = None
+    return MeasuredRun(p.name, p, plan, statistics.median(times), len(times), peak)
+
+
+def run_cases(runs: list[MeasuredRun], profile: Profile) -> Cases:
+    parts = []
+    for r in runs:
+        c = r.plan.cluster
+        cluster = ClusterSpec(c.accelerator, c.num_gpus, gpus_per_node=min(c.gpus_per_node, c.num_gpus))
+        parts.append(build_cases(
+            r.plan.model_spec(), cluster, layout_columns([r.plan.layout_spec()]),
+            r.plan.train.precision, hardware=profile.hardware.get(c.accelerator),
+        ))
+    return concat_cases(parts)
+
+
+@dataclass
+class Calibration:
+    profile: Profile
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    unusable: dict[str, str] = field(default_factory=dict)
+    params: dict[str, float] = field(default_factory=dict)
+
+    def median_ape(self, key: str) -> float | None:
+        vals = [r[key] for r in self.rows if r.get(key) is not None]
+        return float(np.median(vals)) if vals else None
+
+
+def _ape(pred: float, meas: float) -> float:
+    return abs(pred / meas - 1) * 100
+
+
+def calibrate_runs(
+    paths: list[str | Path], base: Profile, source: str = "calibrated on local runs",
+) -> Calibration:
+    """Fit `base` to the usable runs among `paths`; unusable ones are reported and skipped."""
+    runs: list[MeasuredRun] = []
+    unusable: dict[str, str] = {}
+    for p in paths:
+        try:
+            runs.append(load_run(p))
+        except MeshplanError as exc:
+            unusable[str(p)] = str(exc)
+    if not runs:
+        raise MeshplanError("no usable run directories: " + "; ".join(unusable.values()))
+    cases = run_cases(runs, base)
+    meas_tps = np.array([r.tokens_per_sec_per_gpu for r in runs])
+    before = evaluate(cases, base)["step_time_s"]
+    fixed = FEW_RUNS_FIXED if len(runs) < 10 else ()
+    fit = fit_throughput(cases, meas_tps, base, fixed=fixed, source=source)
+    after = evaluate(cases, fit.profile)["step_time_s"]
+    loro = None
+    if len(runs) >= 3:
+        loro_tps = cross_validate(cases, meas_tps, np.arange(len(runs)), base, fixed)
+        loro = meas_tps / loro_tps * np.array([r.step_time_s for r in runs])
+    cal = Calibration(fit.profile, unusable=unusable, params=fit.params)
+    for i, r in enumerate(runs):
+        cal.rows.append({
+            "run": r.name, "layout": r.layout_label(), "measured_step_time_s": r.step_time_s,
+            "before_step_time_s": float(before[i]), "after_step_time_s": float(after[i]),
+            "before_ape_pct": _ape(float(before[i]), r.step_time_s),
+            "after_ape_pct": _ape(float(after[i]), r.step_time_s),
+            "loro_step_time_s": None if loro is None else float(loro[i]),
+            "loro_ape_pct": None if loro is None else _ape(float(loro[i]), r.step_time_s),
+        })
+    return cal
+
+
+def predict_runs(paths: list[str | Path], profile: Profile) -> list[dict[str, Any]]:
+    """Predicted vs measured step time of runs the profile was not fitted on."""
+    out = []
+    for p in paths:
+        r = load_run(p)
+        pred = float(evaluate(run_cases([r], profile), profile)["step_time_s"][0])
+        out.append({"run": r.name, "layout": r.layout_label(), "predicted_step_time_s": pred,
+                    "measured_step_time_s": r.step_time_s, "ape_pct": _ape(pred, r.step_time_s)})
+    return out
+
+
+def chart(points: list[tuple[str, float, float]], path: str | Path, title: str) -> Path:
+    """Predicted-vs-measured scatter (log-log) with the y = x line, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    meas = [p[1] for p in points]
+    pred = [p[2] for p in points]
+    lo, hi = min(meas + pred) * 0.8, max(meas + pred) * 1.25
+    ax.plot([lo, hi], [lo, hi], color="grey", lw=1, label="predicted = measured")
+    ax.fill_between([lo, hi], [lo * 0.85, hi * 0.85], [lo * 1.15, hi * 1.15], color="grey", alpha=0.15, label="±15%")
+    ax.scatter(meas, pred, zorder=3)
+    for name, m, pr in points:
+        ax.annotate(name, (m, pr), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured step time (s)")
+    ax.set_ylabel("predicted step time (s)")
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def published_cv_report(csv: str | Path, profile: Profile, seed: int = 0) -> dict[str, Any]:
+    """Cross-validated (random halves) MAPE of `profile` refitted on published runs, by GPU
+    and by source."""
+    from planner.runs_table import read_runs
+    from planner.validate import breakdown, validate_runs
+
+    df = read_runs(csv)
+    v = validate_runs(df, profile, cross_validated=True, seed=seed)
+    by_gpu = breakdown(v, ["gpu"]).to_dict(orient="records")
+    by_source = breakdown(v, ["source_id"]).to_dict(orient="records")
+    return {"summary": v.summary, "by_gpu": by_gpu, "by_source": by_source}

@@ -1,0 +1,130 @@
+"""The whole calibration loop on this machine: bench -> short runs of several layouts ->
+fit the profile on some of them -> predict the held-out layouts -> report the error, next to
+what the uncalibrated default profile predicted for the same held-out runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from costmodels.errors import MeshplanError
+from costmodels.presets import get_preset
+from costmodels.profile import load_profile
+from executor.calibrate import calibrate_runs, chart, predict_runs
+from planner.planfile import plan_from_dict, save_plan
+
+
+@dataclass(frozen=True)
+class LoopRun:
+    name: str
+    layout: dict[str, Any]
+    gpus: int
+    held_out: bool
+
+
+# Fit on one-process runs of two batch sizes, DDP and TP; hold out FSDP2 (ZeRO-3) and PP,
+# whose costs (per-layer gathers, pipeline bubble) the fit never saw directly.
+LOOP_RUNS = (
+    LoopRun("single_mbs8", {"micro_batch_size": 8, "global_batch_size": 8}, 1, False),
+    LoopRun("single_mbs16", {"micro_batch_size": 16, "global_batch_size": 16}, 1, False),
+    LoopRun("ddp2", {"dp": 2, "micro_batch_size": 8, "global_batch_size": 16}, 2, False),
+    LoopRun("tp2", {"tp": 2, "micro_batch_size": 16, "global_batch_size": 16, "sequence_parallel": False}, 2, False),
+    LoopRun("fsdp2_zero3", {"dp": 2, "sharding": "zero3", "micro_batch_size": 8, "global_batch_size": 16}, 2, True),
+    LoopRun("pp2", {"pp": 2, "micro_batch_size": 4, "global_batch_size": 16}, 2, True),
+)
+
+
+def _plan_for(run: LoopRun, model: str, seq_len: int, steps: int) -> dict[str, Any]:
+    spec = get_preset(model).with_(seq_len=seq_len)
+    return {
+        "model": spec.to_dict(),
+        "cluster": {"accelerator": "cpu", "num_gpus": run.gpus, "gpus_per_node": 1, "num_nodes": run.gpus},
+        "layout": run.layout,
+        "train": {"objective": "clm", "max_steps": steps, "precision": "fp32", "lr": 1e-3,
+                  "warmup_frac": 0.0, "log_every": 1},
+        "checkpoint": {"every": 0, "keep": 1},
+    }
+
+
+def _run(plan_path: Path, out: Path, timeout_s: float) -> tuple[bool, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "planner.cli", "run", str(plan_path), "--out", str(out)],
+        capture_output=True, text=True, timeout=timeout_s, env=env,
+    )
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
+    return proc.returncode == 0, tail[0]
+
+
+def local_loop(
+    workdir: str | Path = "runs/calibration", model: str = "tiny", seq_len: int = 128, steps: int = 8,
+    quick_bench: bool = True, progress=print, run_timeout_s: float = 240,
+) -> dict[str, Any]:
+    from executor.bench import run_bench
+
+    t0 = time.perf_counter()
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    progress("bench: GEMMs, memory, gloo collectives")
+    bench = run_bench(quick=quick_bench, world=2)
+    default = load_profile()
+    hardware = {**default.hardware, "cpu": bench.hardware_override()}
+    measured_base = default.with_(hardware=hardware, source="default + measured cpu hardware")
+    fit_dirs, held_dirs, failures = [], [], {}
+    for r in LOOP_RUNS:
+        plan = plan_from_dict(_plan_for(r, model, seq_len, steps), f"loop plan {r.name}")
+        pdir = work / "plans" / r.name
+        save_plan(plan, pdir / "plan.yaml")
+        out = work / "runs" / r.name
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        progress(f"run {r.name}: {r.gpus} process(es), {steps} steps")
+        try:
+            ok, msg = _run(pdir / "plan.yaml", out, run_timeout_s)
+        except subprocess.TimeoutExpired:
+            ok, msg = False, f"timed out after {run_timeout_s:.0f} s"
+        if not ok:
+            failures[r.name] = msg
+            continue
+        (held_dirs if r.held_out else fit_dirs).append(out)
+    if len(fit_dirs) < 2 or not held_dirs:
+        raise MeshplanError(f"calibration loop: too few runs succeeded ({'; '.join(f'{k}: {v}' for k, v in failures.items())})")
+    progress("calibrate on " + ", ".join(d.name for d in fit_dirs))
+    cal = calibrate_runs(fit_dirs, measured_base, source="calibrated by meshplan calibrate --local-loop")
+    held = predict_runs(held_dirs, cal.profile)
+    before = predict_runs(held_dirs, default)
+    for h, b in zip(held, before, strict=True):
+        h["default_profile_step_time_s"] = b["predicted_step_time_s"]
+        h["default_profile_ape_pct"] = b["ape_pct"]
+    profile_path = work / "profile.yaml"
+    from costmodels.profile import dump_profile
+    from planner.planfile import atomic_write_text
+
+    atomic_write_text(profile_path, dump_profile(cal.profile))
+    pts = [(h["layout"] + " (held out)", h["measured_step_time_s"], h["predicted_step_time_s"]) for h in held]
+    pts += [(r["layout"], r["measured_step_time_s"], r["after_step_time_s"]) for r in cal.rows]
+    png = chart(pts, work / "predicted_vs_measured.png", "CPU calibration: step time")
+    return {
+        "heldout": [{k: h[k] for k in ("layout", "predicted_step_time_s", "measured_step_time_s", "ape_pct",
+                                        "default_profile_step_time_s", "default_profile_ape_pct")} for h in held],
+        "median_ape_pct": float(np.median([h["ape_pct"] for h in held])),
+        "default_profile_median_ape_pct": float(np.median([h["default_profile_ape_pct"] for h in held])),
+        "fitted_on": cal.rows,
+        "fitted_params": cal.params,
+        "failed_runs": failures,
+        "bench": bench.hardware_override(),
+        "profile_path": str(profile_path),
+        "chart": str(png),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
