@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.pages.split(","):
             b.call("Emulation.setDeviceMetricsOverride", width=1500, height=1400,
                    deviceScaleFactor=1, mobile=False)
-            b.goto(f"{url}/{name}")
+            b.goto(f"{url}/" if name == "plan" else f"{url}/{name}")  # the default page lives at /
             b.wait_for_text(PAGES[name], timeout=240)
             path = b.screenshot(out / f"{name}.png", settle_s=2.5)
             print(f"{path} ({path.stat().st_size // 1024} KiB)")
