@@ -123,6 +123,14 @@ def _measured(cluster: ClusterSpec, precision: str, hw: Mapping[str, float]) -> 
         cols["peak_bf16"] = bf * 1e12
     if hw.get("hbm_tb_s"):
         cols["hbm_bw"] = hw["hbm_tb_s"] * 1e12
+    cores = hw.get("host_cores", 0.0)
+    if cores and cluster.accelerator == "cpu" and cluster.num_gpus > 1:
+        # Ranks on one host run one thread each (OMP_NUM_THREADS=1): use the one-core GEMM
+        # rate measured by `meshplan bench`, and split the host's memory bandwidth.
+        one = hw.get("fp32_tflops_1core" if precision == "fp32" else "bf16_tflops_1core")
+        if one:
+            cols["peak_gemm"] = cols["peak_bf16"] = cols["peak_mfu"] = one * 1e12
+        cols["hbm_bw"] = cols["hbm_bw"] / min(cluster.num_gpus, cores)
     up, out = hw.get("scaleup_gbps", 0.0), hw.get("scaleout_gbps", 0.0)
     if up or out:
         cluster = replace(cluster, scaleup_gbps=up or cluster.scaleup_gbps,

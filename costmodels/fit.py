@@ -23,8 +23,9 @@ SCALAR_PARAMS: tuple[tuple[str, float, float], ...] = (
     ("tp_overlap", 0.0, 0.95),
     ("dp_overlap", 0.0, 1.0),
     ("link_eff", 0.3, 1.0),
-    ("layer_overhead_s", 0.0, 5e-4),
+    ("layer_overhead_s", 0.0, 5e-2),
     ("sync_jitter", 0.0, 0.1),
+    ("step_overhead_s", 0.0, 2.0),
 )
 MEMORY_PARAMS: tuple[tuple[str, float, float], ...] = (
     ("memory_factor", 1.0, 1.6),

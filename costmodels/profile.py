@@ -49,6 +49,8 @@ class Profile:
     link_eff: float = 0.8
     # Relative per-node step-time jitter; synchronous steps pay sigma sqrt(2 ln nodes).
     sync_jitter: float = 0.02
+    # Fixed host-side cost per optimizer step (loop, optimizer launch, logging) (s).
+    step_overhead_s: float = 0.0
     # Fixed host/launch overhead per layer per micro-batch (s).
     layer_overhead_s: float = 2e-5
     # Memory: allocator fragmentation and workspace, as a factor on tensor bytes, plus a
@@ -56,7 +58,8 @@ class Profile:
     memory_factor: float = 1.1
     memory_constant_gb: float = 1.0
     # Measured hardware by accelerator key (`meshplan bench`): any of bf16_tflops,
-    # fp32_tflops, fp8_tflops, hbm_tb_s, scaleup_gbps, scaleout_gbps, link_latency_s.
+    # fp32_tflops, fp8_tflops, hbm_tb_s, scaleup_gbps, scaleout_gbps, link_latency_s, and for
+    # CPU hosts host_cores (processes on one host share its cores and memory bandwidth).
     hardware: dict[str, dict[str, float]] = field(default_factory=dict)
     source: str = "built-in starting values"
 
@@ -101,7 +104,7 @@ class Profile:
 
 HARDWARE_KEYS = (
     "bf16_tflops", "fp32_tflops", "fp8_tflops", "hbm_tb_s", "scaleup_gbps", "scaleout_gbps",
-    "link_latency_s",
+    "link_latency_s", "host_cores", "fp32_tflops_1core", "bf16_tflops_1core",
 )
 
 

@@ -155,7 +155,7 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     opt_shard = np.where(sharding >= 1, shard_n, 1.0)
     t_opt = ADAM_BYTES_PER_PARAM * params_local / opt_shard / hbm_bw
 
-    step = compute + bubble + t_p2p + dp_exposed + t_opt
+    step = compute + bubble + t_p2p + dp_exposed + t_opt + prof.step_overhead_s
     # Synchronous steps wait for the slowest node: with per-node jitter of relative size
     # sigma, the expected maximum over N nodes is ~ sigma sqrt(2 ln N) (Gumbel / extreme
     # value of Gaussians; the straggler effect of Dubey et al. 2024, Sec. 3.3.4).

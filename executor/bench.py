@@ -46,21 +46,24 @@ class BenchResult:
     collectives: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0
 
-    def gemm_tflops(self, dtype: str) -> float:
-        """Sustained TFLOP/s at the largest (most efficient) benchmarked shapes."""
-        vals = [g["tflops"] for g in self.gemm if g["dtype"] == dtype]
-        return float(max(vals)) if vals else 0.0
+    def gemm_tflops(self, dtype: str, threads: int | None = None) -> float:
+        """Median TFLOP/s over the layer's GEMM shapes (all threads, or `threads`)."""
+        vals = [g["tflops"] for g in self.gemm if g["dtype"] == dtype and g.get("threads") == (threads or self.threads)]
+        return float(np.median(vals)) if vals else 0.0
 
     def hardware_override(self) -> dict[str, float]:
         """The profile's hardware entry: measured peaks, bandwidth, link alpha-beta."""
         out: dict[str, float] = {}
-        if self.gemm_tflops("fp32"):
-            out["fp32_tflops"] = self.gemm_tflops("fp32")
-        if self.gemm_tflops("bf16"):
-            out["bf16_tflops"] = self.gemm_tflops("bf16")
+        for dt in ("fp32", "bf16"):
+            if self.gemm_tflops(dt):
+                out[f"{dt}_tflops"] = self.gemm_tflops(dt)
+            if self.device == "cpu" and self.threads > 1 and self.gemm_tflops(dt, 1):
+                out[f"{dt}_tflops_1core"] = self.gemm_tflops(dt, 1)
         if self.memory_gb_s:
             out["hbm_tb_s"] = self.memory_gb_s / 1000
         ar = self.collectives.get("all_reduce")
+        if self.device == "cpu":
+            out["host_cores"] = float(self.threads)
         if ar:
             out["scaleout_gbps"] = ar["bus_gbps"]
             out["scaleup_gbps"] = ar["bus_gbps"]
@@ -103,7 +106,8 @@ def bench_gemm(
             a = torch.randn(m, k, device=device, dtype=DTYPES[dt])
             b = torch.randn(k, n, device=device, dtype=DTYPES[dt])
             t = _timeit(lambda a=a, b=b: a @ b, repeats, sync)
-            out.append({"dtype": dt, "m": m, "n": n, "k": k, "seconds": t, "tflops": 2 * m * n * k / t / 1e12})
+            out.append({"dtype": dt, "m": m, "n": n, "k": k, "seconds": t, "tflops": 2 * m * n * k / t / 1e12,
+                        "threads": torch.get_num_threads()})
     return out
 
 
@@ -219,6 +223,13 @@ def run_bench(
         shapes += layer_gemm_shapes(1024, 2816, 2048)
     res = BenchResult(device=device, threads=torch.get_num_threads())
     res.gemm = bench_gemm(shapes, ["fp32", "bf16"], device, repeats=3 if quick else 5)
+    if device == "cpu" and res.threads > 1:
+        # Ranks of a multi-process run get one core each (OMP_NUM_THREADS=1): measure that too.
+        torch.set_num_threads(1)
+        try:
+            res.gemm += bench_gemm(shapes, ["fp32", "bf16"], device, repeats=3 if quick else 5)
+        finally:
+            torch.set_num_threads(res.threads)
     res.memory_gb_s = bench_memory(device, mbytes=32 if quick else 128)
     if world > 1:
         sizes = [4 << 10, 256 << 10, 4 << 20] if quick else None
