@@ -1,0 +1,57 @@
+"""`meshplan run PLAN --out RUN_DIR`: train the plan (resuming RUN_DIR if it has checkpoints)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from costmodels.errors import MeshplanError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "run", help="train a plan (single process, or torchrun for multi-rank layouts)",
+        description="Train PLAN into RUN_DIR; a RUN_DIR with checkpoints resumes exactly.",
+    )
+    p.add_argument("plan", help="plan.yaml (or the folder holding it)")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl)")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted plan override, e.g. train.max_steps=40 (repeatable)")
+    p.add_argument("--stop-after-steps", type=int, default=None, metavar="N",
+                   help="checkpoint and exit at step N, as an interruption would")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="processes for a multi-rank layout (default: the plan's world size)")
+    p.add_argument("--inject-fault", action="append", default=[], metavar="KIND@STEP",
+                   help="plant a fault to exercise the stability policy: nan@S, spike@S, "
+                        "garbage@S (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    from planner.planfile import load_plan, save_plan
+
+    plan = load_plan(args.plan, args.override)
+    if args.stop_after_steps is not None and args.stop_after_steps < 1:
+        raise MeshplanError("--stop-after-steps: must be >= 1")
+    if plan.layout.world_size > 1 and "LOCAL_RANK" not in os.environ:
+        from executor.launch import launch_local
+
+        return launch_local(args)
+    from executor.faults import Fault
+    from executor.train import RunOptions, run_training
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise MeshplanError(f"--out {out}: exists and is not a folder; pass a folder path")
+    if int(os.environ.get("RANK", "0")) == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_plan(plan, out / "plan.yaml")
+    opts = RunOptions(
+        stop_after_steps=args.stop_after_steps,
+        faults=[Fault.parse(f) for f in args.inject_fault],
+        progress=not args.no_progress,
+    )
+    summary = run_training(plan, out, opts)
+    return 0 if summary["finished"] or summary["interrupted"] else 1

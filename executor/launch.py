@@ -1,0 +1,149 @@
+"""Start a multi-rank plan on this machine under torchrun (`meshplan run` with world size > 1).
+
+Everything that can be checked without a process group is checked first (`preflight`), so
+a misconfigured layout fails with one line before any process starts. Then the same
+`meshplan run` command line is re-executed by `python -m torch.distributed.run --standalone`
+with the plan's process count (or `--nproc`), gloo on the CPU, one OpenMP thread per rank,
+`--max-restarts` (env MESHPLAN_MAX_RESTARTS, default 0) and an optional wall-clock timeout
+(env MESHPLAN_LAUNCH_TIMEOUT_S). A restarted worker group resumes from the newest intact
+checkpoint in the run directory, so a killed rank costs at most the steps since then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+from costmodels.errors import MeshplanError
+
+
+def preflight(plan: Any, nproc: int | None = None) -> int:
+    """Check the layout against the processes to start and the executor; returns nproc."""
+    lay = plan.layout
+    spec = plan.model_spec()
+    world = lay.tp * lay.pp * lay.dp * lay.cp
+    n = world if nproc is None else nproc
+    if n < 1:
+        raise MeshplanError(f"--nproc {n}: must be >= 1")
+    if n != world:
+        raise MeshplanError(
+            f"--nproc {n}: the layout needs tp*pp*dp*cp = {lay.tp}*{lay.pp}*{lay.dp}*{lay.cp} "
+            f"= {world} processes; pass --nproc {world} or change the layout's degrees"
+        )
+    if spec.heads % lay.tp or spec.kv_heads % lay.tp:
+        raise MeshplanError(
+            f"layout.tp={lay.tp} must divide the model's heads={spec.heads} and "
+            f"kv_heads={spec.kv_heads} (heads are split across tensor-parallel ranks)"
+        )
+    if lay.pp * lay.vpp > spec.layers:
+        raise MeshplanError(
+            f"layout.pp*vpp={lay.pp * lay.vpp} stages exceed the model's {spec.layers} layers; "
+            "use fewer pipeline stages"
+        )
+    if lay.engine == "deepspeed":
+        from executor.parallel.deepspeed_engine import deepspeed_available
+
+        if not deepspeed_available():
+            raise MeshplanError(
+                "layout.engine=deepspeed: DeepSpeed is not installed; "
+                "pip install 'meshplan[deepspeed]' or set layout.engine=torch"
+            )
+        if lay.tp > 1 or lay.pp > 1 or lay.cp > 1:
+            raise MeshplanError(
+                "layout.engine=deepspeed runs data parallelism only (tp=pp=cp=1); "
+                "use layout.engine=torch for tensor/pipeline/context parallelism"
+            )
+    if lay.pp > 1 and (lay.tp > 1 or lay.cp > 1):
+        raise MeshplanError(
+            "layout.pp > 1 with tp > 1 or cp > 1 is not supported by the executor yet; "
+            "use pp with dp only"
+        )
+    if lay.pp > 1 and spec.tied_embeddings:
+        raise MeshplanError("layout.pp > 1 needs untied embeddings (model.tied_embeddings=false)")
+    if lay.cp > 1 and spec.seq_len % (2 * lay.cp):
+        raise MeshplanError(
+            f"layout.cp={lay.cp}: seq_len={spec.seq_len} must be divisible by 2*cp"
+        )
+    from costmodels.lr_schedule import LRSchedule
+    from executor.strategy import autocast_dtype
+
+    LRSchedule.from_train(plan.train)  # the workers' own checks, before any process starts
+    autocast_dtype(plan.train.precision)
+    if lay.pp > 1 and plan.train.eval_every:
+        raise MeshplanError(
+            "train.eval_every with layout.pp > 1 is not supported yet; set train.eval_every=0"
+        )
+    return n
+
+
+def _rebuild_run_argv(args: argparse.Namespace) -> list[str]:
+    """The `meshplan run ...` arguments of `args`, without --nproc (for the workers)."""
+    from executor.commands.run import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    run_parser = next(a for a in parser._actions
+                      if isinstance(a, argparse._SubParsersAction)).choices["run"]
+    argv: list[str] = ["run"]
+    for action in run_parser._actions:
+        if isinstance(action, argparse._HelpAction) or action.dest in ("nproc", "func"):
+            continue
+        value = getattr(args, action.dest, action.default)
+        if not action.option_strings:
+            argv.append(str(value))
+            continue
+        flag = action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):
+            if value:
+                argv.append(flag)
+        elif isinstance(action, argparse._AppendAction):
+            for item in value or []:
+                argv += [flag, str(item)]
+        elif value is not None and value != action.default or action.required:
+            argv += [flag, str(value)]
+    return argv
+
+
+def torchrun_argv(nproc: int, run_argv: list[str], max_restarts: int) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+        "--nproc-per-node", str(nproc), "--max-restarts", str(max_restarts),
+        "-m", "planner.cli", *run_argv,
+    ]
+
+
+def launch_local(args: argparse.Namespace) -> int:
+    from planner.planfile import load_plan
+
+    plan = load_plan(args.plan, list(getattr(args, "override", []) or []))
+    nproc = preflight(plan, getattr(args, "nproc", None))
+    restarts = int(os.environ.get("MESHPLAN_MAX_RESTARTS", "0"))
+    timeout = float(os.environ.get("MESHPLAN_LAUNCH_TIMEOUT_S", "0")) or None
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if plan.layout.engine == "deepspeed":
+        env.setdefault("DS_ACCELERATOR", "cpu" if plan.cluster.accelerator == "cpu" else "cuda")
+    cmd = torchrun_argv(nproc, _rebuild_run_argv(args), restarts)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        print(f"meshplan: error: run exceeded MESHPLAN_LAUNCH_TIMEOUT_S={timeout:g}s; "
+              "workers stopped", file=sys.stderr)
+        return 124
+    except KeyboardInterrupt:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait()
+        raise

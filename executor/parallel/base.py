@@ -1,0 +1,285 @@
+"""What every multi-process strategy shares: ranks, the data-parallel row split, the loss
+normalised by the global target-token count, the global gradient norm, scalar all-reduces,
+communication accounting and distributed checkpoints.
+
+The loss each rank back-propagates is sum(token losses on its rows) / (target tokens of the
+WHOLE step, all micro-batches and all data-parallel ranks), multiplied by the number of
+gradient replicas (dp x cp) because DDP, FSDP and DeepSpeed average gradients over their
+group. The reduced gradient is then exactly the one-process gradient of the mean token
+loss over the global batch (Goyal et al. 2017, §2.2: large-batch SGD sums per-example
+gradients; averaging over k workers needs the k-fold loss scale to stay equal).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from executor.data.batch import Batch
+from executor.parallel.comm import KINDS, CommCounter
+from executor.parallel.mesh import ParallelDims, build_mesh, init_distributed
+from executor.strategy import Strategy, autocast_dtype, build_optimizer, token_loss_sum
+
+__all__ = ["DistributedStrategy", "token_loss_sum"]
+
+
+def _is_dtensor(t: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+class DistributedStrategy(Strategy):
+    """Base class of the torch.distributed strategies (the seam of `executor.strategy`)."""
+
+    name = "distributed"
+
+    def __init__(self, plan: Any) -> None:
+        super().__init__()
+        self.plan = plan
+        self.dims = ParallelDims.from_plan(plan)
+        self.rank, self.world_size = init_distributed()
+        self.dims.check_world_size(self.world_size)
+        coords = self.dims.coords(self.rank)
+        self.dp_rank, self.dp_size = coords["dp"], self.dims.dp
+        self.tp_rank, self.pp_rank, self.cp_rank = coords["tp"], coords["pp"], coords["cp"]
+        self.is_logging_rank = self.rank == 0
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        else:
+            self.device = torch.device("cpu")
+        self.mesh = build_mesh(self.dims)
+        self.precision = plan.train.precision
+        self.amp_dtype = autocast_dtype(self.precision)
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.comm = CommCounter()
+        self.comm_enabled = os.environ.get("MESHPLAN_COMM_ACCOUNTING", "1") != "0"
+        self.last_comm: dict[str, int] = {}
+        # Gradient replicas that average (dp x cp); see the module docstring.
+        self.grad_replicas = self.dims.dp * self.dims.cp
+
+    # ------------------------------------------------------------------ bookkeeping
+    @property
+    def is_loss_owner(self) -> bool:
+        """One rank per (dp, cp) coordinate contributes its loss to the global sum."""
+        return self.tp_rank == 0 and self.pp_rank == self.dims.pp - 1
+
+    @contextmanager
+    def counting(self):
+        """Count collectives issued inside this block towards the current step."""
+        if not self.comm_enabled:
+            yield
+            return
+        with self.comm:
+            yield
+
+    def begin_step_accounting(self) -> None:
+        self.comm.reset()
+
+    def comm_bytes(self) -> dict[str, int]:
+        """Payload bytes this rank moved since the step began, by collective kind."""
+        return self.comm.snapshot()
+
+    def comm_bytes_mean(self) -> dict[str, float]:
+        """The per-rank mean over the world (not counted itself)."""
+        vals = torch.tensor([float(self.comm.bytes.get(k, 0)) for k in KINDS],
+                            dtype=torch.float64)
+        dist.all_reduce(vals)
+        return {k: float(v) / self.world_size for k, v in zip(KINDS, vals.tolist(), strict=True)}
+
+    def predicted_comm(self) -> dict[str, float]:
+        from costmodels.comm_volume import comm_volume
+
+        if not hasattr(self, "_predicted_comm"):
+            self._predicted_comm = comm_volume(
+                self.plan.model_spec(), self.plan.layout_spec()).by_kind()
+        return self._predicted_comm
+
+    def step_comm_metrics(self) -> dict[str, Any]:
+        """metrics.jsonl fields: this step's measured payload bytes per rank (mean over
+        ranks) and the cost model's prediction for the layout, by collective kind."""
+        if not self.comm_enabled:
+            return {}
+        measured = self.comm_bytes_mean()
+        predicted = self.predicted_comm()
+        return {
+            "comm_bytes": {k: int(v) for k, v in measured.items() if v or predicted.get(k)},
+            "comm_bytes_predicted": {k: int(v) for k, v in predicted.items()
+                                     if v or measured.get(k)},
+        }
+
+    # ------------------------------------------------------------------ data
+    def local_rows(self, global_batch: Batch) -> Batch:
+        """This data-parallel rank's contiguous share of the global batch's rows."""
+        rows = global_batch.rows
+        if rows % self.dp_size:
+            raise ValueError(f"global batch of {rows} rows does not split over dp={self.dp_size}")
+        per = rows // self.dp_size
+        return global_batch.select(slice(self.dp_rank * per, (self.dp_rank + 1) * per))
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, model: nn.Module, plan: Any) -> None:
+        raise NotImplementedError
+
+    def build_optimizers(self) -> None:
+        """The executor's own AdamW (same groups and defaults as one process), one per
+        model part this rank holds."""
+        self.optimizers = [
+            build_optimizer(part, self.plan.train, self.device) for part in self.model_parts()
+        ]
+        self.optimizer = self.optimizers[0]
+
+    def model_parts(self) -> list[nn.Module]:
+        """The modules this rank holds (one, or several pipeline chunks)."""
+        assert self.model is not None
+        return [self.model]
+
+    # ------------------------------------------------------------------ step
+    def _sum_loss(self, local: torch.Tensor) -> torch.Tensor:
+        """All ranks agree on the step loss: the sum over the loss-owning ranks."""
+        x = local.detach().float().reshape(1).clone()
+        if not self.is_loss_owner:
+            x.zero_()
+        dist.all_reduce(x)
+        return x[0]
+
+    def grad_norm_sq_local(self) -> torch.Tensor:
+        """This rank's share of the squared global gradient norm.
+
+        A DTensor grad counts its local shard once per replica along the mesh dimensions
+        where it is replicated; plain tensors are replicated over every rank of this
+        pipeline stage.
+        """
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        plain_replicas = self.world_size // self.dims.pp
+        for part in self.model_parts():
+            for p in part.parameters():
+                g = p.grad
+                if g is None:
+                    continue
+                if _is_dtensor(g):
+                    local = g.to_local()
+                    reps = 1
+                    for i, pl in enumerate(g.placements):
+                        if pl.is_replicate():
+                            reps *= g.device_mesh.size(i)
+                else:
+                    local, reps = g, plain_replicas
+                total += local.double().pow(2).sum() / reps
+        return total
+
+    @torch.no_grad()
+    def finalize_grads(self) -> None:
+        """Bring DTensor gradients to their parameter's placements.
+
+        Under sequence parallelism the norm weights' gradients come out Partial (each rank
+        summed over its sequence shard); one all-reduce per weight makes them Replicate, so
+        the gradient norm and the optimizer see the true gradient (Korthikanti et al. 2022,
+        §4.2.2: the sequence-parallel norm gradients are all-reduced over the TP group).
+        """
+        for part in self.model_parts():
+            for p in part.parameters():
+                g = p.grad
+                if g is not None and _is_dtensor(g) and tuple(g.placements) != tuple(p.placements):
+                    p.grad = g.redistribute(p.device_mesh, p.placements)
+
+    def grads(self) -> list[torch.Tensor]:
+        out = []
+        for part in self.model_parts():
+            for p in part.parameters():
+                if p.grad is not None:
+                    out.append(p.grad.to_local() if _is_dtensor(p.grad) else p.grad)
+        return out
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Global L2 norm of the gradient; scale by max_norm / (norm + 1e-6) when above
+        (the rule of torch.nn.utils.clip_grad_norm_, Pascanu et al. 2013 §3.2)."""
+        with self.counting():
+            sq = self.grad_norm_sq_local().float().reshape(1)
+            dist.all_reduce(sq)
+        norm = math.sqrt(max(float(sq[0]), 0.0))
+        if max_norm > 0 and math.isfinite(norm):
+            coef = max_norm / (norm + 1e-6)
+            if coef < 1.0:
+                with torch.no_grad():
+                    for g in self.grads():
+                        g.mul_(coef)
+        return norm
+
+    def parameters(self):
+        return (p for part in self.model_parts() for p in part.parameters()
+                if p.grad is not None)
+
+    def optimizer_step(self) -> None:
+        with self.counting():
+            for opt in self.optimizers:
+                opt.step()
+
+    def zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def set_lr(self, lr: float) -> None:
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
+
+    # ------------------------------------------------------------------ scalars
+    def all_reduce_sum(self, x: float) -> float:
+        t = torch.tensor([float(x)], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t[0])
+
+    def all_reduce_max(self, x: float) -> float:
+        t = torch.tensor([float(x)], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t[0])
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    # ------------------------------------------------------------------ state
+    def model_state_dict(self) -> dict[str, Any]:
+        from executor.parallel.dcp import full_model_state_dict
+
+        return full_model_state_dict(self)
+
+    def load_model_state_dict(self, state: dict[str, Any]) -> None:
+        from executor.parallel.dcp import load_full_model_state_dict
+
+        load_full_model_state_dict(self, state)
+
+    def optim_state_dict(self) -> dict[str, Any]:
+        from executor.parallel.dcp import sharded_state
+
+        return sharded_state(self)["optim"]
+
+    def load_optim_state_dict(self, state: dict[str, Any]) -> None:
+        from executor.parallel.dcp import apply_sharded_state
+
+        apply_sharded_state(self, {"optim": state}, model=False)
+
+    def save_checkpoint(self, directory: Any, extra_state: dict[str, Any]) -> None:
+        from executor.parallel.dcp import save_distributed
+
+        save_distributed(self, directory, extra_state)
+
+    def load_checkpoint(self, directory: Any) -> dict[str, Any]:
+        from executor.parallel.dcp import load_distributed
+
+        return load_distributed(self, directory)
+
+    def teardown(self) -> None:
+        if dist.is_initialized():
+            try:
+                dist.barrier()
+            finally:
+                dist.destroy_process_group()
+
+

@@ -1,0 +1,61 @@
+"""Data parallelism: DDP, or FSDP2 `fully_shard` for the ZeRO stages.
+
+Sharding map (Rajbhandari et al. 2020, ZeRO §5):
+  none  -> DDP (gradients all-reduced; replicas of everything)
+  zero3 -> fully_shard(reshard_after_forward=True): parameters, gradients and optimizer
+           state sharded; parameters re-gathered for backward
+  zero2 -> fully_shard(reshard_after_forward=False): parameters stay gathered from forward to
+           backward (one all-gather per step), gradients and optimizer state sharded
+  zero1 -> the same as zero2. FSDP2 has no "gradients replicated, optimizer sharded" mode;
+           zero2 moves the same bytes as ZeRO-1 (reduce-scatter + all-gather = one all-reduce,
+           ZeRO §7.2.1) and holds less memory, so the executor runs zero1 plans this way.
+With tensor parallelism the parameters are DTensors, which DDP cannot reduce; DP x TP with
+sharding none therefore also uses fully_shard (reshard_after_forward=False).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def mixed_precision_policy(precision: str) -> Any:
+    """bf16/fp16 compute and parameter all-gathers, fp32 gradient reduction (Micikevicius
+    et al. 2018 §3: accumulate in fp32)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if precision == "fp16":
+        return MixedPrecisionPolicy(param_dtype=torch.float16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def reshard_after_forward(sharding: str) -> bool:
+    return sharding == "zero3"
+
+
+def apply_fsdp(model: nn.Module, dp_mesh: Any, sharding: str, precision: str) -> nn.Module:
+    """fully_shard each transformer block, then the root (embedding, final norm, output)."""
+    from torch.distributed.fsdp import fully_shard
+
+    mp = mixed_precision_policy(precision)
+    raf = reshard_after_forward(sharding)
+    for layer in model.layers.values():
+        fully_shard(layer, mesh=dp_mesh, reshard_after_forward=raf, mp_policy=mp)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=raf, mp_policy=mp)
+    return model
+
+
+def apply_ddp(model: nn.Module, group: Any) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(
+        model, process_group=group, broadcast_buffers=False, gradient_as_bucket_view=True,
+    )
+
+
+def uses_fsdp(sharding: str, tp: int) -> bool:
+    return sharding != "none" or tp > 1
