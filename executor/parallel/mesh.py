@@ -99,8 +99,11 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        # A collective waiting on a dead peer blocks torchrun's restart until this expires:
+        # 120 s on the CPU (gloo, one host), NCCL's usual 600 s on GPUs.
+        default = "600" if torch.cuda.is_available() else "120"
         timeout = datetime.timedelta(
-            seconds=timeout_s or float(os.environ.get("MESHPLAN_DIST_TIMEOUT_S", "600"))
+            seconds=timeout_s or float(os.environ.get("MESHPLAN_DIST_TIMEOUT_S", default))
         )
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
