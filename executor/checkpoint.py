@@ -14,6 +14,7 @@ optional mirror) and takes the first whose manifest verifies, warning about the 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -39,6 +40,11 @@ _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 class CheckpointError(MeshplanError):
     """A checkpoint that cannot be used (missing, truncated, or failing its checksums)."""
+
+
+class CheckpointWriteError(CheckpointError, RuntimeError):
+    """Saving failed (disk full, unwritable folder); the partial folder was removed. A
+    RuntimeError too, as the write failures it replaces were."""
 
 
 def step_dir_name(step: int) -> str:
@@ -147,14 +153,20 @@ def verify_checkpoint(directory: str | Path) -> int:
         manifest = json.loads(path.read_text())
         files = manifest["files"]
         step = int(manifest["step"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError):
         raise CheckpointError(f"{path}: corrupt manifest") from None
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format {manifest.get('format')!r} is not {FORMAT}")
-    if not files:
+    if not isinstance(files, dict) or not files:
         raise CheckpointError(f"{path}: lists no files")
+    root = d.resolve()
     for name, info in files.items():
+        if not isinstance(info, dict) or not isinstance(info.get("sha256"), str) \
+                or not isinstance(info.get("bytes"), int):
+            raise CheckpointError(f"{path}: corrupt manifest (entry {name!r})")
         p = d / name
+        if not name or root not in (d / name).resolve().parents:
+            raise CheckpointError(f"{path}: entry {name!r} points outside the checkpoint")
         if not p.is_file():
             raise CheckpointError(f"{d}: file {name} is missing")
         if p.stat().st_size != info["bytes"]:
@@ -227,25 +239,63 @@ class CheckpointManager:
         tmp = self.root / f".tmp-{step_dir_name(step)}"
         if is_writer:
             self.root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
+            self.remove_stale_tmp()
             tmp.mkdir()
         barrier()
-        write(tmp)
+        try:
+            write(tmp)
+        except Exception as exc:  # noqa: BLE001 - disk full, permissions: see _write_failed
+            raise self._write_failed(step, tmp, exc) from None
         barrier()
         if is_writer:
-            write_manifest(tmp, step)
-            if final.exists():  # re-saving a step (after a rollback): replace it whole
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
+            try:
+                write_manifest(tmp, step)
+                if final.exists():  # re-saving a step (after a rollback): replace it whole
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                _fsync_dir(self.root)
+            except Exception as exc:  # noqa: BLE001
+                raise self._write_failed(step, tmp, exc) from None
             if self.mirror is not None:
-                self._mirror(final)
+                try:
+                    self._mirror(final)
+                except Exception as exc:  # noqa: BLE001 - the primary copy is whole: go on
+                    shutil.rmtree(self.mirror / f".tmp-{final.name}", ignore_errors=True)
+                    self.warn(f"warning: checkpoint step {step} not mirrored to {self.mirror} "
+                              f"({_reason(exc)})")
             self._prune(self.root)
             if self.mirror is not None:
                 self._prune(self.mirror)
         barrier()
         return final
+
+    def remove_stale_tmp(self) -> None:
+        """Delete temporary folders a crash left behind (never trusted: no final name)."""
+        for root in (self.root, self.mirror):
+            if root is None or not root.is_dir():
+                continue
+            for p in root.iterdir():
+                if p.name.startswith(".tmp-step_") and p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+
+    def _write_failed(self, step: int, tmp: Path, exc: BaseException) -> CheckpointWriteError:
+        """Drop the partial folder; one line saying why and that the older ones are intact."""
+        full = _is_disk_full(exc, self.root)  # before the partial files are freed again
+        shutil.rmtree(tmp, ignore_errors=True)
+        older = self.latest_step()
+        keep = (f"checkpoint step {older} is intact and the same command resumes from it"
+                if older is not None else "no earlier checkpoint exists")
+        fix = ("free disk space there or lower checkpoint.keep" if full
+               else "check that the folder is writable")
+        why = os.strerror(errno.ENOSPC) if full else _reason(exc)
+        return CheckpointWriteError(
+            f"checkpoint step {step} could not be written to {self.root} ({why}); "
+            f"{fix}; {keep}"
+        )
+
+    def latest_step(self) -> int | None:
+        steps = [s for s, _ in self._step_dirs(self.root)]
+        return max(steps) if steps else None
 
     def _mirror(self, src: Path) -> None:
         assert self.mirror is not None
@@ -269,6 +319,26 @@ class CheckpointManager:
             for s, path in self._step_dirs(root):
                 if s > step:
                     shutil.rmtree(path, ignore_errors=True)
+
+
+def _is_disk_full(exc: BaseException, root: Path) -> bool:
+    """ENOSPC anywhere in the chain, or torch's stream writer failing on a full disk."""
+    e: BaseException | None = exc
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    try:
+        return shutil.disk_usage(root).free < (1 << 20)
+    except OSError:
+        return False
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:160]
 
 
 def _fsync_dir(path: Path) -> None:

@@ -5,10 +5,15 @@
   its loss scaled by SPIKE_SCALE (a data-borne spike, so a replay that blacklists them is
   clean again).
 * ``garbage@S``: the samples of step S are poisoned with uniformly random tokens.
+
+Any kind takes an optional ``:R`` suffix (``nan@S:1``) that plants it on data-parallel
+process rank R only (env ``RANK``), e.g. a NaN in one rank's gradients: the skip decision
+is taken on the all-reduced loss and gradient norm, so every rank must skip that step.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -24,16 +29,27 @@ SPIKE_SCALE = 1000.0
 class Fault:
     kind: str
     step: int
+    rank: int | None = None  # None: every rank
 
     @classmethod
     def parse(cls, text: str) -> Fault:
-        kind, sep, step = text.partition("@")
-        if not sep or kind not in KINDS or not step.isdigit() or int(step) < 1:
+        kind, sep, rest = text.partition("@")
+        step, colon, rank = rest.partition(":")
+        ok = (sep and kind in KINDS and step.isascii() and step.isdigit() and int(step) >= 1
+              and (not colon or (rank.isascii() and rank.isdigit())))
+        if not ok:
             raise MeshplanError(
-                f"--inject-fault {text!r}: expected KIND@STEP with KIND one of "
-                f"{', '.join(KINDS)} and STEP >= 1, e.g. spike@25"
+                f"--inject-fault {text!r}: expected KIND@STEP[:RANK] with KIND one of "
+                f"{', '.join(KINDS)}, STEP >= 1 and RANK >= 0, e.g. spike@25 or nan@5:1"
             )
-        return cls(kind, int(step))
+        return cls(kind, int(step), int(rank) if colon else None)
+
+
+def _env_rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 @dataclass
@@ -42,6 +58,7 @@ class FaultInjector:
     vocab_size: int = 256
     poisoned: dict[int, str] = field(default_factory=dict)
     fired: set[Fault] = field(default_factory=set)
+    rank: int = field(default_factory=_env_rank)
 
     def apply(self, step: int, batch: Batch) -> tuple[Batch, list[str]]:
         """The batch as step `step` sees it, and the faults that touched it."""
@@ -50,6 +67,8 @@ class FaultInjector:
             if f.step != step or f in self.fired:
                 continue
             self.fired.add(f)
+            if f.rank is not None and f.rank != self.rank:
+                continue
             if f.kind == "nan":
                 batch = replace(batch, loss_weight=float("nan"))
                 notes.append("nan")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ def model_from_args(args: argparse.Namespace, config: dict[str, Any] | None = No
         model = get_preset(m) if isinstance(m, str) else ModelSpec.from_dict(m)
     else:
         raise MeshplanError("no model given: pass --model PRESET or --hf-config PATH")
-    if args.seq_len:
+    if args.seq_len is not None:
         if args.seq_len <= 0:
             raise MeshplanError(f"--seq-len={args.seq_len} must be positive")
         model = model.with_(seq_len=args.seq_len)
@@ -58,6 +59,9 @@ def cluster_from_args(args: argparse.Namespace, gpus: int | None = None) -> Clus
     per_node = args.gpus_per_node or acc.gpus_per_node
     if per_node <= 0:
         raise MeshplanError(f"--gpus-per-node={per_node} must be positive")
+    for flag, v in (("--nvlink-gbps", args.nvlink_gbps), ("--nic-gbps", args.nic_gbps)):
+        if not (math.isfinite(v) and v >= 0):
+            raise MeshplanError(f"{flag}={v}: must be a finite number >= 0 (0 = the catalog's)")
     return ClusterSpec(
         acc.key, n, gpus_per_node=min(per_node, n) if n < per_node else per_node,
         scaleup_gbps=args.nvlink_gbps, scaleout_gbps=args.nic_gbps,
@@ -71,9 +75,10 @@ def load_yaml_config(path: str | None) -> dict[str, Any]:
     if not p.is_file():
         raise MeshplanError(f"--config {p}: file not found")
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise MeshplanError(f"--config {p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))  # safe loader: no object tags
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MeshplanError(f"--config {p}: not valid YAML ({first})") from None
     if not isinstance(data, dict):
         raise MeshplanError(f"--config {p}: expected a mapping with model / cluster / layout keys")
     return data

@@ -61,6 +61,8 @@ def read_runs(path: str | Path) -> pd.DataFrame:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MeshplanError(f"{p}: not a readable CSV ({first})") from None
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if not missing and df.empty:
+        raise MeshplanError(f"{p}: has a header but no rows; add at least one measured run")
     if missing:
         raise MeshplanError(
             f"{p}: missing column(s) {', '.join(missing)}; the header must have the columns of published_runs.csv"

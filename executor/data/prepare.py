@@ -6,9 +6,11 @@ default corpus when the plan names no sources.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -143,10 +145,38 @@ def prepare_default_corpus(
     fp = f"default-{corpus_fingerprint()}-v{vocab_size}-d{max_docs_per_domain}"
     out = cache_root() / "corpus" / fp
     if (out / META_FILE).is_file():
-        return out
+        bad = _cache_damage(out)
+        if not bad:
+            return out
+        # A cache is ours to rebuild: set the damaged copy aside and prepare it again (the
+        # preparation is deterministic, so a resumed run sees the same tokens).
+        print(f"warning: cached corpus {out} is damaged ({bad}); rebuilding it",
+              file=sys.stderr)
+        aside = out.with_name(f".{out.name}.damaged-{os.getpid()}")
+        with contextlib.suppress(OSError):
+            os.replace(out, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        if (out / META_FILE).is_file() and not _cache_damage(out):
+            return out  # another process rebuilt it meanwhile
     return prepare_dataset(
         default_corpus(max_docs_per_domain), out, vocab_size, progress=progress, fingerprint=fp
     )
+
+
+def _cache_damage(directory: Path) -> str | None:
+    """Why a cached prepared folder cannot be trusted (a failing file), or None."""
+    try:
+        meta = json.loads((directory / META_FILE).read_text())
+    except (OSError, ValueError):
+        return f"{META_FILE} unreadable"
+    sums = meta.get("sha256") if isinstance(meta, dict) else None
+    if not isinstance(sums, dict) or not sums:
+        return f"{META_FILE} lists no checksums"
+    for name, digest in sums.items():
+        p = directory / str(name)
+        if not p.is_file() or sha256_file(p) != digest:
+            return f"{name} fails its sha256 checksum"
+    return None
 
 
 def resolve_dataset(plan, run_dir: str | Path | None, progress: bool = True) -> PreparedDataset:

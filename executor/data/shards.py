@@ -53,7 +53,7 @@ class DomainShard:
 class PreparedDataset:
     """A prepared directory opened read-only (token files memory-mapped)."""
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, verify: bool = True) -> None:
         self.directory = Path(directory)
         meta_path = self.directory / META_FILE
         if not meta_path.is_file():
@@ -63,10 +63,30 @@ class PreparedDataset:
             )
         try:
             self.meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             raise MeshplanError(f"{meta_path}: corrupt; re-run `meshplan data prepare`") from None
-        if self.meta.get("format") != FORMAT:
-            raise MeshplanError(f"{meta_path}: format {self.meta.get('format')!r} is not {FORMAT}")
+        if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT:
+            fmt = self.meta.get("format") if isinstance(self.meta, dict) else None
+            raise MeshplanError(f"{meta_path}: format {fmt!r} is not {FORMAT}")
+        if verify:
+            bad = self.verify()
+            if bad:
+                raise MeshplanError(
+                    f"{self.directory / bad[0]}: fails its sha256 checksum in {META_FILE} "
+                    "(corrupted or changed shard); re-run `meshplan data prepare` into a new "
+                    "folder"
+                )
+        try:
+            self._open()
+        except (KeyError, TypeError, ValueError, OSError, EOFError) as exc:
+            first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else \
+                type(exc).__name__
+            raise MeshplanError(
+                f"{self.directory}: unreadable prepared dataset ({first}); re-run "
+                "`meshplan data prepare` into a new folder"
+            ) from None
+
+    def _open(self) -> None:
         self.tokenizer: Tokenizer = load_tokenizer(self.directory)
         self.specials: Specials = specials_of(self.tokenizer)
         self.vocab_size: int = int(self.meta["vocab_size"])
@@ -75,7 +95,12 @@ class PreparedDataset:
         for name, info in self.meta["domains"].items():
             bin_path = self.directory / info["bin"]
             idx_path = self.directory / info["idx"]
-            offsets = np.load(idx_path)
+            offsets = np.load(idx_path, allow_pickle=False)
+            if offsets.ndim != 1 or len(offsets) < 1 or offsets.dtype.kind not in "iu" \
+                    or np.any(np.diff(offsets) < 0) or offsets[0] != 0:
+                raise MeshplanError(
+                    f"{idx_path}: not a document index; re-run `meshplan data prepare`"
+                )
             if bin_path.stat().st_size != int(offsets[-1]) * dtype.itemsize:
                 raise MeshplanError(
                     f"{bin_path}: size does not match its index; re-run `meshplan data prepare`"
@@ -87,10 +112,11 @@ class PreparedDataset:
     def verify(self) -> list[str]:
         """Checksums of every file against meta.json; returns the names that differ."""
         bad = []
-        for name, digest in self.meta.get("sha256", {}).items():
-            p = self.directory / name
+        sums = self.meta.get("sha256", {})
+        for name, digest in (sums.items() if isinstance(sums, dict) else []):
+            p = self.directory / str(name)
             if not p.is_file() or sha256_file(p) != digest:
-                bad.append(name)
+                bad.append(str(name))
         return bad
 
     def summary(self) -> dict[str, dict[str, int]]:

@@ -74,7 +74,10 @@ def run(args: argparse.Namespace) -> int:
     model = model_from_args(args, cfg)
     cluster_cfg = cfg.get("cluster", {}) or {}
     if args.gpus is None and "gpus" in cluster_cfg:
-        args.gpus = int(cluster_cfg["gpus"])
+        gpus = cluster_cfg["gpus"]
+        if isinstance(gpus, bool) or not isinstance(gpus, int):
+            raise MeshplanError(f"--config cluster.gpus={gpus!r}: must be an integer >= 1")
+        args.gpus = gpus
     if cluster_cfg.get("gpu") and args.gpu == "h100-sxm":
         args.gpu = str(cluster_cfg["gpu"])
     lay: dict[str, Any] = dict(cfg.get("layout", {}) or {})
@@ -82,6 +85,11 @@ def run(args: argparse.Namespace) -> int:
         val = getattr(args, name)
         if val is not None:
             lay[name] = val
+    for name in LAYOUT_FLAGS:
+        v = lay.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            flag = "--" + name.replace("_", "-")
+            raise MeshplanError(f"{flag}={v!r}: must be an integer >= 1 (layout.{name})")
     if args.gpus is None:
         args.gpus = int(lay.get("tp", 1)) * int(lay.get("pp", 1)) * int(lay.get("dp", 1)) * int(lay.get("cp", 1))
     cluster = cluster_from_args(args)
