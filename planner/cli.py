@@ -37,12 +37,19 @@ def _load_registrars() -> dict[str, object]:
     return {name: _EP(t) for name, t in _FALLBACK.items()}
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors end as one line and exit 2, like every other user error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="meshplan",
         description="Plan, run and calibrate LLM pretraining layouts.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for _name, ep in sorted(_load_registrars().items()):
         try:

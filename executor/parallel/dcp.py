@@ -98,6 +98,43 @@ def is_dcp_checkpoint(directory: str | Path) -> bool:
     return (Path(directory) / DCP_METADATA).is_file()
 
 
+_SAFE_MODULES = ("torch.distributed.checkpoint.", "torch.", "collections", "builtins", "datetime", "pathlib")
+_SAFE_EXACT = {"torch", "collections", "builtins", "datetime", "pathlib"}
+
+
+def _safe_reader(directory: str | Path) -> Any:
+    """A DCP reader whose `.metadata` unpickler only admits torch's checkpoint metadata
+    classes, torch sizes / dtypes and builtins: loading never runs an arbitrary pickle."""
+    import io
+    import pickle
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class _Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if module in _SAFE_EXACT or module.startswith(_SAFE_MODULES):
+                if module == "builtins" and name in {"eval", "exec", "compile", "open", "__import__", "getattr", "setattr"}:
+                    raise pickle.UnpicklingError(f"forbidden builtin {name}")
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+
+    class _Reader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            path = self._get_metadata_path(kwargs.get("rank"))
+            with self.fs.create_stream(path, "rb") as fh:
+                try:
+                    metadata = _Unpickler(io.BytesIO(fh.read())).load()
+                except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
+                    raise CheckpointError(f"{directory}: untrusted or corrupt checkpoint metadata ({exc})") from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return _Reader(str(directory))
+
+
 def load_distributed(strategy: Any, directory: str | Path) -> dict[str, Any]:
     """Load a DCP checkpoint (any layout) or a single-process one into this strategy."""
     import torch.distributed.checkpoint as dcp
@@ -106,7 +143,7 @@ def load_distributed(strategy: Any, directory: str | Path) -> dict[str, Any]:
     if is_dcp_checkpoint(directory):
         state = sharded_state(strategy)  # templates: this layout's shards
         try:
-            dcp.load(state, checkpoint_id=str(directory))
+            dcp.load(state, checkpoint_id=str(directory), storage_reader=_safe_reader(directory))
         except Exception as exc:  # noqa: BLE001 - a checkpoint that does not fit this model
             raise CheckpointError(
                 f"{directory}: distributed checkpoint does not fit this plan's model "
@@ -218,7 +255,7 @@ def load_into_single_process(model: nn.Module, optimizer: torch.optim.Optimizer,
     m, o = get_state_dict(model, optimizer, options=_options())
     state = {"model": m, "optim": o}
     try:
-        dcp.load(state, checkpoint_id=str(directory), no_dist=True)
+        dcp.load(state, checkpoint_id=str(directory), no_dist=True, storage_reader=_safe_reader(directory))
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(
             f"{directory}: distributed checkpoint does not fit this plan's model "

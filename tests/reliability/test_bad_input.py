@@ -486,10 +486,6 @@ def test_subprocess_evil_plan_for_run(tmp_path: Path) -> None:
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "needs fix in planner/cli.py build_parser: argparse usage errors print the usage lines "
-    "before the error line; an ArgumentParser subclass whose error() prints only "
-    "'meshplan CMD: error: MSG' and exits 2 makes them one line"))
 def test_argparse_errors_are_one_line() -> None:
     rc, _, err = call_cli(["predict", "--model", "llama3-8b", "--gpus", "eight"])
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
