@@ -23,8 +23,9 @@ setup: $(STAMP)
 DEMO := runs/demo
 PUBLISHED := ../shared/data/published_runs.csv
 
-# The main job: score the cost model, plan a tiny model for this CPU, train it on the
-# embedded corpus (stdlib source + pydoc text), then compare predicted and measured.
+# The main job: score the cost model on published runs, plan a tiny model for this CPU,
+# train it on the embedded corpus (stdlib source + pydoc text), calibrate the cost model on
+# this machine, and report predicted against measured.
 demo: $(STAMP)
 	@if [ -f $(PUBLISHED) ]; then $(BIN)/meshplan validate $(PUBLISHED); fi
 	rm -rf $(DEMO)
@@ -32,6 +33,11 @@ demo: $(STAMP)
 		--global-batch-tokens 2048 --out $(DEMO)/plan \
 		--override train.max_steps=$(DEMO_STEPS) --override train.lr=1e-3
 	$(BIN)/meshplan run $(DEMO)/plan/plan.yaml --out $(DEMO)/run
+	# Calibrate: bench this machine, run six short layouts, fit on four, predict the other two.
+	$(BIN)/meshplan calibrate --local-loop --workdir $(DEMO)/calibration
+	# Report: the demo run as the calibrated profile predicts it (it never saw this run).
+	$(BIN)/meshplan calibrate $(DEMO)/run --profile $(DEMO)/calibration/profile.yaml \
+		--chart $(DEMO)/predicted_vs_measured.png
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

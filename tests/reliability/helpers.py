@@ -58,21 +58,14 @@ def call_cli(argv: list[str], timeout: float = 30.0) -> tuple[int, str, str]:
 
 
 def assert_clean(rc: int, err: str, ok_codes: tuple[int, ...] = (0,), argv: Any = None) -> None:
-    """The bad-input contract: success, or exit 2 with one `error:` line and no traceback.
-
-    argparse's own errors (unknown flag, wrong type) print the usage lines first and then one
-    `meshplan CMD: error:` line; the dispatcher's errors are exactly one line."""
+    """The bad-input contract: success, or exit 2 with exactly one `error:` line on stderr and
+    no traceback (argparse's errors too: `meshplan CMD: error: ...`)."""
     assert "Traceback" not in err, (argv, err)
     if rc in ok_codes:
         return
     assert rc == 2, (argv, rc, err)
     lines = [x for x in err.strip().splitlines() if x.strip()]
-    errors = [x for x in lines if "error:" in x]
-    assert len(errors) == 1, (argv, err)
-    if errors[0].startswith("meshplan: error:"):  # raised by a command: one line in all
-        assert len(lines) == 1, (argv, err)
-    else:  # argparse: usage lines, then the one error line
-        assert lines[-1] == errors[0] and lines[0].startswith("usage:"), (argv, err)
+    assert len(lines) == 1 and "error:" in lines[0], (argv, err)
 
 
 def run_subprocess(*args: str, timeout: float = 120,
