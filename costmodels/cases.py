@@ -153,10 +153,15 @@ def build_cases(
     cases.setdefault("dp_shard", np.zeros(n_rows, dtype=np.int64))
     cases.setdefault("recompute_layers", np.zeros(n_rows, dtype=np.int64))
     cases.update(link_columns(cluster, cases["tp"], cases["cp"], cases["dp"], cases["pp"], cases["dp_shard"]))
-    lat = (hardware or {}).get("link_latency_s")
+    hw = hardware or {}
+    lat = hw.get("link_latency_s")
     if lat:
         for g in ("tp", "cp", "dp", "pp", "shard", "rep"):
             cases[f"{g}_lat"] = np.where(np.isfinite(cases[f"{g}_bw"]), lat, 0.0)
+    # Per-collective figures measured by `meshplan bench` (relative bandwidth, latency).
+    for key in ("allgather", "reduce_scatter", "p2p"):
+        cases[f"{key}_bw_rel"] = np.full(n, hw.get(f"{key}_bw_rel", 1.0))
+        cases[f"{key}_lat"] = np.full(n, hw.get(f"{key}_latency_s", -1.0))  # -1: the link's
     cases["gpus"] = np.full(n, cluster.num_gpus)
     cases["gpus_per_node"] = np.full(n, cluster.gpus_per_node)
     return cases

@@ -37,6 +37,14 @@ def _gemm_time(m, n, k, peak, eff, hbm_bw, elem_bytes, bytes_factor):
     return flops / (peak * eff) + bytes_factor * traffic / hbm_bw
 
 
+def _op_link(c: Cases, op: str, bw: np.ndarray, lat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bandwidth and latency of one collective kind on a group's link: the link's figures
+    scaled by what `meshplan bench` measured for that collective (1x / the link's by default)."""
+    rel = np.asarray(c.get(f"{op}_bw_rel", 1.0), dtype=np.float64)
+    op_lat = np.asarray(c.get(f"{op}_lat", -1.0), dtype=np.float64)
+    return bw * rel, np.where(op_lat >= 0, op_lat, lat)
+
+
 def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     """Predict step-time breakdown, throughput, MFU and memory breakdown for every case."""
     f64 = lambda k: np.asarray(c[k], dtype=np.float64)  # noqa: E731
@@ -96,7 +104,7 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     # ---- context parallel: K/V ring, fwd (cp-1) passes, bwd sends K/V and dK/dV back
     cp_bw = f64("cp_bw") * prof.link_eff
     kv_bytes = tok * 2 * kv / tp * ab
-    t_cp_raw = 3 * (cp - 1) * comm.p2p_time(kv_bytes, cp_bw, f64("cp_lat"))
+    t_cp_raw = 3 * (cp - 1) * comm.p2p_time(kv_bytes, *_op_link(c, "p2p", cp_bw, f64("cp_lat")))
     t_cp = np.where(cp > 1, np.maximum(0.0, t_cp_raw - (1 + FLASH_BWD_OVER_FWD) * t_attn_fwd), 0.0)
 
     # ---- the logits GEMM (+ cross entropy traffic) on the last stage
@@ -109,7 +117,8 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     # ---- pipeline bubble and p2p on the critical path
     bubble = np.where(pp > 1, pipeline.bubble_over_ideal(pp, m, vpp) * (m * stage_mb), 0.0)
     p2p_bytes = tok * h * ab / np.where(sp, tp, 1.0)
-    t_p2p = np.where(pp > 1, 2 * (pp - 1) * comm.p2p_time(p2p_bytes, f64("pp_bw") * prof.link_eff, f64("pp_lat")), 0.0)
+    pp_link = _op_link(c, "p2p", f64("pp_bw") * prof.link_eff, f64("pp_lat"))
+    t_p2p = np.where(pp > 1, 2 * (pp - 1) * comm.p2p_time(p2p_bytes, *pp_link), 0.0)
 
     # ---- data parallel / ZeRO
     dense_local = f64("params_layer_dense") * layers_stage / tp
@@ -134,16 +143,18 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     # HSDP: the shard of gradients is all-reduced across replicas once per step.
     t_rep = np.where(rep_n > 1, per_msg(comm.allreduce_time, grad_bytes / shard_n, rep_n, rep_bw, rep_lat, n_bkt), 0.0)
     t_plain = per_msg(comm.allreduce_time, grad_bytes, replicas, dp_bw, dp_lat, n_bkt)
+    ag_bw, ag_lat = _op_link(c, "allgather", sh_bw, sh_lat)
+    rs_bw, rs_lat = _op_link(c, "reduce_scatter", sh_bw, sh_lat)
     t_sharded_step = (
-        per_msg(comm.reduce_scatter_time, grad_bytes, shard_n, sh_bw, sh_lat, n_bkt)
-        + per_msg(comm.allgather_time, params_local * ab, shard_n, sh_bw, sh_lat, n_bkt) + t_rep
+        per_msg(comm.reduce_scatter_time, grad_bytes, shard_n, rs_bw, rs_lat, n_bkt)
+        + per_msg(comm.allgather_time, params_local * ab, shard_n, ag_bw, ag_lat, n_bkt) + t_rep
     )
     t_dp_step = np.where((sharding >= 2) | ((sharding == 1) & (rep_n > 1)), t_sharded_step, t_plain)
     # ZeRO-3: all-gather each layer's weights in forward and again in backward, reduce-scatter
     # its grads, every micro-batch (Rajbhandari et al. 2020, Sec. 7.2.2: 1.5x DP volume).
     t_z3 = m * (
-        2 * per_msg(comm.allgather_time, params_local * ab, shard_n, sh_bw, sh_lat, n_lay)
-        + per_msg(comm.reduce_scatter_time, grad_bytes, shard_n, sh_bw, sh_lat, n_lay)
+        2 * per_msg(comm.allgather_time, params_local * ab, shard_n, ag_bw, ag_lat, n_lay)
+        + per_msg(comm.reduce_scatter_time, grad_bytes, shard_n, rs_bw, rs_lat, n_lay)
     ) + t_rep
     t_dp = np.where(replicas > 1, np.where(sharding == 3, t_z3, t_dp_step), 0.0)
     window = np.where(sharding == 3, compute, (2.0 / 3.0) * stage_mb)

@@ -14,7 +14,7 @@ import os
 import random
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,19 @@ import numpy as np
 import torch
 
 from costmodels.errors import MeshplanError
-from costmodels.lr_schedule import LRSchedule
+from costmodels.lr_schedule import LRSchedule, branch_schedule, continual_schedule
 from executor.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from executor.continual import (
+    EWC,
+    InitSource,
+    check_architecture,
+    check_tokenizer,
+    load_weights,
+    replay_mixture,
+    resolve_init,
+    soft_differences,
+    source_state_dict,
+)
 from executor.data.batch import Batch
 from executor.data.loader import LoaderConfig, PackedLoader
 from executor.data.prepare import resolve_dataset
@@ -34,6 +45,7 @@ from executor.stability import SpikeDetector
 from executor.strategy import Strategy, make_strategy
 
 MAX_ROLLBACKS = 5
+CONTINUAL_DIR = "continual"  # RUN/continual/: EWC state and the initial per-domain losses
 
 
 @dataclass
@@ -135,9 +147,22 @@ class Trainer:
         if self.strategy.rank != 0:
             self.dataset = resolve_dataset(plan, self.run_dir, False)
         self.spec = plan.model_spec()
+        cont = plan.continual
+        self.init_source: InitSource | None = None
+        self.old_mixture: dict[str, float] = {}
+        if cont.init_from:
+            self.init_source = resolve_init(cont.init_from, cont.branch_step)
+            check_architecture(self.init_source, self.spec)
+            check_tokenizer(self.init_source, self._tokenizer_sha256())
+            for message in soft_differences(self.init_source, self.spec):
+                self._warn(message)
+            self.old_mixture = dict(cont.replay_mixture or self.init_source.mixture)
+            self._check_domains(self.old_mixture, "continual.replay_mixture")
+        self.mixture = replay_mixture(dict(plan.data.mixture), self.old_mixture,
+                                      cont.replay_fraction)
         self.loader_cfg = LoaderConfig(
             seq_len=self.spec.seq_len, rows=plan.layout.global_batch_size,
-            objective=train.objective, seed=train.seed, mixture=dict(plan.data.mixture),
+            objective=train.objective, seed=train.seed, mixture=dict(self.mixture),
             mlm_probability=train.mlm_probability, fim_rate=train.fim_rate,
             fim_spm_rate=train.fim_spm_rate, heldout_docs=plan.data.heldout_docs,
         )
@@ -146,10 +171,33 @@ class Trainer:
             PackedLoader(self.dataset, self.loader_cfg, "eval")
             if train.eval_every and plan.data.heldout_docs else None
         )
+        self.domain_eval_loaders = self._domain_eval_loaders()
         model = build_model(self.spec, train.objective, seed=train.seed)
         self.n_params = count_params(model)
+        # A fresh continual run loads its weights before the strategy wraps / shards the model
+        # (so every layout takes them); a resume gets them from its own checkpoint instead.
+        self._weights_loaded = False
+        if (self.init_source is not None and cont.branch_step is None
+                and not CheckpointManager._step_dirs(self.run_dir / "checkpoints")):
+            load_weights(model, source_state_dict(self.init_source), str(self.init_source.path))
+            self._weights_loaded = True
         self.strategy.setup(model, plan)
-        self.schedule = LRSchedule.from_train(train)
+        if cont.branch_step is not None:
+            assert cont.decay_steps is not None  # planfile checks it
+            self.schedule = branch_schedule(train, cont.branch_step, cont.decay_steps)
+            assert self.init_source is not None
+            self._check_branch_source(self.init_source)
+        elif cont.init_from:
+            self.schedule = continual_schedule(train, cont.lr_fraction)
+        else:
+            self.schedule = LRSchedule.from_train(train)
+        self.max_steps = self.schedule.max_steps
+        self.ewc: EWC | None = None
+        if cont.ewc_lambda > 0 and (self.strategy.world_size != 1
+                                    or type(self.strategy) is not Strategy):
+            raise MeshplanError("continual.ewc_lambda: EWC runs in the 1-process torch layout "
+                                "only; set layout dp/tp/pp/cp=1 and engine=torch, or drop EWC")
+        self.init_eval: dict[str, float] = {}
         self.detector = SpikeDetector.from_plan(plan.stability)
         self.faults = FaultInjector(list(self.opts.faults), vocab_size=self.dataset.vocab_size)
         self.ckpt = CheckpointManager(
@@ -160,6 +208,127 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.is_main)
         self.state = TrainState()
         self.resumed_from: int | None = None
+
+    # ------------------------------------------------------------------ continual
+    def _tokenizer_sha256(self) -> str | None:
+        return self.dataset.meta.get("sha256", {}).get("tokenizer.json")
+
+    def _check_domains(self, mixture: dict[str, float], where: str) -> None:
+        missing = sorted(set(mixture) - set(self.dataset.domains))
+        if missing:
+            raise MeshplanError(
+                f"{where}: domain(s) {', '.join(missing)} not in the dataset at "
+                f"{self.dataset.directory} (has {', '.join(sorted(self.dataset.domains))})"
+            )
+
+    def _check_branch_source(self, src: InitSource) -> None:
+        """The checkpoint itself must come from the stable phase of a WSD run: its recorded
+        schedule is wsd and the LR of its last update is the peak (not warmup or decay)."""
+        rec = src.extra.get("schedule") or {}
+        if not rec:
+            return  # an older checkpoint without the record: the plan-based check remains
+        lr, peak = float(rec.get("lr", 0.0)), float(self.plan.train.lr)
+        if rec.get("kind") != "wsd":
+            raise MeshplanError(f"continual.branch_step: {src.path} comes from a "
+                                f"{rec.get('kind')!r} run; branching needs a wsd run")
+        if not math.isclose(lr, peak, rel_tol=1e-9):
+            raise MeshplanError(
+                f"continual.branch_step={src.step}: the source run's LR there was {lr:.3g}, not "
+                f"its stable peak train.lr={peak:.3g}; branch from a stable-phase checkpoint"
+            )
+
+    def _domain_eval_loaders(self) -> dict[str, PackedLoader]:
+        """One held-out loader per evaluated domain (logged as eval_loss_<domain>)."""
+        train, data = self.plan.train, self.plan.data
+        if not (train.eval_every and data.heldout_docs):
+            return {}
+        explicit = bool(train.eval_domains)
+        if explicit:
+            self._check_domains(dict.fromkeys(train.eval_domains, 1.0), "train.eval_domains")
+        out: dict[str, PackedLoader] = {}
+        for name in train.eval_domains or sorted(self.dataset.domains):
+            try:
+                out[name] = PackedLoader(self.dataset, replace(self.loader_cfg,
+                                                               mixture={name: 1.0}), "eval")
+            except MeshplanError:
+                if explicit or name in self.mixture:
+                    raise
+        return out
+
+    def _continual_dir(self) -> Path:
+        return self.run_dir / CONTINUAL_DIR
+
+    def initialize(self) -> None:
+        """A fresh continual run: weights (or, for a WSD branch, the whole training state)
+        from `continual.init_from`, then the EWC Fisher and the initial held-out losses."""
+        src = self.init_source
+        assert src is not None
+        cont = self.plan.continual
+        if cont.branch_step is not None:
+            extra = self.strategy.load_checkpoint(src.path)
+            self.state = TrainState.from_json(extra["train"])
+            self.detector.load_state_dict(extra["detector"])
+            restore_rng_state(extra["rng"])
+        elif not self._weights_loaded:
+            model = self.strategy.model
+            assert model is not None
+            load_weights(model, source_state_dict(src), str(src.path))
+        if cont.ewc_lambda > 0:
+            self.ewc = self._estimate_ewc()
+            if self.strategy.rank == 0:
+                self.ewc.save(self._continual_dir() / "ewc.pt")
+        self.init_eval = self.evaluate_domains()
+        if self.is_main:
+            from planner.planfile import atomic_write_text
+
+            atomic_write_text(self._continual_dir() / "init.json", json.dumps({
+                "init_from": str(src.path), "kind": src.kind, "step": src.step,
+                "eval_losses": self.init_eval, "mixture": self.mixture,
+                "old_mixture": self.old_mixture,
+            }, indent=2))
+        self.events.write({"event": "init_from", "path": str(src.path), "kind": src.kind,
+                           "source_step": src.step, "step": self.state.step,
+                           "branch": cont.branch_step is not None,
+                           "eval_losses": self.init_eval})
+        self.reporter.info(f"initialised from {src.path} ({src.kind}"
+                           + (f", step {src.step})" if src.step is not None else ")"))
+
+    def _estimate_ewc(self) -> EWC:
+        cont = self.plan.continual
+        if not self.old_mixture:
+            raise MeshplanError("continual.ewc_lambda: EWC needs the old domains' mixture; set "
+                                "continual.replay_mixture (e.g. {english: 1.0})")
+        cfg = replace(self.loader_cfg, mixture=dict(self.old_mixture),
+                      seed=self.loader_cfg.seed + 1)
+        old = PackedLoader(self.dataset, cfg, "train")
+        model = self.strategy.model
+        assert model is not None
+
+        def loss_fn(b: Batch) -> torch.Tensor:
+            return self.strategy._micro_loss_sum(b) / max(1, b.num_targets())
+
+        cursor = 0
+        batches = []
+        for _ in range(cont.ewc_fisher_batches):
+            batch, cursor = old.global_batch(cursor)
+            batches.append(batch)
+        return EWC.estimate(model, cont.ewc_lambda, batches, loss_fn)
+
+    def _load_continual_state(self) -> None:
+        """On resume of a continual run: its EWC anchor/Fisher and initial losses."""
+        cont = self.plan.continual
+        if cont.ewc_lambda > 0:
+            path = self._continual_dir() / "ewc.pt"
+            if not path.is_file():
+                raise MeshplanError(f"{path}: missing; this continual run cannot resume its EWC "
+                                    "penalty; start over in a new --out")
+            self.ewc = EWC.load(path, cont.ewc_lambda)
+        init = self._continual_dir() / "init.json"
+        if init.is_file():
+            try:
+                self.init_eval = dict(json.loads(init.read_text()).get("eval_losses", {}))
+            except json.JSONDecodeError:
+                self.init_eval = {}
 
     # ------------------------------------------------------------------ logging
     def _warn(self, message: str) -> None:
@@ -176,6 +345,7 @@ class Trainer:
                          "lr": self.schedule.at(max(0, self.state.step - 1))},
             "plan": plan_fingerprint(self.plan),
             "rank": self.strategy.rank,
+            "data": {"tokenizer_sha256": self._tokenizer_sha256()},
         }
 
     def save(self, reason: str) -> Path:
@@ -233,6 +403,7 @@ class Trainer:
         t_data = time.perf_counter()
         loss_t = self.strategy.forward_backward(micro, targets)
         loss = float(loss_t)
+        ewc_penalty = self.ewc.apply(self.strategy.model) if self.ewc is not None else None
         grad_norm = self.strategy.clip_grad_norm(self.plan.train.grad_clip)
         t_compute = time.perf_counter()
         decision = self.detector.check(step, loss, grad_norm)
@@ -260,6 +431,8 @@ class Trainer:
         }
         if faults:
             rec["faults"] = faults
+        if ewc_penalty is not None:
+            rec["ewc_penalty"] = ewc_penalty
         comm = getattr(self.strategy, "step_comm_metrics", None)
         if comm is not None:  # distributed: measured vs predicted collective bytes
             rec.update(comm())
@@ -280,6 +453,17 @@ class Trainer:
                                            * self.loader_cfg.rows)
         batch = self.eval_loader.batch_from_ids(ids)
         return self.strategy.eval_loss(self._micro_batches_eval(batch), batch.num_targets())
+
+    def evaluate_domains(self) -> dict[str, float]:
+        """Held-out loss of each evaluated domain on the same fixed rows every time."""
+        out: dict[str, float] = {}
+        rows = self.plan.train.eval_batches * self.loader_cfg.rows
+        for name, loader in self.domain_eval_loaders.items():
+            ids, _ = loader.next_ids(0, rows=rows)
+            batch = loader.batch_from_ids(ids)
+            out[name] = self.strategy.eval_loss(self._micro_batches_eval(batch),
+                                                batch.num_targets())
+        return out
 
     def _micro_batches_eval(self, batch: Batch) -> list[Batch]:
         per_rank = batch.rows // self.strategy.dp_size
@@ -321,8 +505,13 @@ class Trainer:
     # ------------------------------------------------------------------ main loop
     def run(self) -> dict[str, Any]:
         self.try_resume()
+        if self.init_source is not None:
+            if self.resumed_from is None:
+                self.initialize()
+            else:
+                self._load_continual_state()
         train = self.plan.train
-        max_steps = train.max_steps
+        max_steps = self.max_steps
         stop_at = self.opts.stop_after_steps
         every = self.plan.checkpoint.every
         self.events.write({"event": "start", "step": self.state.step, "max_steps": max_steps,
@@ -348,6 +537,8 @@ class Trainer:
                     ev = self.evaluate()
                     if ev is not None:
                         rec["eval_loss"] = ev
+                    for name, value in self.evaluate_domains().items():
+                        rec[f"eval_loss_{name}"] = value
                 self.metrics.write(rec)
                 prog.update(step, rec)
                 if rollback and self.rollback(streak_samples, streak_start):
@@ -385,8 +576,8 @@ class Trainer:
         pred_t = predicted.get("step_time_s")
         out: dict[str, Any] = {
             "steps": self.state.step,
-            "max_steps": self.plan.train.max_steps,
-            "finished": self.state.step >= self.plan.train.max_steps,
+            "max_steps": self.max_steps,
+            "finished": self.state.step >= self.max_steps,
             "interrupted": interrupted,
             "objective": self.plan.train.objective,
             "precision": self.plan.train.precision,
@@ -409,6 +600,26 @@ class Trainer:
             "resumed_from": self.resumed_from,
             "predicted": predicted,
         }
+        domain_final = {
+            k.removeprefix("eval_loss_"): v for r in records for k, v in r.items()
+            if k.startswith("eval_loss_")
+        }
+        if domain_final:
+            out["final_eval_losses"] = domain_final
+        if self.init_source is not None:
+            cont = self.plan.continual
+            out["continual"] = {
+                "init_from": str(self.init_source.path), "kind": self.init_source.kind,
+                "source_step": self.init_source.step,
+                "branch_step": cont.branch_step, "decay_steps": cont.decay_steps,
+                "mixture": self.mixture, "old_mixture": self.old_mixture,
+                "replay_fraction": cont.replay_fraction, "lr_fraction": cont.lr_fraction,
+                "peak_lr": self.schedule.lr, "ewc_lambda": cont.ewc_lambda,
+                "init_eval_losses": self.init_eval,
+                # forgetting (old domains) / adaptation (new): final minus initial loss
+                "eval_loss_change": {d: domain_final[d] - v for d, v in self.init_eval.items()
+                                     if d in domain_final},
+            }
         if isinstance(pred_t, int | float) and pred_t > 0 and mean_t:
             out["measured_over_predicted_step_time"] = mean_t / float(pred_t)
         return out

@@ -85,6 +85,9 @@ class TrainSection(_Section):
     log_every: int = Field(1, ge=1)
     eval_every: int = Field(0, ge=0)  # 0 = no periodic held-out evaluation
     eval_batches: int = Field(4, ge=1)
+    # Domains whose held-out loss is logged as `eval_loss_<domain>` every eval_every steps;
+    # empty = every domain of the dataset (old and new domains of a continual run).
+    eval_domains: list[str] = Field(default_factory=list)
     attention_backend: Literal["auto", "flash", "torch_varlen", "sdpa"] = "auto"
 
     @property
@@ -142,7 +145,37 @@ class ContinualSection(_Section):
     lr_fraction: float = Field(1.0, gt=0, le=1)
     ewc_lambda: float = Field(0.0, ge=0)
     ewc_fisher_batches: int = Field(8, ge=1)
-    branch_step: int | None = None  # WSD: branch from the stable checkpoint at this step
+    branch_step: int | None = Field(None, ge=0)  # WSD: branch from the stable ckpt at this step
+    decay_steps: int | None = Field(None, ge=1)  # WSD branch: length of its decay (D updates)
+
+    @field_validator("replay_mixture")
+    @classmethod
+    def _replay_weights(cls, v: dict[str, float]) -> dict[str, float]:
+        for k, w in v.items():
+            if not (w >= 0):
+                raise ValueError(f"weight of domain {k!r} must be >= 0")
+        if v and sum(v.values()) <= 0:
+            raise ValueError("weights must not all be zero")
+        return v
+
+    def check(self) -> None:
+        if self.branch_step is not None:
+            if not self.init_from:
+                raise PlanError("continual.branch_step: needs continual.init_from (the stable "
+                                "WSD run's folder or its checkpoint)")
+            if self.decay_steps is None:
+                raise PlanError("continual.branch_step: needs continual.decay_steps (the length "
+                                "of the branch's decay, e.g. 100)")
+            if self.lr_fraction != 1.0:
+                raise PlanError("continual.lr_fraction: a WSD branch continues the stable run's "
+                                "LR; leave it at 1.0")
+        elif self.decay_steps is not None:
+            raise PlanError("continual.decay_steps: only applies to a WSD branch; set "
+                            "continual.branch_step too, or remove it")
+        if (self.replay_fraction > 0 or self.ewc_lambda > 0 or self.lr_fraction != 1.0) and (
+                not self.init_from):
+            raise PlanError("continual: replay_fraction / ewc_lambda / lr_fraction need "
+                            "continual.init_from (the checkpoint to continue from)")
 
 
 class Plan(_Section):
@@ -192,6 +225,7 @@ class Plan(_Section):
             self.layout_spec().check_against(spec, self.cluster.num_gpus)
         except SpecError as exc:
             raise PlanError(str(exc)) from None
+        self.continual.check()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -8,14 +8,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from rich.table import Table
 
 from costmodels.errors import MeshplanError
 from costmodels.profile import load_profile
 from costmodels.specs import RECOMPUTES, SHARDINGS
+from planner import datamix
 from planner.emitters import write_launch_files
 from planner.model_args import add_cluster_args, add_model_args, cluster_from_args, model_from_args
-from planner.planfile import Plan, plan_from_dict, save_plan
+from planner.planfile import ContinualSection, Plan, plan_from_dict, save_plan
 from planner.render import console
 from planner.schedule_advice import parse_count, recommend_lr, steps_for_tokens
 from planner.search import SearchResult, SearchSpace, explain_runner_ups, search, top_json
@@ -66,6 +68,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--no-hsdp", action="store_true", help="do not search sharding-group sizes")
     c.add_argument("--headroom", type=float, default=0.05, help="share of HBM kept free (default 0.05)")
     c.add_argument("--engine", choices=["torch", "deepspeed"], default="torch")
+    k = p.add_argument_group("continual pretraining (written to the plan's continual: section)")
+    k.add_argument("--init-from", metavar="PATH",
+                   help="start from this checkpoint: a meshplan run / step_N folder, or a "
+                        "Hugging Face folder with config.json + model.safetensors")
+    k.add_argument("--mixture", metavar="D=W,...",
+                   help="the (new) data mixture, e.g. code=1 (written to data.mixture)")
+    k.add_argument("--replay", type=float, default=None, metavar="F",
+                   help="share of rows replayed from the old mixture, e.g. 0.15")
+    k.add_argument("--replay-mixture", metavar="D=W,...",
+                   help="the old run's mixture replay draws from, e.g. english=1")
+    k.add_argument("--lr-fraction", type=float, default=None, metavar="F",
+                   help="peak LR as a fraction of the original (re-warmed), e.g. 0.3")
+    k.add_argument("--ewc-lambda", type=float, default=None, metavar="L",
+                   help="elastic weight consolidation strength (0 = off)")
+    k.add_argument("--ewc-fisher-batches", type=int, default=None, metavar="N",
+                   help="old-data batches for the EWC Fisher estimate (default 8)")
+    k.add_argument("--branch-step", type=int, default=None, metavar="N",
+                   help="WSD: branch from the stable checkpoint of --init-from at step N")
+    k.add_argument("--decay-steps", type=int, default=None, metavar="D",
+                   help="WSD branch: decay for D steps after --branch-step")
+    k.add_argument("--new-available", metavar="D=T,...",
+                   help="unique tokens per new domain, e.g. code=30B (for epochs)")
+    k.add_argument("--old-available", metavar="D=T,...",
+                   help="unique tokens per old domain, e.g. english=2T (for replay epochs)")
     o = p.add_argument_group("output")
     o.add_argument("--rank-by", choices=["throughput", "memory"], default="throughput")
     o.add_argument("--top", type=int, default=10)
@@ -105,15 +131,76 @@ def global_batch_from(args: argparse.Namespace, seq_len: int, gpus: int) -> tupl
     return gbs, (None if gbs == exact else f"global batch {exact:g} sequences rounded to {gbs}")
 
 
+def _steps(res: SearchResult, args: argparse.Namespace) -> int:
+    model = res.model
+    tokens_per_step = res.global_batch * model.seq_len
+    if args.steps:
+        return int(args.steps)
+    total = parse_count(args.train_tokens, "--train-tokens") if args.train_tokens else 20 * model.param_count()
+    return int(steps_for_tokens(total, tokens_per_step))
+
+
+def _is_continual(args: argparse.Namespace) -> bool:
+    return any(getattr(args, k, None) is not None for k in (
+        "init_from", "replay", "replay_mixture", "lr_fraction", "ewc_lambda",
+        "ewc_fisher_batches", "branch_step", "decay_steps", "new_available", "old_available"))
+
+
+def continual_section(args: argparse.Namespace) -> dict[str, Any]:
+    """The plan's `continual:` section from the flags (only those given)."""
+    if not args.init_from:
+        raise MeshplanError("continual flags need --init-from PATH (the checkpoint to continue)")
+    sec: dict[str, Any] = {"init_from": args.init_from}
+    if args.replay is not None:
+        sec["replay_fraction"] = args.replay
+    if args.replay_mixture:
+        sec["replay_mixture"] = datamix.parse_mixture(args.replay_mixture)
+    for flag, key in (("lr_fraction", "lr_fraction"), ("ewc_lambda", "ewc_lambda"),
+                      ("ewc_fisher_batches", "ewc_fisher_batches"),
+                      ("branch_step", "branch_step"), ("decay_steps", "decay_steps")):
+        if getattr(args, flag) is not None:
+            sec[key] = getattr(args, flag)
+    try:
+        ContinualSection.model_validate(sec).check()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = str(err["loc"][0]) if err["loc"] else "init_from"
+        flag = "--replay" if key == "replay_fraction" else "--" + key.replace("_", "-")
+        raise MeshplanError(f"{flag}: {err['msg']}") from None
+    return sec
+
+
+def continual_summary(res: SearchResult, args: argparse.Namespace) -> dict[str, Any]:
+    """New-domain and replay tokens of the run, their epochs, FLOPs and predicted hours."""
+    model = res.model
+    tokens_per_step = res.global_batch * model.seq_len
+    steps = args.decay_steps if args.branch_step is not None and args.decay_steps else _steps(
+        res, args)
+    new_mix = datamix.parse_mixture(args.mixture) if args.mixture else {"code": 0.5, "english": 0.5}
+    old_mix = datamix.parse_mixture(args.replay_mixture) if args.replay_mixture else {}
+    replay = args.replay or 0.0
+    if replay > 0 and not old_mix:
+        raise MeshplanError("--replay needs --replay-mixture (the old run's weights, e.g. "
+                            "english=1) to size the replay tokens")
+    cp = datamix.plan_continual(
+        float(model.param_count()), float(steps * tokens_per_step), new_mix, replay, old_mix,
+        datamix.parse_available(args.new_available) if args.new_available else None,
+        datamix.parse_available(args.old_available) if args.old_available else None,
+    )
+    out = cp.to_dict()
+    best = res.ranked.iloc[0]
+    step_s = float(best.step_time_s)
+    out["steps"] = int(steps)
+    out["hours"] = step_s * steps / 3600
+    out["new_hours"] = out["hours"] * (1 - replay)
+    out["replay_hours"] = out["hours"] * replay
+    return out
+
+
 def build_plan(res: SearchResult, args: argparse.Namespace) -> Plan:
     model, cluster = res.model, res.cluster
     lay = res.layout(0)
-    tokens_per_step = res.global_batch * model.seq_len
-    if args.steps:
-        steps = args.steps
-    else:
-        total = parse_count(args.train_tokens, "--train-tokens") if args.train_tokens else 20 * model.param_count()
-        steps = steps_for_tokens(total, tokens_per_step)
+    steps = _steps(res, args)
     advice = recommend_lr(float(model.param_count()), int(steps))
     train = advice.train_overrides()
     # Keep warmup as a share of the run so `--override train.max_steps=N` scales it.
@@ -151,6 +238,10 @@ def build_plan(res: SearchResult, args: argparse.Namespace) -> Plan:
         "train": train,
         "predicted": predicted,
     }
+    if getattr(args, "mixture", None):
+        data["data"] = {"mixture": datamix.parse_mixture(args.mixture)}
+    if _is_continual(args):
+        data["continual"] = continual_section(args)
     return plan_from_dict(data, "plan", args.override)
 
 
@@ -190,6 +281,9 @@ def run(args: argparse.Namespace) -> int:
         "why_not_runner_ups": explain_runner_ups(res),
         "notes": notes,
     }
+    if _is_continual(args):
+        continual_section(args)  # flag errors before any file is written
+        out["continual"] = continual_summary(res, args)
     if args.out:
         plan = build_plan(res, args)
         plan_path = save_plan(plan, Path(args.out) / "plan.yaml")
@@ -230,5 +324,21 @@ def _print(out: dict[str, Any]) -> None:
     console.print(f"memory/throughput Pareto front: {len(out['pareto'])} layouts")
     for n in out["notes"]:
         console.print(f"[dim]{n}[/]")
+    if "continual" in out:
+        from planner.commands.size import _h
+
+        c = out["continual"]
+        console.print(
+            f"[bold]continual[/]: {c['steps']:,} steps = {_h(c['total_tokens'])} tokens: "
+            f"new {_h(c['new_tokens'])} ({c['new_flops']:.3g} FLOPs), replay "
+            f"{_h(c['replay_tokens'])} ({c['replay_flops']:.3g} FLOPs), "
+            f"~{c['hours']:.3g} h predicted"
+        )
+        for part in ("new", "replay"):
+            for row in c[part]["domains"]:
+                ep = "-" if row["epochs"] is None else f"{row['epochs']:.2f} epochs"
+                console.print(f"  {part:6s} {row['domain']}: {_h(row['tokens'])} tokens, {ep}")
+        for w in c["warnings"]:
+            console.print(f"[yellow]warning:[/] {w}")
     if "plan_path" in out:
         console.print(f"wrote {out['plan_path']} and {', '.join(Path(f).name for f in out['launch_files'])}")

@@ -5,6 +5,8 @@
     meshplan size --compute-flops 1e23 --data-size 10TB --language en \\
         --mixture web=45,code=17,wiki+books=20,academic=8,other=10 --available code=200B
     meshplan size --compute-flops 1e23 --seq-len 4096 --global-batch-tokens 4Mi --json
+    meshplan size --continual --params 8B --tokens 100B --mixture code=1 --available code=30B \
+        --replay 0.15 --old-mixture web=70,books=30 --old-available web=5T
 
 Answers: the 20-tokens-per-parameter rule, the parametric-loss optimum for the chosen fit(s)
 with its predicted loss, optionally the inference-optimal size (Sardana & Frankle 2023),
@@ -64,6 +66,19 @@ def register(subparsers: Any) -> None:
                    help="warn when a domain repeats more than this (default 4)")
     d.add_argument("--tokens", metavar="T",
                    help="training-token budget for the mixture (default: the sized answer)")
+    c = p.add_argument_group(
+        "continual pretraining (--mixture / --available are then the NEW domains)")
+    c.add_argument("--continual", action="store_true",
+                   help="size a continual run: new-domain tokens plus replay of the old mixture")
+    c.add_argument("--params", metavar="N",
+                   help="parameters of the model being continued, e.g. 8B (default: the sized "
+                        "answer)")
+    c.add_argument("--replay", type=float, default=None, metavar="F",
+                   help="share of the budget replayed from the old mixture, e.g. 0.15")
+    c.add_argument("--old-mixture", metavar="D=W,...",
+                   help="the original run's domain weights (what replay draws from)")
+    c.add_argument("--old-available", metavar="D=T,...",
+                   help="unique tokens available per old domain, e.g. web=5T")
     t = p.add_argument_group("batch and LR schedule")
     t.add_argument("--seq-len", type=int, help="sequence length in tokens")
     t.add_argument("--global-batch-tokens", metavar="T", help="tokens per step, e.g. 4Mi")
@@ -135,7 +150,8 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
         schedule_advice.parse_count(args.inference_tokens, "--inference-tokens")
         if args.inference_tokens is not None else 0.0
     )
-    has_data = any(
+    continual = _is_continual(args)
+    has_data = continual or any(
         v is not None
         for v in (args.data_size, args.sample, args.tokenizer, args.mixture, args.available)
     )
@@ -178,6 +194,8 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
     }
     if has_data:
         out["data"] = _data(args, answer_tokens)
+    if continual:
+        out["continual"] = _continual(args, budget, answer_params, answer_tokens)
     if args.seq_len is not None or args.global_batch_tokens is not None:
         out["batch"], out["lr"] = _batch_and_lr(args, answer_params, answer_tokens)
     return out
@@ -200,7 +218,7 @@ def _data(args: argparse.Namespace, answer_tokens: float | None) -> dict[str, An
             data["epochs_at_answer"] = answer_tokens / data["tokens"]
     if args.available is not None and args.mixture is None:
         raise MeshplanError("--available needs --mixture (the weights of those domains)")
-    if args.mixture is not None:
+    if args.mixture is not None and not _is_continual(args):  # continual: see _continual
         weights = datamix.parse_mixture(args.mixture)
         available = datamix.parse_available(args.available) if args.available else {}
         if args.tokens is not None:
@@ -215,6 +233,45 @@ def _data(args: argparse.Namespace, answer_tokens: float | None) -> dict[str, An
             budget, weights, available, args.max_epochs
         ).to_dict()
     return data
+
+
+def _is_continual(args: argparse.Namespace) -> bool:
+    return bool(args.continual or args.replay is not None or args.old_mixture is not None
+                or args.old_available is not None)
+
+
+def _continual(args: argparse.Namespace, budget: dict[str, Any] | None,
+               answer_params: float | None, answer_tokens: float | None) -> dict[str, Any]:
+    """New-domain and replay tokens, their epochs, and the compute each costs."""
+    if args.mixture is None:
+        raise MeshplanError("--continual needs --mixture (the new domains' weights, e.g. code=1)")
+    if args.params is not None:
+        params = schedule_advice.parse_count(args.params, "--params")
+    elif answer_params is not None:
+        params = answer_params
+    else:
+        raise MeshplanError("--continual needs --params N (the model being continued, e.g. 8B)")
+    if args.tokens is not None:
+        tokens = schedule_advice.parse_count(args.tokens, "--tokens")
+    elif budget is not None and args.params is not None:
+        tokens = budget["flops"] / (6.0 * params)  # D = C / 6N (Kaplan et al. 2020 §2.1)
+    elif answer_tokens is not None:
+        tokens = answer_tokens
+    else:
+        raise MeshplanError("--continual needs a token budget: --tokens T or --compute-flops C")
+    replay = 0.0 if args.replay is None else float(args.replay)
+    if replay > 0 and args.old_mixture is None:
+        raise MeshplanError("--replay needs --old-mixture (the original run's domain weights)")
+    old = datamix.parse_mixture(args.old_mixture) if args.old_mixture else {}
+    old_avail = datamix.parse_available(args.old_available) if args.old_available else {}
+    if old_avail and not old:
+        raise MeshplanError("--old-available needs --old-mixture (the weights of those domains)")
+    new_avail = datamix.parse_available(args.available) if args.available else {}
+    cp = datamix.plan_continual(params, tokens, datamix.parse_mixture(args.mixture), replay,
+                                old, new_avail, old_avail, args.max_epochs)
+    out = cp.to_dict()
+    out["formula"] = "new = (1 - replay) x tokens, replay = replay x tokens; C = 6 N D"
+    return out
 
 
 def _batch_and_lr(
@@ -337,6 +394,8 @@ def _render(res: dict[str, Any]) -> None:
             con.print(t)
             for w in m["warnings"]:
                 con.print(f"[yellow]warning:[/yellow] {w}")
+    if "continual" in res:
+        _render_continual(con, res["continual"])
     if "batch" in res:
         b = res["batch"]
         con.print(
@@ -352,6 +411,30 @@ def _render(res: dict[str, Any]) -> None:
             f"warmup {lr['warmup_steps']:,} steps ({100 * lr['warmup_frac']:.0f}%); "
             f"{lr['reason']}"
         )
+
+
+def _render_continual(con: Any, c: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"Continual pretraining: {_h(c['total_tokens'])} tokens on a "
+                    f"{_h(c['params'])}-parameter model, {100 * c['replay_fraction']:.0f}% replay")
+    for col in ("part", "domain", "weight", "tokens", "available", "epochs", "FLOPs (6ND)"):
+        t.add_column(col)
+    for part, key in (("new", "new"), ("replay", "replay")):
+        flops = c[f"{key}_flops"]
+        rows = c[key]["domains"]
+        for row in rows:
+            ep = row["epochs"]
+            t.add_row(part, row["domain"], f"{100 * row['weight']:.1f}%", _h(row["tokens"]),
+                      _h(row["available"]), "-" if ep is None else f"{ep:.2f}",
+                      f"{6 * c['params'] * row['tokens']:.3g}",
+                      style="red" if row["warning"] else "")
+        if rows:
+            t.add_row(part, "(all)", "", _h(c[f"{key}_tokens"]), "", "", f"{flops:.3g}")
+    t.add_row("total", "", "", _h(c["total_tokens"]), "", "", f"{c['total_flops']:.3g}")
+    con.print(t)
+    for w in c["warnings"]:
+        con.print(f"[yellow]warning:[/yellow] {w}")
 
 
 def _jsonable(x: Any) -> Any:
