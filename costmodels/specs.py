@@ -209,7 +209,8 @@ def model_from_hf_config(path: str | Path, seq_len: int | None = None) -> ModelS
         num_experts=int(get("num_local_experts", "num_experts", "n_routed_experts", default=0) or 0),
         experts_topk=int(get("num_experts_per_tok", "moe_topk", default=0) or 0),
         expert_ffn_hidden=int(get("moe_intermediate_size", default=0) or 0),
-        rope_theta=float(get("rope_theta", default=10000.0)),
+        # transformers >= 5 nests it: {"rope_parameters": {"rope_theta": ...}}
+        rope_theta=float(get("rope_theta", default=(cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
         norm_eps=float(get("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", default=1e-5)),
     )
 

@@ -250,6 +250,8 @@ def run(args: argparse.Namespace) -> int:
     cluster = cluster_from_args(args)
     if args.top < 1:
         raise MeshplanError(f"--top={args.top} must be >= 1")
+    if args.override and not args.out:
+        raise MeshplanError("--override changes the written plan: pass --out DIR as well")
     if not 0 <= args.headroom < 1:
         raise MeshplanError(f"--headroom={args.headroom} must be in [0, 1)")
     gbs, batch_note = global_batch_from(args, model.seq_len, cluster.num_gpus)

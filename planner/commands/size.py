@@ -447,7 +447,20 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    """Numeric flags argparse cannot bound: one line naming the flag on a bad value."""
+    import math
+
+    if not (math.isfinite(args.max_epochs) and args.max_epochs > 0):
+        raise MeshplanError(f"--max-epochs={args.max_epochs}: must be a positive number")
+    for flag in ("micro_batch", "dp"):
+        v = getattr(args, flag, None)
+        if v is not None and v < 1:
+            raise MeshplanError(f"--{flag.replace('_', '-')}={v}: must be >= 1")
+
+
 def run(args: argparse.Namespace) -> int:
+    _check_flags(args)
     res = compute(args)
     if args.json:
         print(json.dumps(_jsonable(res)))

@@ -100,3 +100,13 @@ def test_catalog_matches_reference_csv():
 def test_presets_are_valid():
     for name, m in PRESETS.items():
         assert m.param_count() > 0, name
+
+
+def test_hf_config_nested_rope_parameters(tmp_path):
+    # transformers >= 5 writes {"rope_parameters": {"rope_theta": ...}} instead of rope_theta.
+    cfg = {"hidden_size": 256, "intermediate_size": 688, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 1000,
+           "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}, "rms_norm_eps": 1e-5}
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(cfg))
+    assert model_from_hf_config(p, seq_len=128).rope_theta == 500000.0

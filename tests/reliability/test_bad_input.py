@@ -499,10 +499,6 @@ def test_plan_override_nan_is_rejected_when_writing(tmp_path: Path) -> None:
     assert_clean(rc, err, argv=argv)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "needs fix in planner/planfile.py _Section.model_config: add allow_inf_nan=False so "
-    "train.lr / weight_decay / grad_clip = .inf are rejected at load time (today only "
-    "run_training checks train.lr, and an infinite weight_decay trains to NaN)"))
 @pytest.mark.parametrize("field", ["lr", "weight_decay", "grad_clip"])
 def test_plan_schema_rejects_infinite_floats(field: str) -> None:
     from planner.planfile import PlanError, plan_from_dict
