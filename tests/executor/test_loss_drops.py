@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from costmodels.presets import PRESETS
 from executor.train import RunOptions, run_training
 from tests.executor.executor_testlib import MICRO, make_plan
 
