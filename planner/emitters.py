@@ -15,15 +15,13 @@ From a `planner.planfile.Plan`:
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from costmodels.errors import MeshplanError
 from costmodels.specs import ModelSpec
-from planner.planfile import Plan
+from planner.planfile import Plan, atomic_write_text
 
 TORCHRUN_FILE = "launch_torchrun.sh"
 DEEPSPEED_FILE = "deepspeed_config.json"
@@ -416,22 +414,6 @@ def slurm_script(
 # --------------------------------------------------------------------------- writing
 
 
-def _atomic_write(path: Path, text: str, mode: int) -> None:
-    """Temp file in the same directory, fsync, chmod, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def render_launch_files(plan: Plan, out_dir: str | Path = ".") -> dict[str, str]:
     """File name -> contents, without touching the disk."""
     return {
@@ -451,6 +433,6 @@ def write_launch_files(plan: Plan, out_dir: str | Path) -> list[Path]:
     paths: list[Path] = []
     for name, text in files.items():
         p = out / name
-        _atomic_write(p, text, 0o755 if name.endswith((".sh", ".sbatch")) else 0o644)
+        atomic_write_text(p, text, 0o755 if name.endswith((".sh", ".sbatch")) else 0o644)
         paths.append(p)
     return paths

@@ -299,8 +299,8 @@ def load_plan(path: str | Path, overrides: list[str] | None = None) -> Plan:
     return plan_from_dict(data, str(p), overrides)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over `path`."""
+def atomic_write_text(path: str | Path, text: str, mode: int | None = None) -> None:
+    """Write to a temporary file in the same directory, fsync, (chmod), then rename over `path`."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
@@ -309,6 +309,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
