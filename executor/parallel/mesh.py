@@ -91,6 +91,21 @@ def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _restart_scoped_store(timeout):
+    """Under torchrun the agent's store outlives the workers: after a restart, new ranks
+    could read the previous incarnation's gloo addresses and fail to connect. Prefix every
+    key with the restart count so each incarnation rendezvouses on its own keys."""
+    import torch.distributed as dist
+
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ or "MASTER_ADDR" not in os.environ:
+        return None
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"meshplan/restart{os.environ['TORCHELASTIC_RESTART_COUNT']}/", client)
+
+
 def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
     """Join the process group torchrun describes (gloo on the CPU, NCCL+gloo on CUDA)."""
     import datetime
@@ -105,11 +120,17 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
         timeout = datetime.timedelta(
             seconds=timeout_s or float(os.environ.get("MESHPLAN_DIST_TIMEOUT_S", default))
         )
+        backend = "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group("cuda:nccl,cpu:gloo", timeout=timeout)
+        store = _restart_scoped_store(timeout)
+        if store is None:
+            dist.init_process_group(backend, timeout=timeout)
         else:
-            dist.init_process_group("gloo", timeout=timeout)
+            dist.init_process_group(
+                backend, store=store, rank=int(os.environ["RANK"]),
+                world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout,
+            )
     return dist.get_rank(), dist.get_world_size()
 
 
