@@ -59,7 +59,9 @@ ACCELERATORS: dict[str, Accelerator] = {
         Accelerator("b200", 2250.0, 4500.0, 80.0, 180, 7.7, 900, 400 / 8, 8, 1000),
         Accelerator("mi300x", 1307.4, 2614.9, 163.4, 192, 5.3, 448, 400 / 8, 8, 750),
         # This development machine: 2 cores; 0.18 TFLOP/s fp32 and 0.42 bf16 measured with
-        # torch.matmul (1024^3) here; "HBM" is host memory; gloo over loopback ~1 GB/s.
+        # torch.matmul (1024^3) here; "HBM" is host memory, 10 GB/s, within the 6-54 GB/s
+        # that `meshplan bench` (STREAM add) measured here; 1 GB/s gloo links, within the
+        # 0.7-2.9 GB/s all-reduce bus bandwidth it measured. `meshplan bench` replaces all.
         Accelerator("cpu", 0.42, 0.0, 0.18, 24, 0.01, 1.0, 1.0, 1, 0),
     )
 }

@@ -12,8 +12,6 @@ import numpy as np
 
 ArrayLike = float | np.ndarray
 
-GB = 1e9
-
 
 # --------------------------------------------------------------------------- model states
 

@@ -25,7 +25,10 @@ from costmodels.cases import GEN_ORDER, Cases
 from costmodels.flops import attention_flops_per_token_fwd, model_flops_per_token
 from costmodels.profile import Profile
 
-ADAM_BYTES_PER_PARAM = 36.0  # read+write fp32 master, m, v (24) + read grad (4) + write 16-bit weight (2) ... rounded up for the fused kernel's extra reads
+# Adam's HBM traffic per local parameter: read + write fp32 master, m, v (24) + read the fp32
+# grad (4) + write the 16-bit weight (2) = 30 B; the model uses 36 B, an allowance (not a
+# measurement) for the gradient-norm and zeroing passes over the gradients.
+ADAM_BYTES_PER_PARAM = 36.0
 DP_BUCKET_BYTES = 50e6  # gradient bucket: DDP's 25 MB default .. Megatron's 40M-param buffers
 FLASH_BWD_OVER_FWD = 2.5  # FlashAttention-2 backward recomputes QK^T: 5 matmuls vs 2 (Dao 2023, Sec. 3.1.2)
 

@@ -7,12 +7,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from costmodels.errors import MeshplanError
 from costmodels.hardware import get_accelerator
 from costmodels.presets import get_preset
 from costmodels.specs import ClusterSpec, Layout, ModelSpec, model_from_hf_config
+from planner.planfile import read_yaml_file
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -74,11 +73,7 @@ def load_yaml_config(path: str | None) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise MeshplanError(f"--config {p}: file not found")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))  # safe loader: no object tags
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MeshplanError(f"--config {p}: not valid YAML ({first})") from None
+    data = read_yaml_file(p, f"--config {p}: not valid YAML")
     if not isinstance(data, dict):
         raise MeshplanError(f"--config {p}: expected a mapping with model / cluster / layout keys")
     return data

@@ -285,17 +285,23 @@ def plan_from_dict(data: Any, source: str = "plan", overrides: list[str] | None 
     return plan
 
 
+def read_yaml_file(p: Path, invalid: str) -> Any:
+    """Parse a YAML file with the safe loader (no object tags); on a parse or encoding error
+    raise `PlanError("<invalid> (<first line of the reason>)")`."""
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PlanError(f"{invalid} ({first})") from None
+
+
 def load_plan(path: str | Path, overrides: list[str] | None = None) -> Plan:
     p = Path(path)
     if p.is_dir():
         p = p / "plan.yaml"
     if not p.is_file():
         raise PlanError(f"{p}: plan file not found; create one with `meshplan plan ... --out DIR`")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))  # safe loader: no object tags
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PlanError(f"{p}: not a valid YAML plan ({first})") from None
+    data = read_yaml_file(p, f"{p}: not a valid YAML plan")
     return plan_from_dict(data, str(p), overrides)
 
 

@@ -109,7 +109,7 @@ def _int(v: float | None, default: int | None = None) -> int | None:
 def model_for_row(row: pd.Series) -> RowModel:
     """Architecture of a run. MLP type and tied embeddings are not columns: choose the
     combination whose parameter count is closest to `params_b` when given, else SwiGLU
-    unless FFN = 4h (GPT/MPT-style GELU), untied."""  # noqa: D401
+    unless FFN = 4h (GPT/MPT-style GELU), untied."""
     base = dict(
         name=str(row["model_name"]), layers=_int(row["layers"]), hidden=_int(row["hidden_size"]),
         ffn_hidden=_int(row["ffn_hidden_size"]), heads=_int(row["num_heads"]),

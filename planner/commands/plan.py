@@ -262,8 +262,6 @@ def run(args: argparse.Namespace) -> int:
         recomputes=_csv_choice(args.recompute, RECOMPUTES, "--recompute"),
         hsdp=not args.no_hsdp, precision=args.precision, memory_headroom=args.headroom,
     )
-    if cluster.accelerator == "cpu" and args.precision == "bf16":
-        pass  # bf16 autocast runs on the CPU too
     res = search(model, cluster, gbs, load_profile(args.profile), space, args.top, args.rank_by)
     notes = ([batch_note] if batch_note else []) + res.notes
     out: dict[str, Any] = {
