@@ -3,9 +3,10 @@
     python benchmarks/calibration.py            # both reports
     python benchmarks/calibration.py --skip-local
 
-1. The local loop on this machine (`meshplan calibrate --local-loop`): bench, six short runs
-   (1 process x 2 batch sizes, DDP, TP=2 fitted; FSDP2/ZeRO-3 and PP=2 held out), fit, and
-   the held-out step-time error against the uncalibrated default profile.
+1. The local loop on this machine (`meshplan calibrate --local-loop`): bench, eight short
+   runs (1 process x 2 batch sizes, DDP, FSDP2/ZeRO-2 and TP=2 fitted; FSDP2/ZeRO-3, PP=2 and
+   TP=2 with sequence parallelism held out), fit, and the held-out step-time error against
+   the uncalibrated default profile.
 2. On published_runs.csv: a profile refitted on a random half, scored on the other half,
    MAPE per GPU type and per source (5 seeds averaged).
 """
@@ -52,7 +53,7 @@ def local_report(workdir: str) -> None:
     res = local_loop(workdir, progress=lambda m: print("  " + m))
     print(f"local loop ({res['seconds']:.0f} s): fitted on {', '.join(r['layout'] for r in res['fitted_on'])}")
     for h in res["heldout"]:
-        print(f"  held out {h['layout']:10} measured {h['measured_step_time_s']:.3f} s  calibrated "
+        print(f"  held out {h['layout']:16} measured {h['measured_step_time_s']:.3f} s  calibrated "
               f"{h['predicted_step_time_s']:.3f} s ({h['ape_pct']:.1f}%)  default {h['default_profile_step_time_s']:.3f} s "
               f"({h['default_profile_ape_pct']:.1f}%)")
     print(f"  held-out median APE: calibrated {res['median_ape_pct']:.1f}%, default {res['default_profile_median_ape_pct']:.1f}%")

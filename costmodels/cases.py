@@ -12,7 +12,7 @@ from dataclasses import replace
 import numpy as np
 
 from costmodels.comm import group_link
-from costmodels.hardware import get_accelerator
+from costmodels.hardware import cpu_threads_per_rank, get_accelerator
 from costmodels.profile import GENERATION
 from costmodels.specs import PRECISIONS, RECOMPUTES, SHARDINGS, ClusterSpec, Layout, ModelSpec
 
@@ -60,6 +60,9 @@ def hardware_columns(accelerator: str, precision: str) -> dict[str, float]:
         "peak_mfu": acc.peak_tflops(precision) * 1e12,  # MFU is quoted against catalog peak
         "hbm_bytes": acc.hbm_gb * 1e9,
         "hbm_bw": acc.hbm_tb_s * 1e12,
+        # Elementwise kernels (norms, activations, softmax): streaming at HBM bandwidth on an
+        # accelerator; `meshplan bench` measures them where that does not hold (CPU hosts).
+        "elem_bw": acc.hbm_tb_s * 1e12,
         "gen_idx": GEN_ORDER.index(GENERATION[acc.key]),
         "act_bytes": 4.0 if precision == "fp32" else 2.0,
     }
@@ -111,6 +114,17 @@ def layout_columns(layouts: Iterable[Layout]) -> dict[str, np.ndarray]:
     }
 
 
+def _thread_rate(hw: Mapping[str, float], key: str, threads: float, cores: float) -> float:
+    """A figure `meshplan bench` measured with all cores (`key`) and with one thread
+    (`key`_1core), for a process running `threads` threads: interpolated linearly between
+    the two (0 if neither was measured)."""
+    full, one = hw.get(key, 0.0), hw.get(f"{key}_1core", 0.0)
+    if not one or not full:
+        return one or full
+    t = min(max(threads, 1.0), cores)
+    return one + (full - one) * (t - 1) / max(cores - 1, 1)
+
+
 def _measured(cluster: ClusterSpec, precision: str, hw: Mapping[str, float]) -> tuple[ClusterSpec, dict[str, float]]:
     """Apply a profile's measured hardware figures (`meshplan bench`) to the cluster and
     the hardware columns."""
@@ -123,14 +137,21 @@ def _measured(cluster: ClusterSpec, precision: str, hw: Mapping[str, float]) -> 
         cols["peak_bf16"] = bf * 1e12
     if hw.get("hbm_tb_s"):
         cols["hbm_bw"] = hw["hbm_tb_s"] * 1e12
+    if hw.get("elementwise_tb_s"):
+        cols["elem_bw"] = hw["elementwise_tb_s"] * 1e12
     cores = hw.get("host_cores", 0.0)
-    if cores and cluster.accelerator == "cpu" and cluster.num_gpus > 1:
-        # Ranks on one host run one thread each (OMP_NUM_THREADS=1): use the one-core GEMM
-        # rate measured by `meshplan bench`, and split the host's memory bandwidth.
-        one = hw.get("fp32_tflops_1core" if precision == "fp32" else "bf16_tflops_1core")
-        if one:
-            cols["peak_gemm"] = cols["peak_bf16"] = cols["peak_mfu"] = one * 1e12
-        cols["hbm_bw"] = cols["hbm_bw"] / min(cluster.num_gpus, cores)
+    if cores and cluster.accelerator == "cpu":
+        ranks = cluster.num_gpus  # a CPU run's ranks share one host
+        threads = hw.get("threads_per_rank") or cpu_threads_per_rank(ranks, int(cores))
+        # Oversubscribed cores (ranks x threads > cores) time-share.
+        share = min(1.0, cores / (ranks * threads))
+        rate = _thread_rate(hw, "fp32_tflops" if precision == "fp32" else "bf16_tflops", threads, cores)
+        if rate:
+            cols["peak_gemm"] = cols["peak_bf16"] = cols["peak_mfu"] = rate * share * 1e12
+        elem = _thread_rate(hw, "elementwise_tb_s", threads, cores)
+        if elem:
+            cols["elem_bw"] = elem * share * 1e12
+        cols["hbm_bw"] = cols["hbm_bw"] / min(ranks, cores)
     up, out = hw.get("scaleup_gbps", 0.0), hw.get("scaleout_gbps", 0.0)
     if up or out:
         cluster = replace(cluster, scaleup_gbps=up or cluster.scaleup_gbps,

@@ -165,16 +165,25 @@ def comm_volume(model: ModelSpec, layout: Layout) -> CommVolume:
     if layout.tp > 1:
         act = b * s * h * e_act
         n_ln = 2 if model.norm == "layernorm" else 1
-        vol.add("all_gather", M * ((4 * L + 2) * act + b * s * model.vocab * e_act),
-                "TP+SP: per layer 2 sequence all-gathers forward + 2 in backward (the "
-                "reduce-scatters' adjoints), +1 before the output head, +1 embedding backward, "
-                "and the vocab-parallel logits gathered (Korthikanti et al. 2022 §4.2.2)")
-        vol.add("reduce_scatter", M * (4 * L + 2) * act,
-                "TP+SP: per layer 2 reduce-scatters after the row-parallel matmuls forward + 2 in "
-                "backward, +1 embedding forward, +1 output-head input backward (ibid.)")
-        vol.add("all_reduce", (2 * L + 1) * n_ln * h * 4,
-                "TP+SP: norm-weight grads are partial per sequence shard; one all-reduce "
-                "each per step (Korthikanti et al. 2022 §4.2.2)")
+        if layout.sequence_parallel:
+            vol.add("all_gather", M * (4 * L + 2) * act,
+                    "TP+SP: per layer 2 sequence all-gathers forward + 2 in backward (the "
+                    "reduce-scatters' adjoints), +1 before the output head, +1 embedding "
+                    "backward (Korthikanti et al. 2022 §4.2.2)")
+            vol.add("reduce_scatter", M * (4 * L + 2) * act,
+                    "TP+SP: per layer 2 reduce-scatters after the row-parallel matmuls forward + "
+                    "2 in backward, +1 embedding forward, +1 output-head input backward (ibid.)")
+            vol.add("all_reduce", (2 * L + 1) * n_ln * h * 4,
+                    "TP+SP: norm-weight grads are partial per sequence shard; one all-reduce "
+                    "each per step (Korthikanti et al. 2022 §4.2.2)")
+        else:
+            vol.add("all_reduce", M * (4 * L + 2) * act,
+                    "TP: per layer 2 all-reduces forward (after the row-parallel matmuls) + 2 "
+                    "backward (the column-parallel inputs' grads), +1 embedding forward, +1 "
+                    "output-head input backward (Shoeybi et al. 2019 §3, Fig. 4)")
+        vol.add("all_reduce", M * 3 * b * s * 4,
+                "TP: vocab-parallel cross entropy exchanges per-token fp32 max, sum of "
+                "exponentials and target logit, never the logits (Shoeybi et al. 2019 §3)")
 
     if layout.cp > 1:
         kv = b * s * model.kv_dim * e_act

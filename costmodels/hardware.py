@@ -9,6 +9,7 @@ with `torch.matmul` on 1024x1024 operands and are replaced by `meshplan bench`.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from costmodels.specs import SpecError
@@ -65,6 +66,20 @@ ACCELERATORS: dict[str, Accelerator] = {
         Accelerator("cpu", 0.42, 0.0, 0.18, 24, 0.01, 1.0, 1.0, 1, 0),
     )
 }
+
+
+def host_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, else the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def cpu_threads_per_rank(ranks_on_host: int, cores: int | None = None) -> int:
+    """Threads each rank of a CPU run uses: the host's cores split evenly among its ranks
+    (what `meshplan run` sets unless OMP_NUM_THREADS says otherwise)."""
+    return max(1, (cores or host_cores()) // max(1, ranks_on_host))
 
 
 def get_accelerator(key: str) -> Accelerator:

@@ -59,7 +59,8 @@ class Profile:
     memory_constant_gb: float = 1.0
     # Measured hardware by accelerator key (`meshplan bench`): any of bf16_tflops,
     # fp32_tflops, fp8_tflops, hbm_tb_s, scaleup_gbps, scaleout_gbps, link_latency_s, and for
-    # CPU hosts host_cores (processes on one host share its cores and memory bandwidth).
+    # CPU hosts host_cores and the one-thread rates fp32/bf16_tflops_1core (processes on one
+    # host share its cores and memory bandwidth; threads_per_rank pins a run's thread count).
     hardware: dict[str, dict[str, float]] = field(default_factory=dict)
     source: str = "built-in starting values"
 
@@ -104,9 +105,9 @@ class Profile:
 
 HARDWARE_KEYS = (
     "bf16_tflops", "fp32_tflops", "fp8_tflops", "hbm_tb_s", "scaleup_gbps", "scaleout_gbps",
-    "link_latency_s", "host_cores", "fp32_tflops_1core", "bf16_tflops_1core",
+    "link_latency_s", "host_cores", "threads_per_rank", "fp32_tflops_1core", "bf16_tflops_1core",
     "allgather_bw_rel", "allgather_latency_s", "reduce_scatter_bw_rel", "reduce_scatter_latency_s",
-    "p2p_bw_rel", "p2p_latency_s",
+    "p2p_bw_rel", "p2p_latency_s", "elementwise_tb_s", "elementwise_tb_s_1core",
 )
 
 

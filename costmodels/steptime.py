@@ -8,8 +8,8 @@ Physics first, few free parameters (`costmodels.profile.Profile`):
   TP          2 all-reduces forward, 2 backward per layer (Shoeybi et al. 2019, Sec. 3;
               with SP an all-gather + reduce-scatter pair of the same volume, Korthikanti 2022).
   CP          K/V ring passes overlapped with attention (Liu et al. 2023, Ring Attention).
-  PP          bubble (p - 1) / (v m) of the ideal (Narayanan et al. 2021, Sec. 2.2), plus the
-              p2p sends on the critical path.
+  PP          bubble (p - 1) / (v m) of the ideal (Narayanan et al. 2021, Sec. 2.2) over the
+              stages without the output head, plus the p2p sends on the critical path.
   DP / ZeRO   gradient all-reduce or reduce-scatter + all-gather once per step; ZeRO-3 gathers
               parameters forward and backward every micro-batch (Rajbhandari et al. 2020);
               overlapped with backward (or all compute for ZeRO-3) to a fitted degree.
@@ -30,6 +30,10 @@ from costmodels.profile import Profile
 # measurement) for the gradient-norm and zeroing passes over the gradients.
 ADAM_BYTES_PER_PARAM = 36.0
 DP_BUCKET_BYTES = 50e6  # gradient bucket: DDP's 25 MB default .. Megatron's 40M-param buffers
+# Vocab-parallel cross entropy (Megatron's, torch's loss_parallel) is unfused: max, subtract,
+# exp, sum, log, target gather forward and exp, scale, subtract backward touch the logits 13
+# times against 5 for a fused log-softmax forward + backward (Shoeybi et al. 2019, Sec. 3).
+VOCAB_PARALLEL_CE_PASSES = 13 / 5
 FLASH_BWD_OVER_FWD = 2.5  # FlashAttention-2 backward recomputes QK^T: 5 matmuls vs 2 (Dao 2023, Sec. 3.1.2)
 
 
@@ -63,8 +67,15 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     swiglu = np.asarray(c["swiglu"], dtype=bool)
     ab = f64("act_bytes")
     hbm_bw = f64("hbm_bw")
+    elem_bw = f64("elem_bw") if "elem_bw" in c else hbm_bw
     peak_gemm, peak_bf16 = f64("peak_gemm"), f64("peak_bf16")
-    gen_eff = np.array([prof.gemm_eff.get(g, 0.6) for g in GEN_ORDER])[np.asarray(c["gen_idx"], dtype=int)]
+    gen_idx = np.asarray(c["gen_idx"], dtype=int)
+    gen_eff = np.array([prof.gemm_eff.get(g, 0.6) for g in GEN_ORDER])[gen_idx]
+    # On a CPU host gloo's collectives run on the cores that compute (no copy engines or
+    # spare SMs to hide them behind), so nothing overlaps: every collective is exposed.
+    on_cpu = gen_idx == GEN_ORDER.index("cpu")
+    tp_overlap = np.where(on_cpu, 0.0, prof.tp_overlap)
+    dp_overlap = np.where(on_cpu, 0.0, prof.dp_overlap)
 
     world = tp * pp * dp * cp
     dp_shard = f64("dp_shard") if "dp_shard" in c else np.zeros_like(tp)
@@ -90,7 +101,7 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     act_none = memory.layer_activation_bytes(
         seq, micro, h, heads, kv, ffn * act_exp, swiglu, tp, cp, sp, 0, flash=True, act_bytes=ab
     )
-    t_elem = prof.elementwise_factor * act_none / hbm_bw  # forward + backward traffic
+    t_elem = prof.elementwise_factor * act_none / elem_bw  # forward + backward traffic
     recompute_fwd = np.where(
         recompute == 2, rc_frac * (t_gemm_fwd + t_attn_fwd + t_elem / 3),
         np.where(recompute == 1, t_attn_fwd, 0.0),
@@ -101,7 +112,12 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     # ---- tensor parallel collectives per layer per micro-batch
     tp_bw = f64("tp_bw") * prof.link_eff
     n_tp = 4 + np.where(recompute == 2, 2 * rc_frac, 0)
-    t_tp = n_tp * comm.allreduce_time(tok * h * ab, tp, tp_bw, f64("tp_lat")) * (1 - prof.tp_overlap)
+    act_bytes = tok * h * ab
+    # SP replaces each all-reduce by an all-gather + reduce-scatter pair (Korthikanti 2022).
+    t_sp_pair = (comm.allgather_time(act_bytes, tp, *_op_link(c, "allgather", tp_bw, f64("tp_lat")))
+                 + comm.reduce_scatter_time(act_bytes, tp, *_op_link(c, "reduce_scatter", tp_bw, f64("tp_lat"))))
+    t_tp_one = np.where(sp, t_sp_pair, comm.allreduce_time(act_bytes, tp, tp_bw, f64("tp_lat")))
+    t_tp = n_tp * t_tp_one * (1 - tp_overlap)
     t_tp = np.where(tp > 1, t_tp, 0.0)
 
     # ---- context parallel: K/V ring, fwd (cp-1) passes, bwd sends K/V and dK/dV back
@@ -112,13 +128,17 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
 
     # ---- the logits GEMM (+ cross entropy traffic) on the last stage
     t_logits = 3 * _gemm_time(tok, vocab / tp, h, peak_gemm, gen_eff, hbm_bw, ab, gb)
-    t_logits = t_logits + 2 * memory.logits_bytes(tok, vocab, tp) / hbm_bw
+    ce_passes = np.where(tp > 1, VOCAB_PARALLEL_CE_PASSES, 1.0)
+    t_logits = t_logits + 2 * ce_passes * memory.logits_bytes(tok, vocab, tp) / elem_bw
 
     stage_mb = layers_stage * (t_layer + t_tp + t_cp) + t_logits
     compute = m * stage_mb
 
     # ---- pipeline bubble and p2p on the critical path
-    bubble = np.where(pp > 1, pipeline.bubble_over_ideal(pp, m, vpp) * (m * stage_mb), 0.0)
+    # The critical path of a synchronous pipeline is sum_i t_i + (m - 1) max_i t_i over stage
+    # times t_i: fill and drain run on the other stages, which hold layers but not the output
+    # head, so the bubble is (p - 1) / (v m) of the ideal *without* the logits.
+    bubble = np.where(pp > 1, pipeline.bubble_over_ideal(pp, m, vpp) * (m * (stage_mb - t_logits)), 0.0)
     p2p_bytes = tok * h * ab / np.where(sp, tp, 1.0)
     pp_link = _op_link(c, "p2p", f64("pp_bw") * prof.link_eff, f64("pp_lat"))
     t_p2p = np.where(pp > 1, 2 * (pp - 1) * comm.p2p_time(p2p_bytes, *pp_link), 0.0)
@@ -162,7 +182,7 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     t_dp = np.where(replicas > 1, np.where(sharding == 3, t_z3, t_dp_step), 0.0)
     window = np.where(sharding == 3, compute, (2.0 / 3.0) * stage_mb)
     first_bucket = t_dp / np.maximum(layers_stage * np.where(sharding == 3, 3 * m, 1), 1)
-    dp_exposed = np.maximum(0.0, t_dp - prof.dp_overlap * window) + np.where(replicas > 1, first_bucket, 0.0)
+    dp_exposed = np.maximum(0.0, t_dp - dp_overlap * window) + np.where(replicas > 1, first_bucket, 0.0)
     dp_exposed = np.minimum(dp_exposed, t_dp)
 
     # ---- optimizer step over the local shard

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from costmodels.hardware import host_cores
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Ring-algorithm bytes each rank moves per byte of message, for n ranks (Thakur et al. 2005):
@@ -43,6 +45,9 @@ class BenchResult:
     threads: int
     gemm: list[dict[str, float]] = field(default_factory=list)
     memory_gb_s: float = 0.0
+    # Out-of-place elementwise ops, as autograd runs them: all threads, then one thread.
+    elementwise_gb_s: float = 0.0
+    elementwise_gb_s_1core: float = 0.0
     collectives: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -63,19 +68,34 @@ class BenchResult:
                 out[f"{dt}_tflops_1core"] = one
         if self.memory_gb_s:
             out["hbm_tb_s"] = self.memory_gb_s / 1000
+        if self.elementwise_gb_s:
+            out["elementwise_tb_s"] = self.elementwise_gb_s / 1000
+        if self.elementwise_gb_s_1core:
+            out["elementwise_tb_s_1core"] = self.elementwise_gb_s_1core / 1000
         ar = self.collectives.get("all_reduce")
         if self.device == "cpu":
             out["host_cores"] = float(self.threads)
         if ar:
+            n = ar.get("world", 2)
             out["scaleout_gbps"] = ar["bus_gbps"]
             out["scaleup_gbps"] = ar["bus_gbps"]
-            out["link_latency_s"] = ar["alpha_s"]
+            # The cost model charges a ring all-reduce 2(n-1) latencies and an all-gather or
+            # reduce-scatter n-1 (costmodels.comm): the fitted alpha is the whole fixed cost.
+            out["link_latency_s"] = ar["alpha_s"] / (2 * (n - 1))
+            for op, key, steps in (("all_gather", "allgather", n - 1),
+                                   ("reduce_scatter", "reduce_scatter", n - 1),
+                                   ("send_recv", "p2p", 1)):
+                fit = self.collectives.get(op)
+                if fit and ar["bus_gbps"] > 0:
+                    out[f"{key}_bw_rel"] = fit["bus_gbps"] / ar["bus_gbps"]
+                    out[f"{key}_latency_s"] = fit["alpha_s"] / steps
         return out
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "device": self.device, "threads": self.threads, "seconds": self.seconds,
             "gemm": self.gemm, "memory_gb_s": self.memory_gb_s, "collectives": self.collectives,
+            "elementwise_gb_s": self.elementwise_gb_s, "elementwise_gb_s_1core": self.elementwise_gb_s_1core,
             "hardware_override": self.hardware_override(),
         }
 
@@ -122,6 +142,18 @@ def bench_memory(device: str = "cpu", mbytes: int = 64, repeats: int = 5) -> flo
     a = torch.ones(n, device=device)
     b = torch.ones(n, device=device)
     t = _timeit(lambda: a.add_(b), repeats, sync, best=True)
+    return 3 * n * 4 / t / 1e9
+
+
+def bench_elementwise(device: str = "cpu", mbytes: int = 32, repeats: int = 5) -> float:
+    """GB/s of an out-of-place add (c = a + b, a fresh output each call): how the forward and
+    backward passes' elementwise kernels run. On a CPU host every fresh activation-sized
+    buffer is page-faulted in, so this is far below the in-place STREAM figure."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    n = mbytes * 1024 * 1024 // 4
+    a = torch.ones(n, device=device)
+    b = torch.ones(n, device=device)
+    t = _timeit(lambda: torch.add(a, b), repeats, sync, best=True)
     return 3 * n * 4 / t / 1e9
 
 
@@ -175,17 +207,21 @@ def _collective_worker(rank: int, world: int, port: int, sizes: list[int], repea
 
 
 def fit_alpha_beta(points: list[tuple[int, float]], bus_factor: float) -> dict[str, float]:
-    """Least squares t = alpha + bus_factor * bytes / beta over message sizes."""
+    """Non-negative least squares t = alpha + bus_factor * bytes / beta over message sizes, on
+    the relative error (times span orders of magnitude: an absolute fit would ignore the small
+    messages that set alpha)."""
     from scipy.optimize import nnls
 
     x = np.array([p[0] * bus_factor for p in points], dtype=float)
     y = np.array([p[1] for p in points], dtype=float)
-    scale = np.array([1.0, x.max() or 1.0])  # condition the two columns alike
-    (alpha, inv_beta_scaled), _ = nnls(np.stack([np.ones_like(x), x / scale[1]], axis=1), y)
-    inv_beta = inv_beta_scaled / scale[1]
-    if inv_beta <= 0:  # timing noise swamped the size dependence: largest message's rate
-        i = int(np.argmax(x))
-        inv_beta = max(y[i] - alpha, 1e-12) / x[i]
+    scale = x.max() or 1.0  # condition the two columns alike
+    a = np.stack([1 / y, x / scale / y], axis=1)
+    (alpha, inv_beta_scaled), _ = nnls(a, np.ones_like(y))
+    inv_beta = inv_beta_scaled / scale
+    i = int(np.argmax(x))
+    # Timing noise can swamp the size dependence: the bandwidth is never above what the
+    # largest message achieved.
+    inv_beta = max(inv_beta, y[i] / x[i] * 0.5, 1e-15) if inv_beta <= 0 else inv_beta
     return {"alpha_s": float(alpha), "bus_gbps": float(1 / inv_beta / 1e9), "points": len(points)}
 
 
@@ -225,18 +261,24 @@ def run_bench(
     shapes = layer_gemm_shapes(h, f, tokens)
     if not quick:
         shapes += layer_gemm_shapes(1024, 2816, 2048)
-    res = BenchResult(device=device, threads=torch.get_num_threads())
-    res.gemm = bench_gemm(shapes, ["fp32", "bf16"], device, repeats=3 if quick else 5)
-    if device == "cpu" and res.threads > 1:
-        # Ranks of a multi-process run get one core each (OMP_NUM_THREADS=1): measure that too.
-        torch.set_num_threads(1)
-        try:
+    before = torch.get_num_threads()
+    threads = host_cores() if device == "cpu" else before
+    res = BenchResult(device=device, threads=threads)
+    try:
+        torch.set_num_threads(threads)  # the whole host, whatever OMP_NUM_THREADS says
+        res.gemm = bench_gemm(shapes, ["fp32", "bf16"], device, repeats=3 if quick else 5)
+        res.memory_gb_s = bench_memory(device, mbytes=32 if quick else 128)
+        res.elementwise_gb_s = bench_elementwise(device, mbytes=32)
+        if device == "cpu" and threads > 1:
+            # Ranks of a multi-process run split the cores (down to one thread each): the
+            # cost model interpolates between the one-thread and all-cores rates.
+            torch.set_num_threads(1)
             res.gemm += bench_gemm(shapes, ["fp32", "bf16"], device, repeats=3 if quick else 5)
-        finally:
-            torch.set_num_threads(res.threads)
-    res.memory_gb_s = bench_memory(device, mbytes=32 if quick else 128)
+            res.elementwise_gb_s_1core = bench_elementwise(device, mbytes=32)
+    finally:
+        torch.set_num_threads(before)
     if world > 1:
-        sizes = [4 << 10, 256 << 10, 4 << 20] if quick else None
-        res.collectives = bench_collectives(world, sizes, repeats=3 if quick else 5)
+        sizes = [16 << 10, 256 << 10, 1 << 20, 4 << 20] if quick else None
+        res.collectives = bench_collectives(world, sizes, repeats=7)
     res.seconds = time.perf_counter() - t0
     return res

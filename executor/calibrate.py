@@ -36,6 +36,7 @@ class MeasuredRun:
     step_time_s: float
     steps_used: int
     peak_memory_gb: float | None
+    cpu_threads: int | None = None  # threads per rank the run used (CPU runs)
 
     @property
     def tokens_per_sec_per_gpu(self) -> float:
@@ -45,11 +46,13 @@ class MeasuredRun:
     def layout_label(self) -> str:
         lay = self.plan.layout
         parts = [f"{k}{getattr(lay, k)}" for k in ("dp", "tp", "pp", "cp") if getattr(lay, k) > 1]
+        if lay.tp > 1 and lay.sequence_parallel:
+            parts.append("sp")
         if lay.sharding != "none":
             parts.append(lay.sharding)
         if lay.engine != "torch":
             parts.append(lay.engine)
-        return "+".join(parts) or "single"
+        return ("+".join(parts) or "single") + f" mbs{lay.micro_batch_size}"
 
 
 def load_run(path: str | Path) -> MeasuredRun:
@@ -76,16 +79,18 @@ def load_run(path: str | Path) -> MeasuredRun:
             times.append(float(t))
     if len(times) < 2:
         raise MeshplanError(f"{p}: fewer than 2 steady-state steps after warm-up to measure")
-    peak = None
+    peak, threads = None, None
     summary = p / "summary.json"
     if summary.is_file():
         try:
             s = json.loads(summary.read_text())
             if s.get("peak_memory_bytes"):
                 peak = float(s["peak_memory_bytes"]) / 1e9
-        except (json.JSONDecodeError, TypeError, ValueError):
-            peak = None
-    return MeasuredRun(p.name, p, plan, statistics.median(times), len(times), peak)
+            if isinstance(s.get("cpu_threads"), int) and s["cpu_threads"] > 0:
+                threads = s["cpu_threads"]
+        except (json.JSONDecodeError, TypeError, ValueError, AttributeError):
+            peak, threads = None, None
+    return MeasuredRun(p.name, p, plan, statistics.median(times), len(times), peak, threads)
 
 
 def run_cases(runs: list[MeasuredRun], profile: Profile) -> Cases:
@@ -93,9 +98,12 @@ def run_cases(runs: list[MeasuredRun], profile: Profile) -> Cases:
     for r in runs:
         c = r.plan.cluster
         cluster = ClusterSpec(c.accelerator, c.num_gpus, gpus_per_node=min(c.gpus_per_node, c.num_gpus))
+        hw = dict(profile.hardware.get(c.accelerator, {}))
+        if c.accelerator == "cpu" and r.cpu_threads:
+            hw["threads_per_rank"] = float(r.cpu_threads)  # what the run used, not the default
         parts.append(build_cases(
             r.plan.model_spec(), cluster, layout_columns([r.plan.layout_spec()]),
-            r.plan.train.precision, hardware=profile.hardware.get(c.accelerator),
+            r.plan.train.precision, hardware=hw,
         ))
     return concat_cases(parts)
 

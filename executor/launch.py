@@ -124,7 +124,13 @@ def launch_local(args: argparse.Namespace) -> int:
     restarts = int(os.environ.get("MESHPLAN_MAX_RESTARTS", "0"))
     timeout = float(os.environ.get("MESHPLAN_LAUNCH_TIMEOUT_S", "0")) or None
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
+    if plan.cluster.accelerator == "cpu":
+        # Split the host's cores among the ranks (torchrun would otherwise pin each to 1).
+        from costmodels.hardware import cpu_threads_per_rank
+
+        env.setdefault("OMP_NUM_THREADS", str(cpu_threads_per_rank(nproc)))
+    else:
+        env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if plan.layout.engine == "deepspeed":

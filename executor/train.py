@@ -597,6 +597,7 @@ class Trainer:
             "peak_memory_bytes": self.strategy.peak_memory_bytes(),
             "world_size": self.strategy.world_size,
             "device": str(getattr(self.strategy, "device", "cpu")),
+            "cpu_threads": torch.get_num_threads(),
             "resumed_from": self.resumed_from,
             "predicted": predicted,
         }

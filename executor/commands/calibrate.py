@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"unusable run {k}: {v}")
     for r in out.get("runs", []):
         loro = "" if r["loro_ape_pct"] is None else f"  leave-one-out {r['loro_step_time_s']:.3f}s ({r['loro_ape_pct']:.1f}%)"
-        print(f"{r['run']:24} {r['layout']:14} measured {r['measured_step_time_s']:.3f}s  before "
+        print(f"{r['run']:24} {r['layout']:18} measured {r['measured_step_time_s']:.3f}s  before "
               f"{r['before_step_time_s']:.3f}s ({r['before_ape_pct']:.1f}%)  after {r['after_step_time_s']:.3f}s "
               f"({r['after_ape_pct']:.1f}%){loro}")
     if "published" in out:
@@ -98,9 +98,9 @@ def run(args: argparse.Namespace) -> int:
 def _print_loop(res: dict) -> None:
     print(f"calibration loop finished in {res['seconds']:.0f} s; profile {res['profile_path']}, chart {res['chart']}")
     for r in res["fitted_on"]:
-        print(f"  fitted  {r['layout']:14} measured {r['measured_step_time_s']:.3f}s  after {r['after_step_time_s']:.3f}s ({r['after_ape_pct']:.1f}%)")
+        print(f"  fitted   {r['layout']:18} measured {r['measured_step_time_s']:.3f}s  after {r['after_step_time_s']:.3f}s ({r['after_ape_pct']:.1f}%)")
     for h in res["heldout"]:
-        print(f"  held out {h['layout']:13} measured {h['measured_step_time_s']:.3f}s  predicted "
+        print(f"  held out {h['layout']:18} measured {h['measured_step_time_s']:.3f}s  predicted "
               f"{h['predicted_step_time_s']:.3f}s ({h['ape_pct']:.1f}%)  default profile {h['default_profile_step_time_s']:.3f}s "
               f"({h['default_profile_ape_pct']:.1f}%)")
     print(f"held-out median APE {res['median_ape_pct']:.1f}% (default profile {res['default_profile_median_ape_pct']:.1f}%)")

@@ -42,6 +42,9 @@ def handle(args: argparse.Namespace) -> int:
     from executor.faults import Fault
     from executor.train import RunOptions, run_training
 
+    if plan.cluster.accelerator == "cpu":
+        _set_cpu_threads()
+
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise MeshplanError(f"--out {out}: exists and is not a folder; pass a folder path")
@@ -55,3 +58,16 @@ def handle(args: argparse.Namespace) -> int:
     )
     summary = run_training(plan, out, opts)
     return 0 if summary["finished"] or summary["interrupted"] else 1
+
+
+def _set_cpu_threads() -> None:
+    """OMP_NUM_THREADS if the user set it, else the host's cores split among the local ranks:
+    the thread count the cost model assumes for a CPU plan (costmodels.hardware)."""
+    import torch
+
+    from costmodels.hardware import cpu_threads_per_rank
+
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    threads = int(env) if env.isdigit() and int(env) > 0 else cpu_threads_per_rank(
+        int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    torch.set_num_threads(threads)

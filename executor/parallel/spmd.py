@@ -15,7 +15,7 @@ from executor.parallel.base import DistributedStrategy, token_loss_sum
 from executor.parallel.cp import enable_context_parallel, make_cp_context, shard_sequence
 from executor.parallel.data_parallel import apply_ddp, apply_fsdp, uses_fsdp
 from executor.parallel.mesh import data_parallel_submesh, submesh
-from executor.parallel.tp import apply_tensor_parallel
+from executor.parallel.tp import apply_tensor_parallel, loss_context, materialize
 
 
 class SPMDStrategy(DistributedStrategy):
@@ -45,7 +45,7 @@ class SPMDStrategy(DistributedStrategy):
         tp_mesh = submesh(self.mesh, self.dims, "tp")
         dp_mesh = data_parallel_submesh(self.mesh, self.dims)
         if tp_mesh is not None:
-            apply_tensor_parallel(model, tp_mesh)
+            apply_tensor_parallel(model, tp_mesh, plan.layout.sequence_parallel)
         if self.dims.cp > 1:
             enable_context_parallel(model)
         if dp_mesh is not None and self.fsdp:
@@ -85,6 +85,11 @@ class SPMDStrategy(DistributedStrategy):
             logits = self.model(input_ids, pos, mb.doc_ids, ctx)
         return token_loss_sum(logits, labels) * float(mb.loss_weight)
 
+    def _micro_loss_sum(self, mb: Batch) -> torch.Tensor:
+        """One micro-batch's loss sum without the backward (evaluation)."""
+        with loss_context(self.dims.tp):
+            return materialize(self._forward_loss(mb))
+
     def forward_backward(self, micro_batches: list[Batch], global_target_tokens: int) -> torch.Tensor:
         self.begin_step_accounting()
         denom = float(max(global_target_tokens, 1))
@@ -92,10 +97,11 @@ class SPMDStrategy(DistributedStrategy):
         with self.counting():
             for i, mb in enumerate(micro_batches):
                 last = i == len(micro_batches) - 1
-                with self._sync_context(last):
+                with self._sync_context(last), loss_context(self.dims.tp):
                     loss_sum = self._forward_loss(mb)
                     (loss_sum * (self.grad_replicas / denom)).backward()
-                total += loss_sum.detach().float().cpu() / denom
+                    loss_sum = materialize(loss_sum.detach())
+                total += loss_sum.float().cpu() / denom
             if self.dims.tp > 1:
                 self.finalize_grads()
             return self._sum_loss(total)

@@ -7,17 +7,23 @@ keeps the activations between blocks and the norms split along the sequence: the
 all-reduce after each row-parallel matmul becomes a reduce-scatter, and an all-gather
 restores the full sequence before the column-parallel matmuls. The embedding is split by
 vocabulary rows; the output projection is column-parallel over the vocabulary and its
-logits are gathered so the loss is the one-process loss.
+logits stay split: the cross entropy runs vocab-parallel (`loss_parallel`, Shoeybi et al.
+2019 §3), each rank exchanging only per-token maxima and sums, never the [B, T, V] logits.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
+import torch
 from torch import nn
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh: Any) -> None:
+def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, sequence_parallel: bool = True) -> None:
+    """Shard `model` over `tp_mesh`: Megatron TP, with sequence parallelism unless
+    `sequence_parallel` is False (then activations between blocks are replicated and each
+    row-parallel output is all-reduced)."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
@@ -33,41 +39,63 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any) -> None:
         raise ValueError(
             f"layout.tp={tp} must divide heads={spec.heads} and kv_heads={spec.kv_heads}"
         )
+    # Between blocks: sequence-sharded activations (SP) or replicated ones.
+    between = Shard(1) if sequence_parallel else Replicate()
     top: dict[str, Any] = {}
     if getattr(model, "tok_embeddings", None) is not None:
-        top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
-    if getattr(model, "norm", None) is not None:
+        top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=between)
+    if getattr(model, "norm", None) is not None and sequence_parallel:
         top["norm"] = SequenceParallel()
     if getattr(model, "output", None) is not None:
-        top["output"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())
+        # Logits stay split over the vocabulary; the loss is computed under `loss_parallel`
+        # (vocab-parallel cross entropy, Megatron's design) instead of gathering them.
+        top["output"] = ColwiseParallel(input_layouts=between, output_layouts=Shard(-1), use_local_output=False)
     if top:
         parallelize_module(model, tp_mesh, top)
 
     for layer in model.layers.values():
         ffn = {"feed_forward.w1": ColwiseParallel(),
-               "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1))}
+               "feed_forward.w2": RowwiseParallel(output_layouts=between)}
         if getattr(layer.feed_forward, "w3", None) is not None:
             ffn["feed_forward.w3"] = ColwiseParallel()
-        plan = {
-            "attention_norm": SequenceParallel(),
-            # forward(x, cos, sin, ctx): only x is a sequence-sharded activation.
+        plan: dict[str, Any] = {
+            # forward(x, cos, sin, ctx): only x is an activation. One DTensor input shared by
+            # wq/wk/wv (w1/w3): its gradient is reduced once, not once per projection.
             "attention": PrepareModuleInput(
-                input_layouts=(Shard(1), None, None, None),
+                input_layouts=(between, None, None, None),
                 desired_input_layouts=(Replicate(), None, None, None),
             ),
             "attention.wq": ColwiseParallel(),
             "attention.wk": ColwiseParallel(),
             "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
-            "ffn_norm": SequenceParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=between),
             "feed_forward": PrepareModuleInput(
-                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+                input_layouts=(between,), desired_input_layouts=(Replicate(),)
             ),
             **ffn,
         }
+        if sequence_parallel:
+            plan["attention_norm"] = SequenceParallel()
+            plan["ffn_norm"] = SequenceParallel()
         parallelize_module(layer, tp_mesh, plan)
 
 
 def tp_input_is_sharded(model: nn.Module) -> bool:
     """Middle/last pipeline stages receive sequence-sharded hidden states under TP."""
     return getattr(model, "tok_embeddings", None) is None
+
+
+def loss_context(tp: int):
+    """The context the loss and its backward must run in when the logits are vocab-split."""
+    if tp > 1:
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        return loss_parallel()
+    return nullcontext()
+
+
+def materialize(loss: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of a (possibly DTensor) loss, for logging."""
+    from torch.distributed.tensor import DTensor
+
+    return loss.full_tensor() if isinstance(loss, DTensor) else loss

@@ -40,9 +40,20 @@ def test_pipeline_send_recv_and_resplit():
 
 def test_tensor_parallel_scales_with_layers_and_bf16_halves_activations():
     spec = PRESETS["tiny"]
-    f32 = comm_volume(spec, Layout(tp=2, global_batch=4, micro_batch=2, precision="fp32"))
-    b16 = comm_volume(spec, Layout(tp=2, global_batch=4, micro_batch=2, precision="bf16"))
-    assert b16.by_kind()["reduce_scatter"] * 2 == f32.by_kind()["reduce_scatter"]
-    deeper = comm_volume(spec.with_(layers=8), Layout(tp=2, global_batch=4, micro_batch=2,
-                                                      precision="fp32"))
-    assert deeper.by_kind()["reduce_scatter"] > f32.by_kind()["reduce_scatter"]
+
+    def vol(precision="fp32", sp=True, layers=spec.layers):
+        lay = Layout(tp=2, global_batch=4, micro_batch=2, precision=precision, sequence_parallel=sp)
+        return comm_volume(spec.with_(layers=layers), lay).by_kind()
+
+    f32, b16 = vol(), vol("bf16")
+    assert b16["reduce_scatter"] * 2 == f32["reduce_scatter"]
+    assert vol(layers=8)["reduce_scatter"] > f32["reduce_scatter"]
+    # Without SP each all-gather + reduce-scatter pair is one all-reduce of the same tensor;
+    # the vocab-parallel loss's per-token all-reduces are common to both.
+    plain = vol(sp=False)
+    assert plain.get("reduce_scatter", 0) == 0 and plain.get("all_gather", 0) == 0
+    loss = 3 * 2 * 2 * spec.seq_len * 4  # micro-batches x (max, sum-exp, target) x tokens x fp32
+    norm_grads = (2 * spec.layers + 1) * spec.hidden * 4  # SP only: partial norm-weight grads
+    scalars = 8  # the executor's loss sum and grad-norm^2 all-reduces
+    assert plain["all_reduce"] - loss - scalars == f32["reduce_scatter"]
+    assert f32["all_reduce"] == loss + norm_grads + scalars

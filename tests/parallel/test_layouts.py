@@ -39,6 +39,7 @@ TORCH_2 = [
     {"dp": 2, "sharding": "zero2"},
     {"dp": 2, "sharding": "zero1"},
     {"tp": 2},
+    {"tp": 2, "sequence_parallel": True},
     {"cp": 2},
     {"pp": 2, "schedule": "gpipe"},
     {"pp": 2, "schedule": "1f1b"},
@@ -50,7 +51,7 @@ def test_two_rank_torch_layouts_match_one_process():
     res = run_distributed(compare_worker, 2, TORCH_2, STEPS, timeout=400)
     _check(TORCH_2, res[0])
     names = [r["name"] for r in res[0]]
-    assert names[:2] == ["ddp", "fsdp2-zero3"] and "tp2" in names and "cp2" in names[5]
+    assert names[:2] == ["ddp", "fsdp2-zero3"] and "tp2" in names and "cp2" in names[6]
 
 
 DEEPSPEED_2 = [
@@ -87,7 +88,7 @@ def test_uneven_pipeline_split():
 
 
 TWO_D = [
-    {"dp": 2, "tp": 2, "sharding": "zero2"},
+    {"dp": 2, "tp": 2, "sharding": "zero2", "sequence_parallel": True},
     {"dp": 2, "pp": 2},
 ]
 

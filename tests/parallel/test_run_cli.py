@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from costmodels.hardware import cpu_threads_per_rank
 from costmodels.presets import PRESETS
 from planner.cli import main as cli_main
 from planner.planfile import plan_from_dict, save_plan
@@ -83,6 +84,10 @@ def test_fsdp_two_ranks_matches_one_process_and_logs_comm(reference, tmp_path):
     last = got[-1]
     for kind, pred in last["comm_bytes_predicted"].items():
         assert abs(last["comm_bytes"][kind] - pred) <= max(0.05 * pred, 64), kind
+    # The ranks split the host's cores (the thread count the cost model assumes).
+    summary = json.loads((run / "summary.json").read_text())
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    assert summary["cpu_threads"] == (int(env) if env.isdigit() else cpu_threads_per_rank(2))
 
 
 @pytest.mark.timeout(300)

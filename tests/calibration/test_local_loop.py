@@ -1,0 +1,29 @@
+"""The contract of `meshplan calibrate --local-loop --json`: the whole loop on this machine
+(bench, eight short runs, fit, held-out prediction), one JSON object on stdout."""
+
+import json
+
+import pytest
+
+from costmodels.profile import load_profile
+from executor.calibration_loop import LOOP_RUNS
+from tests.conftest import run_cli
+
+
+@pytest.mark.timeout(900)
+def test_local_loop_contract(tmp_path):
+    proc = run_cli("calibrate", "--local-loop", "--json", "--workdir", str(tmp_path / "loop"), timeout=880)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout)
+    held = res["heldout"]
+    assert len(held) == sum(r.held_out for r in LOOP_RUNS) and not res["failed_runs"]
+    for h in held:
+        assert {"layout", "predicted_step_time_s", "measured_step_time_s", "ape_pct"} <= set(h)
+        assert h["measured_step_time_s"] > 0 and h["predicted_step_time_s"] > 0
+        assert h["ape_pct"] == pytest.approx(abs(h["predicted_step_time_s"] / h["measured_step_time_s"] - 1) * 100)
+    assert {h["layout"].split()[0] for h in held} == {"dp2+zero3", "pp2", "tp2+sp"}
+    # Calibrating on this machine predicts the layouts it never ran better than the default.
+    assert res["median_ape_pct"] < res["default_profile_median_ape_pct"]
+    assert len(res["fitted_on"]) == sum(not r.held_out for r in LOOP_RUNS)
+    prof = load_profile(res["profile_path"])
+    assert prof.hardware["cpu"]["host_cores"] >= 1 and prof.hardware["cpu"]["fp32_tflops"] > 0
