@@ -180,9 +180,13 @@ def build_cases(
         for g in ("tp", "cp", "dp", "pp", "shard", "rep"):
             cases[f"{g}_lat"] = np.where(np.isfinite(cases[f"{g}_bw"]), lat, 0.0)
     # Per-collective figures measured by `meshplan bench` (relative bandwidth, latency).
-    for key in ("allgather", "reduce_scatter", "p2p"):
-        cases[f"{key}_bw_rel"] = np.full(n, hw.get(f"{key}_bw_rel", 1.0))
-        cases[f"{key}_lat"] = np.full(n, hw.get(f"{key}_latency_s", -1.0))  # -1: the link's
+    # TP's collectives as DTensor issues them fall back to the plain collective's figures.
+    for key, plain in (("allgather", ""), ("reduce_scatter", ""), ("p2p", ""), ("tp_allreduce", ""),
+                       ("tp_allgather", "allgather"), ("tp_reduce_scatter", "reduce_scatter")):
+        rel = hw.get(f"{key}_bw_rel", hw.get(f"{plain}_bw_rel", 1.0))
+        lat = hw.get(f"{key}_latency_s", hw.get(f"{plain}_latency_s", -1.0))  # -1: the link's
+        cases[f"{key}_bw_rel"] = np.full(n, rel)
+        cases[f"{key}_lat"] = np.full(n, lat)
     cases["gpus"] = np.full(n, cluster.num_gpus)
     cases["gpus_per_node"] = np.full(n, cluster.gpus_per_node)
     return cases

@@ -114,9 +114,10 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     n_tp = 4 + np.where(recompute == 2, 2 * rc_frac, 0)
     act_bytes = tok * h * ab
     # SP replaces each all-reduce by an all-gather + reduce-scatter pair (Korthikanti 2022).
-    t_sp_pair = (comm.allgather_time(act_bytes, tp, *_op_link(c, "allgather", tp_bw, f64("tp_lat")))
-                 + comm.reduce_scatter_time(act_bytes, tp, *_op_link(c, "reduce_scatter", tp_bw, f64("tp_lat"))))
-    t_tp_one = np.where(sp, t_sp_pair, comm.allreduce_time(act_bytes, tp, tp_bw, f64("tp_lat")))
+    t_sp_pair = (comm.allgather_time(act_bytes, tp, *_op_link(c, "tp_allgather", tp_bw, f64("tp_lat")))
+                 + comm.reduce_scatter_time(act_bytes, tp, *_op_link(c, "tp_reduce_scatter", tp_bw, f64("tp_lat"))))
+    t_ar = comm.allreduce_time(act_bytes, tp, *_op_link(c, "tp_allreduce", tp_bw, f64("tp_lat")))
+    t_tp_one = np.where(sp, t_sp_pair, t_ar)
     t_tp = n_tp * t_tp_one * (1 - tp_overlap)
     t_tp = np.where(tp > 1, t_tp, 0.0)
 

@@ -37,6 +37,11 @@ BUS_FACTOR: dict[str, Callable[[int], float]] = {
     "all_to_all": lambda n: (n - 1) / n,
     "send_recv": lambda n: 1.0,
 }
+# The same collectives issued the way tensor parallelism issues them (DTensor redistribute,
+# functional collectives): their fixed cost per call is the DTensor dispatch on top of the
+# backend's, which is what TP's many small per-layer collectives pay.
+TP_OPS = {"tp_all_reduce": "all_reduce", "tp_all_gather": "all_gather", "tp_reduce_scatter": "reduce_scatter"}
+BUS_FACTOR.update({tp: BUS_FACTOR[raw] for tp, raw in TP_OPS.items()})
 
 
 @dataclass
@@ -84,7 +89,10 @@ class BenchResult:
             out["link_latency_s"] = ar["alpha_s"] / (2 * (n - 1))
             for op, key, steps in (("all_gather", "allgather", n - 1),
                                    ("reduce_scatter", "reduce_scatter", n - 1),
-                                   ("send_recv", "p2p", 1)):
+                                   ("send_recv", "p2p", 1),
+                                   ("tp_all_reduce", "tp_allreduce", 2 * (n - 1)),
+                                   ("tp_all_gather", "tp_allgather", n - 1),
+                                   ("tp_reduce_scatter", "tp_reduce_scatter", n - 1)):
                 fit = self.collectives.get(op)
                 if fit and ar["bus_gbps"] > 0:
                     out[f"{key}_bw_rel"] = fit["bus_gbps"] / ar["bus_gbps"]
@@ -174,6 +182,9 @@ def _collective_worker(rank: int, world: int, port: int, sizes: list[int], repea
     device = f"cuda:{rank}" if backend == "nccl" else "cpu"
     sync = torch.cuda.synchronize if backend == "nccl" else (lambda: None)
     results: dict[str, list[tuple[int, float]]] = {k: [] for k in BUS_FACTOR}
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cuda" if backend == "nccl" else "cpu", (world,))
     for nbytes in sizes:
         n = max(world, nbytes // 4 // world * world)
         x = torch.ones(n, device=device)
@@ -194,16 +205,34 @@ def _collective_worker(rank: int, world: int, port: int, sizes: list[int], repea
             "all_to_all": lambda x=x, o=out_a2a: dist.all_to_all_single(o, x),
             "send_recv": p2p,
         }
+        ops.update(_dtensor_ops(mesh, x, world))
         for name, fn in ops.items():
             dist.barrier()
             t = _timeit(fn, repeats, sync)
             # All-gather moves the gathered size; the others the message size.
-            moved = n * 4 * (world if name == "all_gather" else 1)
+            moved = n * 4 * (world if name in ("all_gather", "tp_all_gather") else 1)
             results[name].append((moved, t))
     if rank == 0:
         torch.save(results, out_path)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _dtensor_ops(mesh: Any, x: torch.Tensor, world: int) -> dict[str, Callable[[], object]]:
+    """All-reduce, all-gather and reduce-scatter of `x` as DTensor redistributions."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    def run(src: Any, dst: Any) -> object:
+        out = src.redistribute(mesh, [dst]).to_local()
+        return out.wait() if hasattr(out, "wait") else out  # functional collectives are async
+
+    partial = DTensor.from_local(x, mesh, [Partial()], run_check=False)
+    shard = DTensor.from_local(x, mesh, [Shard(0)], run_check=False)
+    return {
+        "tp_all_reduce": lambda: run(partial, Replicate()),
+        "tp_all_gather": lambda: run(shard, Replicate()),
+        "tp_reduce_scatter": lambda: run(partial, Shard(0)),
+    }
 
 
 def fit_alpha_beta(points: list[tuple[int, float]], bus_factor: float) -> dict[str, float]:
@@ -278,7 +307,7 @@ def run_bench(
     finally:
         torch.set_num_threads(before)
     if world > 1:
-        sizes = [16 << 10, 256 << 10, 1 << 20, 4 << 20] if quick else None
+        sizes = [16 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20] if quick else None
         res.collectives = bench_collectives(world, sizes, repeats=7)
     res.seconds = time.perf_counter() - t0
     return res

@@ -86,6 +86,7 @@ def test_bench_turns_fitted_alphas_into_the_models_per_step_latencies():
         "all_gather": {"alpha_s": 3e-4, "bus_gbps": 1.0, "world": 4},
         "reduce_scatter": {"alpha_s": 6e-4, "bus_gbps": 0.5, "world": 4},
         "send_recv": {"alpha_s": 1e-4, "bus_gbps": 4.0, "world": 4},
+        "tp_all_gather": {"alpha_s": 9e-4, "bus_gbps": 0.5, "world": 4},
     }
     hw = res.hardware_override()
     assert hw["link_latency_s"] == pytest.approx(4e-4 / 6)  # ring all-reduce: 2(n-1) steps
@@ -94,3 +95,12 @@ def test_bench_turns_fitted_alphas_into_the_models_per_step_latencies():
     assert hw["p2p_bw_rel"] == pytest.approx(2.0) and hw["p2p_latency_s"] == pytest.approx(1e-4)
     assert hw["elementwise_tb_s"] == pytest.approx(0.008) and hw["elementwise_tb_s_1core"] == pytest.approx(0.0045)
     assert np.isclose(hw["hbm_tb_s"], 0.05)
+    # DTensor-issued (TP) collectives carry their own dispatch cost.
+    assert hw["tp_allgather_latency_s"] == pytest.approx(3e-4) and hw["tp_allgather_bw_rel"] == pytest.approx(0.25)
+    assert "tp_reduce_scatter_latency_s" not in hw  # not measured: falls back to the plain one
+
+
+def test_tp_collectives_fall_back_to_the_plain_collectives_figures():
+    c = _case(2, {**HW, "allgather_latency_s": 2e-3, "tp_reduce_scatter_latency_s": 5e-3}, tp=2)
+    assert c["tp_allgather_lat"][0] == 2e-3 and c["tp_reduce_scatter_lat"][0] == 5e-3
+    assert c["tp_allreduce_lat"][0] == -1.0  # the link's own latency
