@@ -33,7 +33,7 @@ def published_report(seeds: int = 5) -> None:
     df = read_runs(CSV)
     frames = []
     for seed in range(seeds):
-        v = validate_runs(df, load_profile(), cross_validated=True, seed=seed)
+        v = validate_runs(df, load_profile(machine=False), cross_validated=True, seed=seed)
         t = v.table[["source_id", "gpu", "model_type", "ape_pct"]].copy()
         t["seed"] = seed
         frames.append(t)

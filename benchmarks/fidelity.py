@@ -48,7 +48,7 @@ def speed(n: int = 100_000) -> float:
     cols["gbs"] = cols["dp"] * cols["micro"] * 8
     t0 = time.perf_counter()
     cases = build_cases(model, cluster, cols)
-    evaluate(cases, load_profile())
+    evaluate(cases, load_profile(machine=False))
     return (time.perf_counter() - t0) / n * 1e6
 
 
@@ -82,7 +82,7 @@ def main() -> int:
         prof = fit_on_runs(df, source=f"fitted on {Path(args.csv).name} (dense rows) by benchmarks/fidelity.py --refit")
         atomic_write_text(ROOT / "costmodels" / "profiles" / "default.yaml", dump_profile(prof))
         print("wrote costmodels/profiles/default.yaml")
-    prof = load_profile()
+    prof = load_profile(machine=False)
     v = validate_runs(df, prof)
     s = v.summary
     print(f"shipped profile: n_scored={s['n_scored']} skipped={s['n_skipped']} "

@@ -78,7 +78,7 @@ def local_loop(
     work.mkdir(parents=True, exist_ok=True)
     progress("bench: GEMMs, memory, gloo collectives")
     bench = run_bench(quick=quick_bench, world=2)
-    default = load_profile()
+    default = load_profile(machine=False)  # the shipped profile: "before calibration"
     hardware = {**default.hardware, "cpu": bench.hardware_override()}
     measured_base = default.with_(hardware=hardware, source="default + measured cpu hardware")
     fit_dirs, held_dirs, failures = [], [], {}

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Tests never read or write the developer's machine profile (`meshplan bench` records one):
+# every process they start sees this path, which does not exist unless a test writes it.
+os.environ["MESHPLAN_MACHINE_PROFILE"] = str(
+    Path(tempfile.gettempdir()) / f"meshplan-tests-{os.getpid()}" / "machine.yaml")
 SHARED_DATA = ROOT.parent / "shared" / "data"
 PUBLISHED_RUNS = SHARED_DATA / "published_runs.csv"
 

@@ -6,9 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
+import yaml
+
 from costmodels.errors import MeshplanError
 from costmodels.hardware import get_accelerator
-from costmodels.profile import dump_profile, load_profile
+from costmodels.profile import dump_profile, load_profile, machine_hardware, machine_profile_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,9 +19,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--world", type=int, default=2, help="processes for the collective benchmark (1 = skip)")
     p.add_argument("--quick", action="store_true", help="fewer shapes and sizes (about 20 s)")
     p.add_argument("--profile", help="profile to start from (default: the shipped one)")
-    p.add_argument("--out", help="write the profile YAML here")
+    p.add_argument("--out", help="also write the whole profile YAML here")
+    p.add_argument("--no-save", action="store_true",
+                   help="do not record the measurements as this machine's (see below)")
+    p.epilog = ("The measurements are kept as this machine's profile ($MESHPLAN_MACHINE_PROFILE, "
+                "else ~/.cache/meshplan/machine.yaml): commands run without --profile use them "
+                "in place of the catalog's figures for that accelerator.")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
+
+
+def machine_hardware_or_empty() -> dict[str, dict[str, float]]:
+    """What is already recorded for this machine; an unreadable file is replaced."""
+    try:
+        return machine_hardware()
+    except MeshplanError:
+        return {}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,16 +44,22 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.world <= 8:
         raise MeshplanError(f"--world={args.world} must be between 1 and 8")
     res = run_bench(quick=args.quick, world=args.world)
-    base = load_profile(args.profile)
+    base = load_profile(args.profile, machine=False)
     hardware = dict(base.hardware)
     hardware[key] = res.hardware_override()
     prof = base.with_(hardware=hardware, source=f"{base.source}; hardware[{key}] measured by meshplan bench")
-    if args.out:
-        from planner.planfile import atomic_write_text
+    from planner.planfile import atomic_write_text
 
+    if args.out:
         atomic_write_text(Path(args.out), dump_profile(prof))
+    saved = None
+    if not args.no_save:
+        saved = machine_profile_path()
+        measured = {**machine_hardware_or_empty(), key: hardware[key]}
+        atomic_write_text(saved, yaml.safe_dump({"hardware": measured}, sort_keys=False))
     if args.json:
-        print(json.dumps({**res.to_dict(), "profile_path": args.out}))
+        print(json.dumps({**res.to_dict(), "profile_path": args.out,
+                          "machine_profile": str(saved) if saved else None}))
         return 0
     print(f"device {res.device}, {res.threads} threads, {res.seconds:.1f} s")
     for g in res.gemm:
@@ -50,4 +71,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name:14} alpha {c['alpha_s'] * 1e6:8.1f} us   bus bandwidth {c['bus_gbps']:7.3f} GB/s ({c['backend']}, {c['world']} ranks)")
     if args.out:
         print(f"wrote {args.out}")
+    if saved:
+        print(f"recorded as this machine's {key} figures: {saved}")
     return 0

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from executor.data.batch import Batch
-from executor.parallel.comm import KINDS, CommCounter
+from executor.parallel.comm import KINDS, WAIT_CLOCK, CommCounter
 from executor.parallel.mesh import ParallelDims, build_mesh, init_distributed
 from executor.strategy import Strategy, autocast_dtype, build_optimizer, token_loss_sum
 
@@ -81,17 +81,23 @@ class DistributedStrategy(Strategy):
 
     def begin_step_accounting(self) -> None:
         self.comm.reset()
+        WAIT_CLOCK.install()
+        WAIT_CLOCK.reset()
 
     def comm_bytes(self) -> dict[str, int]:
         """Payload bytes this rank moved since the step began, by collective kind."""
         return self.comm.snapshot()
 
     def comm_bytes_mean(self) -> dict[str, float]:
-        """The per-rank mean over the world (not counted itself)."""
-        vals = torch.tensor([float(self.comm.bytes.get(k, 0)) for k in KINDS],
-                            dtype=torch.float64)
+        """The per-rank mean over the world (not counted itself) of the payload bytes by
+        kind, and of the seconds blocked on collectives (`comm_wait_s`) and on pipeline
+        neighbours (`pipeline_wait_s`)."""
+        waits = WAIT_CLOCK.snapshot()
+        vals = torch.tensor([float(self.comm.bytes.get(k, 0)) for k in KINDS]
+                            + [waits["comm"], waits["pipeline"]], dtype=torch.float64)
         dist.all_reduce(vals)
-        return {k: float(v) / self.world_size for k, v in zip(KINDS, vals.tolist(), strict=True)}
+        keys = [*KINDS, "comm_wait_s", "pipeline_wait_s"]
+        return {k: float(v) / self.world_size for k, v in zip(keys, vals.tolist(), strict=True)}
 
     def predicted_comm(self) -> dict[str, float]:
         from costmodels.comm_volume import comm_volume
@@ -107,8 +113,10 @@ class DistributedStrategy(Strategy):
         if not self.comm_enabled:
             return {}
         measured = self.comm_bytes_mean()
+        waits = {k: measured.pop(k) for k in ("comm_wait_s", "pipeline_wait_s")}
         predicted = self.predicted_comm()
         return {
+            **waits,
             "comm_bytes": {k: int(v) for k, v in measured.items() if v or predicted.get(k)},
             "comm_bytes_predicted": {k: int(v) for k, v in predicted.items()
                                      if v or measured.get(k)},

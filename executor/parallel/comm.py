@@ -18,7 +18,10 @@ Collectives over a group of one process move nothing and are not counted.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -119,6 +122,12 @@ class CommCounter(TorchDispatchMode):
 
         if any(issubclass(t, DTensor) for t in types):
             return NotImplemented  # let DTensor desugar into the collectives it runs
+        if func._overloadpacket is torch.ops._c10d_functional.wait_tensor:
+            t0 = time.perf_counter()  # a DTensor collective's result being waited for
+            try:
+                return func(*args, **kwargs)
+            finally:
+                WAIT_CLOCK.add(time.perf_counter() - t0)
         entry = self._table.get(func._overloadpacket)
         if entry is not None and not self.paused:
             kind, measure = entry
@@ -127,3 +136,56 @@ class CommCounter(TorchDispatchMode):
                 self.bytes[kind] += payload
                 self.calls[kind] += 1
         return func(*args, **kwargs)
+
+
+class WaitClock:
+    """Seconds this process's main thread spends blocked on communication, by bucket:
+    `comm` (collectives) and `pipeline` (a pipeline schedule's sends and receives, where a
+    stage waits for its neighbour). It times `Work.wait` (every wait Python issues: FSDP2,
+    the pipeline schedules, DeepSpeed, synchronous torch.distributed calls) and DTensor's
+    `wait_tensor`; DDP's reducer waits inside C++ at the end of backward, so its exposed
+    all-reduce time stays inside the compute timer."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.current = "comm"
+        self._original: Any = None
+
+    def install(self) -> None:
+        """Wrap `Work.wait` (once per process)."""
+        if self._original is not None:
+            return
+        from torch._C._distributed_c10d import Work
+
+        original = Work.wait
+        clock = self
+
+        def timed_wait(work: Any, *args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return original(work, *args, **kwargs)
+            finally:
+                clock.add(time.perf_counter() - t0)
+
+        Work.wait = timed_wait
+        self._original = original
+
+    def add(self, seconds: float) -> None:
+        self.seconds[self.current] += seconds
+
+    @contextmanager
+    def bucket(self, name: str) -> Iterator[None]:
+        prev, self.current = self.current, name
+        try:
+            yield
+        finally:
+            self.current = prev
+
+    def reset(self) -> None:
+        self.seconds = defaultdict(float)
+
+    def snapshot(self) -> dict[str, float]:
+        return {"comm": float(self.seconds.get("comm", 0.0)), "pipeline": float(self.seconds.get("pipeline", 0.0))}
+
+
+WAIT_CLOCK = WaitClock()

@@ -24,6 +24,7 @@ from costmodels.errors import MeshplanError
 from executor.attention import resolve_backend
 from executor.data.batch import Batch
 from executor.parallel.base import DistributedStrategy, token_loss_sum
+from executor.parallel.comm import WAIT_CLOCK
 from executor.parallel.data_parallel import apply_fsdp
 from executor.parallel.mesh import submesh
 
@@ -200,7 +201,7 @@ class PipelineStrategy(DistributedStrategy):
             self._schedule = self._build_schedule(n)
             self._schedule_n = n
         with self.counting():
-            with self.autocast():
+            with self.autocast(), WAIT_CLOCK.bucket("pipeline"):
                 self._schedule.step(
                     cat["input_ids"], position_ids=cat["position_ids"], doc_ids=cat["doc_ids"],
                     target=cat["labels"],

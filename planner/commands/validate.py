@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     df = read_runs(args.csv)
-    v = validate_runs(df, load_profile(args.profile), args.cross_validate, args.seed)
+    # Published runs are scored with the shipped (or given) profile, never this machine's.
+    v = validate_runs(df, load_profile(args.profile, machine=False), args.cross_validate, args.seed)
     if args.json:
         print(json.dumps(v.to_json()))
         return 0

@@ -134,3 +134,23 @@ def test_calibrate_cli(tmp_path):
     assert load_profile(out).hardware["cpu"] == HW
     assert_clean_error(run_cli("calibrate"), "--local-loop")
     assert_clean_error(run_cli("calibrate", str(tmp_path / "nope")), "no usable run")
+
+
+def test_bench_records_this_machine_and_plans_use_it(tmp_path, monkeypatch):
+    machine = tmp_path / "machine.yaml"
+    monkeypatch.setenv("MESHPLAN_MACHINE_PROFILE", str(machine))
+    predict = ("predict", "--model", "tiny", "--gpu", "cpu", "--gpus", "1", "--micro-batch", "8",
+               "--global-batch", "8", "--precision", "fp32", "--json")
+    shipped = json.loads(run_cli(*predict).stdout)
+    proc = run_cli("bench", "--quick", "--world", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["machine_profile"] == str(machine)
+    hw = load_profile().hardware["cpu"]  # merged into the default profile from now on
+    assert hw["fp32_tflops"] > 0 and hw["host_cores"] >= 1
+    assert load_profile(machine=False).hardware == {}  # the shipped profile is untouched
+    measured = json.loads(run_cli(*predict).stdout)
+    assert measured["step_time_s"] != shipped["step_time_s"]
+    machine.write_text("hardware: [not, a, mapping]\n")
+    assert_clean_error(run_cli(*predict), "machine.yaml", "meshplan bench")
+    proc = run_cli("bench", "--quick", "--world", "1", "--json")  # bench repairs it
+    assert proc.returncode == 0 and load_profile().hardware["cpu"]["fp32_tflops"] > 0

@@ -31,6 +31,14 @@ def _check(layouts: list[dict[str, Any]], results: list[dict[str, Any]]) -> None
             # Per kind within 5%; DeepSpeed's own scalar flags (overflow checks, norms: a
             # few 4-byte all-reduces) are not modelled, hence the 64-byte allowance.
             assert abs(m - p) <= max(0.05 * p, 64), f"{res['name']} {kind}: measured {m} vs {p}"
+        # Seconds blocked on communication: every layout waits on collectives (at least the
+        # gradient-norm all-reduce); only pipelines wait on their neighbours.
+        waits = res["waits"]
+        assert waits["comm_wait_s"] > 0, (res["name"], waits)
+        if lay.get("pp", 1) > 1:
+            assert waits["pipeline_wait_s"] > 0, (res["name"], waits)
+        else:
+            assert waits["pipeline_wait_s"] == 0, (res["name"], waits)
 
 
 TORCH_2 = [

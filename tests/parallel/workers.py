@@ -88,7 +88,7 @@ def strategy_losses(plan: Any, steps: int, comm_from_step: int = 2) -> dict[str,
     strat = make_strategy(plan)
     strat.setup(build(plan), plan)
     local_micro = plan.layout.micro_batch_size
-    losses, comm = [], []
+    losses, comm, waits = [], [], []
     for s in range(steps):
         gb = global_batch(s, plan.model_spec().vocab)
         local = strat.local_rows(gb)
@@ -98,9 +98,12 @@ def strategy_losses(plan: Any, steps: int, comm_from_step: int = 2) -> dict[str,
         strat.zero_grad()
         losses.append(float(loss))
         if s >= comm_from_step:
-            comm.append(strat.comm_bytes_mean())
+            c = strat.comm_bytes_mean()
+            waits.append({k: c.pop(k) for k in ("comm_wait_s", "pipeline_wait_s")})
+            comm.append(c)
     mean = {k: sum(c[k] for c in comm) / len(comm) for k in comm[0]} if comm else {}
-    return {"losses": losses, "comm": mean, "name": strat.name}
+    wait = {k: sum(w[k] for w in waits) / len(waits) for k in waits[0]} if waits else {}
+    return {"losses": losses, "comm": mean, "waits": wait, "name": strat.name}
 
 
 def compare_worker(rank: int, world: int, layouts: list[dict[str, Any]], steps: int,
