@@ -399,8 +399,8 @@ def slurm_script(
         f'MASTER_PORT="${{MASTER_PORT:-{DEFAULT_MASTER_PORT}}}"',
         "export MASTER_ADDR MASTER_PORT",
     ]
-    if _cpu(plan):
-        lines.append('export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"')
+    if _cpu(plan):  # each rank gets its share of the task's cores (what the cost model assumes)
+        lines.append(f'export OMP_NUM_THREADS="${{OMP_NUM_THREADS:-{max(1, cpus // per_node)}}}"')
     argv = torchrun_command(
         plan, "$PLAN", "$RUN_DIR", multi_node=True, max_restarts=max_restarts,
         rdzv_id="$SLURM_JOB_ID",
