@@ -26,6 +26,7 @@ SCALAR_PARAMS: tuple[tuple[str, float, float], ...] = (
     ("layer_overhead_s", 0.0, 5e-2),
     ("sync_jitter", 0.0, 0.1),
     ("step_overhead_s", 0.0, 2.0),
+    ("tp_layer_overhead_s", 0.0, 0.1),
 )
 MEMORY_PARAMS: tuple[tuple[str, float, float], ...] = (
     ("memory_factor", 1.0, 1.6),
@@ -48,7 +49,9 @@ class FitResult:
 def _param_space(c: Cases, fixed: Sequence[str]) -> list[tuple[str, float, float]]:
     gens = sorted({GEN_ORDER[i] for i in np.unique(np.asarray(c["gen_idx"], dtype=int))})
     space = [(f"gemm_eff.{g}", 0.3, 1.0) for g in gens]
-    space += [p for p in SCALAR_PARAMS if p[0] not in fixed]
+    # tp_layer_overhead_s only acts on CPU runs with TP: identifiable only when there are some.
+    cpu_tp = bool(np.any((np.asarray(c["gen_idx"]) == GEN_ORDER.index("cpu")) & (np.asarray(c["tp"]) > 1)))
+    space += [p for p in SCALAR_PARAMS if p[0] not in fixed and (cpu_tp or p[0] != "tp_layer_overhead_s")]
     return space
 
 

@@ -54,6 +54,12 @@ class Profile:
     step_overhead_s: float = 0.0
     # Fixed host/launch overhead per layer per micro-batch (s).
     layer_overhead_s: float = 2e-5
+    # Time per tensor-parallel layer and micro-batch on a CPU that the measured GEMM,
+    # elementwise and collective rates miss: DTensor dispatch around each sharded module (the
+    # bench measured ~0.3 ms per sharded linear here), the unfused vocab-parallel loss, ranks
+    # waiting for each other at every collective. On an accelerator the host queues kernels
+    # ahead and this is hidden, so it applies to CPU runs only (fitted by `meshplan calibrate`).
+    tp_layer_overhead_s: float = 0.0
     # Memory: allocator fragmentation and workspace, as a factor on tensor bytes, plus a
     # constant (CUDA context is outside max_memory_allocated; cuBLAS/NCCL workspaces are in).
     memory_factor: float = 1.1

@@ -108,6 +108,7 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     )
     t_layer = 3 * t_gemm_fwd + (1 + FLASH_BWD_OVER_FWD) * t_attn_fwd + t_elem + recompute_fwd
     t_layer = t_layer + prof.layer_overhead_s * np.where(recompute == 2, 1 + 0.5 * rc_frac, 1.0)
+    t_layer = t_layer + np.where(on_cpu & (tp > 1), prof.tp_layer_overhead_s, 0.0)
 
     # ---- tensor parallel collectives per layer per micro-batch
     tp_bw = f64("tp_bw") * prof.link_eff

@@ -41,6 +41,7 @@ from executor.data.prepare import resolve_dataset
 from executor.faults import Fault, FaultInjector
 from executor.metrics import EventLog, MetricsLog, Reporter
 from executor.model import build_model, count_params
+from executor.phase_timer import PhaseTimer
 from executor.stability import SpikeDetector
 from executor.strategy import Strategy, make_strategy
 
@@ -395,17 +396,18 @@ class Trainer:
         return local.split(self.plan.layout.micro_batch_size)
 
     def train_step(self, step: int) -> dict[str, Any]:
-        t0 = time.perf_counter()
+        clock = PhaseTimer(getattr(self.strategy, "device", "cpu"))
+        clock.mark("start")
         batch, next_cursor = self.loader.global_batch(self.state.cursor, self.state.blacklist)
         batch, faults = self.faults.apply(step, batch)
         targets = batch.num_targets()
         micro = self._micro_batches(batch)
-        t_data = time.perf_counter()
+        clock.mark("data_s")
         loss_t = self.strategy.forward_backward(micro, targets)
         loss = float(loss_t)
         ewc_penalty = self.ewc.apply(self.strategy.model) if self.ewc is not None else None
         grad_norm = self.strategy.clip_grad_norm(self.plan.train.grad_clip)
-        t_compute = time.perf_counter()
+        clock.mark("compute_s")
         decision = self.detector.check(step, loss, grad_norm)
         lr = self.schedule.at(step - 1)
         if decision.skip:
@@ -414,18 +416,18 @@ class Trainer:
             self.strategy.set_lr(lr)
             self.strategy.optimizer_step()
             self.strategy.zero_grad()
-        t_end = time.perf_counter()
+        clock.mark("optimizer_s")
+        phases = clock.durations()
         self.state.step = step
         self.state.cursor = next_cursor
         self.state.tokens += batch.num_tokens
-        step_time = t_end - t0
+        step_time = sum(phases.values())
         rec: dict[str, Any] = {
             "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "tokens": self.state.tokens, "step_time_s": step_time,
             "tokens_per_sec": batch.num_tokens / step_time if step_time > 0 else 0.0,
             "skipped": decision.skip, "skip_reason": decision.reason,
-            "target_tokens": targets, "data_s": t_data - t0, "compute_s": t_compute - t_data,
-            "optimizer_s": t_end - t_compute,
+            "target_tokens": targets, **phases,
             "sample_ids": batch.sample_ids.tolist(),
             "wall_time": time.time(),
         }

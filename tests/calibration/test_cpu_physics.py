@@ -104,3 +104,13 @@ def test_tp_collectives_fall_back_to_the_plain_collectives_figures():
     c = _case(2, {**HW, "allgather_latency_s": 2e-3, "tp_reduce_scatter_latency_s": 5e-3}, tp=2)
     assert c["tp_allgather_lat"][0] == 2e-3 and c["tp_reduce_scatter_lat"][0] == 5e-3
     assert c["tp_allreduce_lat"][0] == -1.0  # the link's own latency
+
+
+def test_tp_layer_overhead_acts_on_cpu_tensor_parallel_runs_only():
+    base, slow = Profile(sync_jitter=0.0), Profile(sync_jitter=0.0, tp_layer_overhead_s=0.01)
+    tp = [evaluate(_case(2, HW, tp=2), p)["step_time_s"][0] for p in (base, slow)]
+    assert tp[1] - tp[0] == pytest.approx(0.01 * get_preset("tiny").layers)  # per layer, 1 micro-batch
+    dp = [evaluate(_case(2, HW, dp=2), p)["step_time_s"][0] for p in (base, slow)]
+    assert dp[1] == pytest.approx(dp[0])
+    gpu = single_case(get_preset("small"), Layout(tp=8, micro_batch=1, global_batch=8), ClusterSpec("h100-sxm", 8))
+    assert evaluate(gpu, slow)["step_time_s"][0] == pytest.approx(evaluate(gpu, base)["step_time_s"][0])
