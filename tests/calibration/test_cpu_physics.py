@@ -114,3 +114,22 @@ def test_tp_layer_overhead_acts_on_cpu_tensor_parallel_runs_only():
     assert dp[1] == pytest.approx(dp[0])
     gpu = single_case(get_preset("small"), Layout(tp=8, micro_batch=1, global_batch=8), ClusterSpec("h100-sxm", 8))
     assert evaluate(gpu, slow)["step_time_s"][0] == pytest.approx(evaluate(gpu, base)["step_time_s"][0])
+
+
+def test_container_cpu_quota_caps_the_host_cores(tmp_path):
+    from costmodels.hardware import cgroup_cpu_limit
+
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("200000 100000\n")
+    assert cgroup_cpu_limit(str(v2)) == 2.0
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_limit(str(v2)) is None
+    v1 = tmp_path / "v1" / "cpu"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("150000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_limit(str(tmp_path / "v1")) == 1.5
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_cpu_limit(str(tmp_path / "v1")) is None
+    assert cgroup_cpu_limit(str(tmp_path / "nowhere")) is None
