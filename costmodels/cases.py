@@ -20,6 +20,7 @@ Cases = dict[str, np.ndarray]
 
 GEN_ORDER = ("ampere", "hopper", "blackwell", "cdna3", "cpu")
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
+TP_COLLECTIVE_FALLBACK = {"tp_allgather": "allgather", "tp_reduce_scatter": "reduce_scatter"}
 
 
 def model_columns(model: ModelSpec, seq_len: int | None = None) -> dict[str, float]:
@@ -180,11 +181,12 @@ def build_cases(
         for g in ("tp", "cp", "dp", "pp", "shard", "rep"):
             cases[f"{g}_lat"] = np.where(np.isfinite(cases[f"{g}_bw"]), lat, 0.0)
     # Per-collective figures measured by `meshplan bench` (relative bandwidth, latency).
-    # TP's collectives as DTensor issues them fall back to the plain collective's figures.
-    for key, plain in (("allgather", ""), ("reduce_scatter", ""), ("p2p", ""), ("tp_allreduce", ""),
-                       ("tp_allgather", "allgather"), ("tp_reduce_scatter", "reduce_scatter")):
-        rel = hw.get(f"{key}_bw_rel", hw.get(f"{plain}_bw_rel", 1.0))
-        lat = hw.get(f"{key}_latency_s", hw.get(f"{plain}_latency_s", -1.0))  # -1: the link's
+    # TP's collectives as DTensor issues them fall back to the plain collective's figures;
+    # a latency of -1 means the link's own.
+    for key in ("allgather", "reduce_scatter", "p2p", "tp_allreduce", "tp_allgather", "tp_reduce_scatter"):
+        plain = TP_COLLECTIVE_FALLBACK.get(key)
+        rel = hw.get(f"{key}_bw_rel", hw.get(f"{plain}_bw_rel", 1.0) if plain else 1.0)
+        lat = hw.get(f"{key}_latency_s", hw.get(f"{plain}_latency_s", -1.0) if plain else -1.0)
         cases[f"{key}_bw_rel"] = np.full(n, rel)
         cases[f"{key}_lat"] = np.full(n, lat)
     cases["gpus"] = np.full(n, cluster.num_gpus)

@@ -67,7 +67,7 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     swiglu = np.asarray(c["swiglu"], dtype=bool)
     ab = f64("act_bytes")
     hbm_bw = f64("hbm_bw")
-    elem_bw = f64("elem_bw") if "elem_bw" in c else hbm_bw
+    elem_bw = f64("elem_bw")
     peak_gemm, peak_bf16 = f64("peak_gemm"), f64("peak_bf16")
     gen_idx = np.asarray(c["gen_idx"], dtype=int)
     gen_eff = np.array([prof.gemm_eff.get(g, 0.6) for g in GEN_ORDER])[gen_idx]

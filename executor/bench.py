@@ -205,7 +205,7 @@ def _collective_worker(rank: int, world: int, port: int, sizes: list[int], repea
             "all_to_all": lambda x=x, o=out_a2a: dist.all_to_all_single(o, x),
             "send_recv": p2p,
         }
-        ops.update(_dtensor_ops(mesh, x, world))
+        ops.update(_dtensor_ops(mesh, x))
         for name, fn in ops.items():
             dist.barrier()
             t = _timeit(fn, repeats, sync)
@@ -218,7 +218,7 @@ def _collective_worker(rank: int, world: int, port: int, sizes: list[int], repea
     dist.destroy_process_group()
 
 
-def _dtensor_ops(mesh: Any, x: torch.Tensor, world: int) -> dict[str, Callable[[], object]]:
+def _dtensor_ops(mesh: Any, x: torch.Tensor) -> dict[str, Callable[[], object]]:
     """All-reduce, all-gather and reduce-scatter of `x` as DTensor redistributions."""
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
@@ -247,10 +247,9 @@ def fit_alpha_beta(points: list[tuple[int, float]], bus_factor: float) -> dict[s
     a = np.stack([1 / y, x / scale / y], axis=1)
     (alpha, inv_beta_scaled), _ = nnls(a, np.ones_like(y))
     inv_beta = inv_beta_scaled / scale
-    i = int(np.argmax(x))
-    # Timing noise can swamp the size dependence: the bandwidth is never above what the
-    # largest message achieved.
-    inv_beta = max(inv_beta, y[i] / x[i] * 0.5, 1e-15) if inv_beta <= 0 else inv_beta
+    if inv_beta <= 0:  # timing noise swamped the size dependence: charge half the largest
+        i = int(np.argmax(x))  # message's time to its bytes
+        inv_beta = max(0.5 * y[i] / x[i], 1e-15)
     return {"alpha_s": float(alpha), "bus_gbps": float(1 / inv_beta / 1e9), "points": len(points)}
 
 

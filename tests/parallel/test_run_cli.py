@@ -18,6 +18,7 @@ from costmodels.hardware import cpu_threads_per_rank
 from costmodels.presets import PRESETS
 from planner.cli import main as cli_main
 from planner.planfile import plan_from_dict, save_plan
+from tests.reliability.helpers import worker_pids
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMON = ["--override", "train.precision=fp32", "--no-progress"]
@@ -114,21 +115,6 @@ def test_fsdp_two_ranks_resumes_on_one_and_back(reference, tmp_path):
     _close(got, ref, range(1, 11))
 
 
-def _worker_pids(run: Path) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"planner.cli" in cmd and str(run).encode() in cmd and \
-                b"torch.distributed.run" not in cmd:
-            pids.append(int(d.name))
-    return pids
-
-
 @pytest.mark.timeout(300)
 def test_sigkilled_rank_restarts_and_resumes(tmp_path):
     plan = _plan(tmp_path)
@@ -150,7 +136,7 @@ def test_sigkilled_rank_restarts_and_resumes(tmp_path):
         while time.time() < deadline and killed is None:
             m = run / "metrics.jsonl"
             if m.exists() and len(m.read_text().splitlines()) >= 6:
-                pids = _worker_pids(run)
+                pids = worker_pids(run)
                 if pids:
                     killed = max(pids)
                     os.kill(killed, signal.SIGKILL)
