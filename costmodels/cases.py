@@ -15,10 +15,11 @@ from costmodels.comm import group_link
 from costmodels.hardware import cpu_threads_per_rank, get_accelerator
 from costmodels.profile import GENERATION
 from costmodels.specs import PRECISIONS, RECOMPUTES, SHARDINGS, ClusterSpec, Layout, ModelSpec
+from costmodels.stacks import stack_columns, stack_for
 
 Cases = dict[str, np.ndarray]
 
-GEN_ORDER = ("ampere", "hopper", "blackwell", "cdna3", "cpu")
+GEN_ORDER = ("ampere", "hopper", "blackwell", "cdna3", "cpu", "cdna4")
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 TP_COLLECTIVE_FALLBACK = {"tp_allgather": "allgather", "tp_reduce_scatter": "reduce_scatter"}
 
@@ -65,6 +66,7 @@ def hardware_columns(accelerator: str, precision: str) -> dict[str, float]:
         # accelerator; `meshplan bench` measures them where that does not hold (CPU hosts).
         "elem_bw": acc.hbm_tb_s * 1e12,
         "gen_idx": GEN_ORDER.index(GENERATION[acc.key]),
+        "sms": acc.sms,
         "act_bytes": 4.0 if precision == "fp32" else 2.0,
     }
 
@@ -163,13 +165,17 @@ def _measured(cluster: ClusterSpec, precision: str, hw: Mapping[str, float]) -> 
 def build_cases(
     model: ModelSpec, cluster: ClusterSpec, layout_cols: Mapping[str, np.ndarray], precision: str = "bf16",
     seq_len: int | None = None, hardware: Mapping[str, float] | None = None,
+    framework: str | None = None,
 ) -> Cases:
     """Cases for one model on one cluster over many layouts (the planner's table).
-    `hardware`: measured figures overriding the catalog (a profile's `hardware[key]`)."""
+    `hardware`: measured figures overriding the catalog (a profile's `hardware[key]`);
+    `framework`: the training stack (`costmodels.stacks`; default: meshplan's executor)."""
     n = len(layout_cols["tp"])
     cases: Cases = {k: np.asarray(v) for k, v in layout_cols.items()}
     cluster, hw_cols = _measured(cluster, precision, hardware or {})
-    for k, v in {**model_columns(model, seq_len), **hw_cols}.items():
+    cols = {**model_columns(model, seq_len), **hw_cols, **stack_columns(stack_for(framework))}
+    cols["precision_idx"] = PRECISIONS.index(precision) if precision in PRECISIONS else 0
+    for k, v in cols.items():
         cases[k] = np.full(n, v)
     n_rows = len(cases["tp"])
     cases.setdefault("dp_shard", np.zeros(n_rows, dtype=np.int64))
@@ -200,6 +206,8 @@ def concat_cases(parts: list[Cases]) -> Cases:
 
 
 def single_case(
-    model: ModelSpec, layout: Layout, cluster: ClusterSpec, hardware: Mapping[str, float] | None = None
+    model: ModelSpec, layout: Layout, cluster: ClusterSpec, hardware: Mapping[str, float] | None = None,
+    framework: str | None = None,
 ) -> Cases:
-    return build_cases(model, cluster, layout_columns([layout]), layout.precision, hardware=hardware)
+    return build_cases(model, cluster, layout_columns([layout]), layout.precision, hardware=hardware,
+                       framework=framework)

@@ -68,12 +68,18 @@ def _path_bottleneck(g: nx.Graph, a: tuple, b: tuple) -> tuple[float, float]:
 
 @lru_cache(maxsize=4096)
 def group_link(cluster: ClusterSpec, stride: int, size: int) -> tuple[float, float]:
-    """(GB/s per rank per direction, per-hop latency s) of a ring over ranks
+    """(GB/s per rank per direction, per-hop latency s) of a collective over ranks
     0, stride, 2 stride, ... (`size` of them).
 
     Each ring hop is classified by whether its two ranks share a scale-up domain; one
     representative hop of each class is routed on the link graph (two domains suffice: all
     cross-domain hops look alike), and the ring runs at its slowest hop.
+
+    A group that leaves its domain is not limited to one NIC: NCCL builds one ring (channel)
+    per NIC on rail-optimised fabrics, so the k members a domain holds drive k NICs at once
+    and the group's inter-domain traffic shares k x NIC (the node's aggregate egress when
+    the group spans every GPU of it). Intra-domain links still carry the whole volume, so
+    the group runs at min(scale-up, k x NIC).
     """
     if size <= 1:
         return float("inf"), 0.0
@@ -92,7 +98,11 @@ def group_link(cluster: ClusterSpec, stride: int, size: int) -> tuple[float, flo
     if stays and domain > 1:
         results.append(_path_bottleneck(g, ("gpu", 0), ("gpu", 1)))
     if crosses:
-        results.append(_path_bottleneck(g, ("gpu", 0), ("gpu", domain)))
+        nic_bw, lat = _path_bottleneck(g, ("gpu", 0), ("gpu", domain))
+        per_domain = sum(1 for r in ranks if r // domain == 0)  # members of the first domain
+        rails = max(1, per_domain)  # one NIC per GPU
+        up = results[0][0] if results else float("inf")
+        results.append((min(nic_bw * rails, up), lat))
     bw = min(r[0] for r in results)
     lat = max(r[1] for r in results)
     return bw, lat

@@ -18,20 +18,54 @@ from costmodels.steptime import evaluate
 
 # name, lower, upper (physical ranges); gemm_eff.<gen> entries are added per generation seen.
 SCALAR_PARAMS: tuple[tuple[str, float, float], ...] = (
-    ("attn_eff", 0.2, 1.0),
-    ("elementwise_factor", 0.5, 12.0),
-    ("tp_overlap", 0.0, 0.95),
+    ("attn_eff", 0.3, 1.5),
+    ("elementwise_eff", 0.2, 1.0),
     ("dp_overlap", 0.0, 1.0),
     ("link_eff", 0.3, 1.0),
     ("layer_overhead_s", 0.0, 5e-2),
-    ("sync_jitter", 0.0, 0.1),
     ("step_overhead_s", 0.0, 2.0),
     ("tp_layer_overhead_s", 0.0, 0.1),
 )
+# Not fitted: sourced priors the published runs cannot identify (they are GPU-bound and
+# short of stragglers): kernel_gap_s, host_op_s, sync_jitter. `meshplan calibrate` users can
+# still set them in a profile.
+# Held at their priors when fitting published runs (`fit_on_runs`, leave-one-source-out):
+#   link_eff    log-RMSE moves by 2% over 0.7-1.0 there (weakly identified: once collectives
+#               use every rail, DP traffic hides under backward); the prior 0.8 is the share
+#               of link rate nccl-tests reach as bus bandwidth on NVLink / InfiniBand
+#   dp_overlap  the overlap window is physical (last backward, first forward); 1.0 = DP
+#               collectives progress for all of it
+# `meshplan calibrate` on a machine's own runs fits both.
+PUBLISHED_PRIORS: dict[str, float] = {"link_eff": 0.8, "dp_overlap": 1.0}
+PUBLISHED_FIXED = tuple(PUBLISHED_PRIORS)
+
 MEMORY_PARAMS: tuple[tuple[str, float, float], ...] = (
     ("memory_factor", 1.0, 1.6),
     ("memory_constant_gb", 0.0, 8.0),
 )
+
+
+def identifiable(c: Cases) -> set[str]:
+    """Parameters some case of `c` depends on (a parameter nothing depends on cannot be fitted)."""
+    gen = np.asarray(c["gen_idx"], dtype=int)
+    cpu = gen == GEN_ORDER.index("cpu")
+    acc = ~cpu
+    tp = np.asarray(c["tp"])
+    replicas = np.asarray(c["dp"]) * np.asarray(c["cp"])
+    grad_ov = np.asarray(c.get("grad_overlap", np.ones(len(tp))), dtype=bool)
+    multi = (tp > 1) | (replicas > 1) | (np.asarray(c["pp"]) > 1)
+    out = set()
+    if acc.any():
+        out |= {"attn_eff", "elementwise_eff"}
+    if (acc & (replicas > 1) & grad_ov).any():
+        out.add("dp_overlap")
+    if multi.any():
+        out.add("link_eff")
+    if cpu.any():
+        out |= {"layer_overhead_s", "step_overhead_s"}
+    if (cpu & (tp > 1)).any():
+        out.add("tp_layer_overhead_s")
+    return out
 
 
 def _subset(c: Cases, idx: np.ndarray) -> Cases:
@@ -49,9 +83,8 @@ class FitResult:
 def _param_space(c: Cases, fixed: Sequence[str]) -> list[tuple[str, float, float]]:
     gens = sorted({GEN_ORDER[i] for i in np.unique(np.asarray(c["gen_idx"], dtype=int))})
     space = [(f"gemm_eff.{g}", 0.3, 1.0) for g in gens]
-    # tp_layer_overhead_s only acts on CPU runs with TP: identifiable only when there are some.
-    cpu_tp = bool(np.any((np.asarray(c["gen_idx"]) == GEN_ORDER.index("cpu")) & (np.asarray(c["tp"]) > 1)))
-    space += [p for p in SCALAR_PARAMS if p[0] not in fixed and (cpu_tp or p[0] != "tp_layer_overhead_s")]
+    can = identifiable(c)
+    space += [p for p in SCALAR_PARAMS if p[0] not in fixed and p[0] in can]
     return space
 
 
@@ -140,3 +173,15 @@ def random_halves(n: int, seed: int = 0) -> np.ndarray:
     folds = np.zeros(n, dtype=int)
     folds[rng.permutation(n)[: n // 2]] = 1
     return folds
+
+
+def parameter_report(c: Cases, fr: FitResult, fixed: Sequence[str] = ()) -> list[dict]:
+    """Each fitted parameter with its bounds and whether it sits at one (within 0.5% of the
+    range): a parameter at a bound is a modelling gap, not a result."""
+    rows = []
+    for name, lo, hi in _param_space(c, fixed):
+        v = fr.params[name]
+        tol = 5e-3 * (hi - lo)
+        rows.append({"name": name, "value": v, "lower": lo, "upper": hi,
+                     "at_bound": bool(v - lo < tol or hi - v < tol)})
+    return rows

@@ -91,6 +91,32 @@ def layer_activation_bytes(
     return np.where(recompute == 2, full, np.where(recompute == 1, selective, none))
 
 
+def eager_extra_activation_bytes(
+    s: ArrayLike, b: ArrayLike, h: ArrayLike, ffn: ArrayLike, t: ArrayLike, cp: ArrayLike,
+    sequence_parallel: bool | np.ndarray, act_bytes: float = 2.0,
+) -> ArrayLike:
+    """Per layer, what an eager (unfused) stack saves beyond `layer_activation_bytes`: the two
+    norm outputs autograd keeps as the next matmul's input (2h, split only under SP) and the
+    activation function's output (f, split by TP)."""
+    tokens = s * b / cp
+    norms = np.where(np.asarray(sequence_parallel, dtype=bool), 2 * h / t, 2 * h)
+    return tokens * act_bytes * (norms + ffn / t)
+
+
+def op_level_sac_activation_bytes(
+    s: ArrayLike, b: ArrayLike, h: ArrayLike, heads: ArrayLike, kv_dim: ArrayLike,
+    ffn: ArrayLike, swiglu: bool | np.ndarray, t: ArrayLike, cp: ArrayLike, mlp_mats: ArrayLike,
+    act_bytes: float = 2.0,
+) -> ArrayLike:
+    """Op-level selective activation checkpointing (torchtitan's "selective" AC with the
+    "op" policy): the layer input and the attention output are kept, and the outputs of every
+    other matmul (Q, K, V, O, the MLP's up / gate and down projections); the rest is
+    recomputed in backward. Per token: 2h + (h + 2 kv + h + (mats - 1) f + h) / 2."""
+    tokens = s * b / cp
+    mm_outputs = h + 2 * kv_dim + h + (mlp_mats - 1) * ffn + h
+    return tokens * act_bytes * (2 * h + 0.5 * mm_outputs) / t
+
+
 def inflight_microbatches_first_stage(
     pp: ArrayLike, vpp: ArrayLike, micro_batches: ArrayLike, gpipe: bool | np.ndarray = False
 ) -> ArrayLike:
@@ -107,10 +133,13 @@ def inflight_microbatches_first_stage(
     return np.where(gpipe, m, steady)
 
 
-def logits_bytes(tokens: ArrayLike, vocab: ArrayLike, t: ArrayLike) -> ArrayLike:
-    """Last stage: 16-bit logits plus their fp32 copy for the cross-entropy, vocab split
-    across TP (Megatron's vocab-parallel cross entropy, Shoeybi et al. 2019, Sec. 3)."""
-    return tokens * vocab * (2 + 4) / t
+def logits_bytes(tokens: ArrayLike, vocab: ArrayLike, t: ArrayLike, bytes_per_logit: ArrayLike = 6.0) -> ArrayLike:
+    """Last stage at the loss: bytes per logit element, vocab split across TP. A fused /
+    vocab-parallel cross entropy holds the 16-bit logits and one fp32 buffer it computes the
+    gradient in place (2 + 4; Shoeybi et al. 2019, Sec. 3); eager `F.cross_entropy` on
+    upcast logits holds the 16-bit logits, the fp32 copy, the fp32 log-softmax and its fp32
+    gradient at the peak of backward (2 + 4 + 4 + 4 = 14)."""
+    return tokens * vocab * bytes_per_logit / t
 
 
 def embedding_output_bytes(tokens: ArrayLike, h: ArrayLike, t: ArrayLike, sp: bool | np.ndarray) -> ArrayLike:

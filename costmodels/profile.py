@@ -20,7 +20,8 @@ from costmodels.errors import MeshplanError
 GENERATION = {
     "a100-40gb": "ampere", "a100-80gb": "ampere",
     "h100-sxm": "hopper", "h100-hbm2e-lowpower": "hopper", "h800": "hopper", "h200": "hopper",
-    "b200": "blackwell", "mi300x": "cdna3", "cpu": "cpu",
+    "b200": "blackwell", "gb200": "blackwell", "b300": "blackwell", "gb300": "blackwell",
+    "mi300x": "cdna3", "mi355x": "cdna4", "mi350x": "cdna4", "cpu": "cpu",
 }
 
 
@@ -28,32 +29,38 @@ GENERATION = {
 class Profile:
     """Free parameters of the step-time and memory model. Bounds are physical ranges."""
 
-    # Fraction of dense peak a large, compute-bound GEMM sustains, per generation.
+    # Fraction of dense peak a large, compute-bound GEMM sustains, per generation (before
+    # the shape terms of `costmodels.gemm`). Generations without published runs carry the
+    # nearest fitted generation's figure (Blackwell: Hopper's) or a prior (CDNA: 0.55).
     gemm_eff: dict[str, float] = field(
         default_factory=lambda: {
-            "ampere": 0.80, "hopper": 0.70, "blackwell": 0.70, "cdna3": 0.55, "cpu": 0.80,
+            "ampere": 0.80, "hopper": 0.70, "blackwell": 0.70, "cdna3": 0.55, "cdna4": 0.55,
+            "cpu": 0.80,
         }
     )
-    # Multiplier on a GEMM's operand/result bytes over HBM bandwidth (roofline memory term).
-    gemm_bytes_factor: float = 1.0
-    # FlashAttention sustained fraction of the GEMM efficiency.
-    attn_eff: float = 0.6
-    # Elementwise / norm / softmax traffic per layer, in multiples of the no-recompute
-    # activation bytes, read and written over HBM (forward + backward).
-    elementwise_factor: float = 3.0
-    # Share of TP collective time hidden behind compute (0 = fully exposed).
-    tp_overlap: float = 0.0
+    # Realised share of the attention kernel's published utilisation (`costmodels.stacks`)
+    # at training shapes (head dim 128, causal masking, the run's sequence length).
+    attn_eff: float = 1.0
+    # Share of HBM bandwidth streaming elementwise kernels achieve (STREAM-like copies reach
+    # ~0.8-0.9 of peak on HBM parts).
+    elementwise_eff: float = 0.8
     # Share of the overlap window (backward of the last micro-batch; all compute for ZeRO-3)
     # during which DP collectives progress.
-    dp_overlap: float = 0.8
+    dp_overlap: float = 1.0
     # Achieved fraction of link bandwidth by NCCL collectives (bus bandwidth / link rate).
     link_eff: float = 0.8
     # Relative per-node step-time jitter; synchronous steps pay sigma sqrt(2 ln nodes).
-    sync_jitter: float = 0.02
+    sync_jitter: float = 0.0
     # Fixed host-side cost per optimizer step (loop, optimizer launch, logging) (s).
     step_overhead_s: float = 0.0
-    # Fixed host/launch overhead per layer per micro-batch (s).
-    layer_overhead_s: float = 2e-5
+    # GPU idle time per kernel launched back to back (launch latency and tail; ~2 us on
+    # recent NVIDIA parts, NVIDIA's "Getting started with CUDA Graphs" measurements).
+    kernel_gap_s: float = 2e-6
+    # Host time per op the framework dispatches, autograd included (eager PyTorch ~10 us an
+    # op; PyTorch 2, Ansel et al. 2024, gives it as the reason for CUDA graphs).
+    host_op_s: float = 1e-5
+    # Fixed host overhead per layer per micro-batch on a CPU host (s), fitted per machine.
+    layer_overhead_s: float = 0.0
     # Time per tensor-parallel layer and micro-batch on a CPU that the measured GEMM,
     # elementwise and collective rates miss: DTensor dispatch around each sharded module (the
     # bench measured ~0.3 ms per sharded linear here), the unfused vocab-parallel loss, ranks

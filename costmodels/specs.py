@@ -26,7 +26,7 @@ Schedule = Literal["gpipe", "1f1b", "interleaved"]
 
 SHARDINGS: tuple[str, ...] = ("none", "zero1", "zero2", "zero3")
 RECOMPUTES: tuple[str, ...] = ("none", "selective", "full")
-PRECISIONS: tuple[str, ...] = ("bf16", "fp8", "fp16", "fp32")
+PRECISIONS: tuple[str, ...] = ("bf16", "fp8", "fp16", "fp32", "fp4")
 
 
 class SpecError(MeshplanError):
@@ -380,4 +380,10 @@ class ClusterSpec:
     @property
     def domain_size(self) -> int:
         """GPUs reachable over the scale-up fabric."""
-        return min(self.num_gpus, self.nvlink_domain or self.gpus_per_node)
+        domain = self.nvlink_domain
+        if not domain:
+            from costmodels.hardware import ACCELERATORS  # the catalog's rack-scale domains
+
+            acc = ACCELERATORS.get(self.accelerator)
+            domain = max(acc.nvlink_domain if acc else 0, self.gpus_per_node)
+        return min(self.num_gpus, domain)

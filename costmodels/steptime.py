@@ -1,12 +1,16 @@
 """Step time, throughput, MFU and peak memory per GPU for a table of cases.
 
 Physics first, few free parameters (`costmodels.profile.Profile`):
-  compute     each layer GEMM on a roofline: 2mnk / (peak x gemm_eff) + bytes / HBM bandwidth
-              (Williams et al. 2009), for forward and the two backward GEMMs; FlashAttention
-              forward + 2.5x forward backward (Dao 2023, Sec. 3.1); elementwise kernels as HBM
-              traffic proportional to the layer's activation bytes; a per-layer launch cost.
+  compute     each layer GEMM at a shape-dependent rate (`costmodels.gemm`: wave quantisation
+              on the chip's SMs, k-loop amortisation, roofline), forward and the two backward
+              GEMMs; attention as the stack runs it (`costmodels.stacks`: FlashAttention-2,
+              FlashAttention-3 / cuDNN, or the unfused path over materialised scores),
+              backward 2.5x forward (Dao 2023, Sec. 3.1); elementwise kernels as the HBM
+              traffic the stack's kernels move (`costmodels.layer_ops`), FP8 casts; a GPU
+              floor per kernel launched, and the host's per-op time when it outruns the GPU.
   TP          2 all-reduces forward, 2 backward per layer (Shoeybi et al. 2019, Sec. 3;
-              with SP an all-gather + reduce-scatter pair of the same volume, Korthikanti 2022).
+              with SP an all-gather + reduce-scatter pair of the same volume, Korthikanti 2022),
+              hidden behind the GEMMs to a fitted degree only where the stack overlaps them.
   CP          K/V ring passes overlapped with attention (Liu et al. 2023, Ring Attention).
   PP          bubble (p - 1) / (v m) of the ideal (Narayanan et al. 2021, Sec. 2.2) over the
               stages without the output head, plus the p2p sends on the critical path.
@@ -20,10 +24,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from costmodels import comm, memory, pipeline
+from costmodels import comm, layer_ops, memory, pipeline
 from costmodels.cases import GEN_ORDER, Cases
 from costmodels.flops import attention_flops_per_token_fwd, model_flops_per_token
+from costmodels.gemm import gemm_time
 from costmodels.profile import Profile
+from costmodels.stacks import ATTENTION_IMPLS, ATTENTION_UTILISATION
 
 # Adam's HBM traffic per local parameter: read + write fp32 master, m, v (24) + read the fp32
 # grad (4) + write the 16-bit weight (2) = 30 B; the model uses 36 B, an allowance (not a
@@ -35,13 +41,22 @@ DP_BUCKET_BYTES = 50e6  # gradient bucket: DDP's 25 MB default .. Megatron's 40M
 # times against 5 for a fused log-softmax forward + backward (Shoeybi et al. 2019, Sec. 3).
 VOCAB_PARALLEL_CE_PASSES = 13 / 5
 FLASH_BWD_OVER_FWD = 2.5  # FlashAttention-2 backward recomputes QK^T: 5 matmuls vs 2 (Dao 2023, Sec. 3.1.2)
+# Unfused attention over materialised scores, bytes per score element forward: write the
+# scores, fused scale-mask-softmax reads and writes them, AV reads the probabilities
+# (Megatron's FusedScaleMaskSoftmax); dropout adds a read, a write and a 1-byte mask.
+MATH_SCORE_BYTES_FWD = 4 * 2.0
+MATH_DROPOUT_BYTES_FWD = 2 * 2.0 + 1.0
+TP_OVERLAP_CHUNKS = 4.0  # Transformer Engine userbuffers' default split of a pipelined collective
+PAD_ELEMENTS = {"fp8": 16.0, "fp4": 32.0}  # cuBLASLt FP8 / NVFP4 dimension multiples
 
 
-def _gemm_time(m, n, k, peak, eff, hbm_bw, elem_bytes, bytes_factor):
-    """Roofline time of one GEMM (m x k) @ (k x n)."""
-    flops = 2.0 * m * n * k
-    traffic = elem_bytes * (m * k + k * n + m * n)
-    return flops / (peak * eff) + bytes_factor * traffic / hbm_bw
+def _attention_utilisation(attn_impl: np.ndarray, gen_idx: np.ndarray) -> np.ndarray:
+    """Sourced forward utilisation of each case's attention kernel (`costmodels.stacks`)."""
+    table = np.ones((len(ATTENTION_IMPLS), len(GEN_ORDER)))
+    for i, impl in enumerate(ATTENTION_IMPLS):
+        for j, gen in enumerate(GEN_ORDER):
+            table[i, j] = ATTENTION_UTILISATION.get(impl, {}).get(gen, 1.0)
+    return table[attn_impl, gen_idx]
 
 
 def _op_link(c: Cases, op: str, bw: np.ndarray, lat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -74,7 +89,6 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     # On a CPU host gloo's collectives run on the cores that compute (no copy engines or
     # spare SMs to hide them behind), so nothing overlaps: every collective is exposed.
     on_cpu = gen_idx == GEN_ORDER.index("cpu")
-    tp_overlap = np.where(on_cpu, 0.0, prof.tp_overlap)
     dp_overlap = np.where(on_cpu, 0.0, prof.dp_overlap)
 
     world = tp * pp * dp * cp
@@ -87,28 +101,70 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     # per chunk (Megatron's uneven pipeline split).
     layers_stage = np.ceil(layers / (pp * vpp)) * vpp
     rc_frac = _recompute_fraction(c, layers_stage)
-    gb = prof.gemm_bytes_factor
+    stack = _stack_columns(c, len(tp))
+    prec = np.asarray(c["precision_idx"], dtype=int) if "precision_idx" in c else np.zeros(len(tp), int)
+    low_prec = f64("peak_gemm") > f64("peak_bf16") * 1.01  # FP8 / FP4 GEMMs
+    pad_to = np.where(low_prec, np.where(prec == 4, PAD_ELEMENTS["fp4"], PAD_ELEMENTS["fp8"]), 1.0)
+    sms = f64("sms") if "sms" in c else np.zeros_like(tp)
+    eff = gen_eff  # FP8 / FP4 GEMMs sustain the same share of their own peak (casts charged below)
+    gemm_bytes = np.where(low_prec, np.where(prec == 4, 0.5, 1.0), ab)
 
-    # ---- compute per layer per micro-batch (forward), then x3 for fwd + bwd GEMMs
-    t_qkv = _gemm_time(tok, (h + 2 * kv) / tp, h, peak_gemm, gen_eff, hbm_bw, ab, gb)
-    t_o = _gemm_time(tok, h, h / tp, peak_gemm, gen_eff, hbm_bw, ab, gb)
+    def gemm(mm, nn, kk):
+        return gemm_time(mm, nn, kk, peak_gemm, eff, hbm_bw, gemm_bytes, sms, pad_to)
+
+    # ---- compute per layer per micro-batch (forward); backward runs two GEMMs per forward one
+    # (Narayanan et al. 2021, Sec. 5.1): dX = dY W^T (m x k from m x n) and dW = X^T dY (k x n).
+    def fwd_bwd(mm, nn, kk):
+        return gemm(mm, nn, kk) + gemm(mm, kk, nn) + gemm(kk, nn, mm)
+
+    qkv_n, o_k = (h + 2 * kv) / tp, h / tp
+    up_n, down_k = (mats - 1) * ffn / tp, ffn / tp
     # MoE: each token visits top-k experts of `ffn` width (Fedus et al. 2022): k x the FLOPs.
-    t_up = _gemm_time(tok * act_exp, (mats - 1) * ffn / tp, h, peak_gemm, gen_eff, hbm_bw, ab, gb)
-    t_down = _gemm_time(tok * act_exp, h, ffn / tp, peak_gemm, gen_eff, hbm_bw, ab, gb)
-    t_gemm_fwd = t_qkv + t_o + t_up + t_down
-    attn_flops_fwd = attention_flops_per_token_fwd(seq, h, True) * tok / tp
-    t_attn_fwd = attn_flops_fwd / (peak_bf16 * gen_eff * prof.attn_eff)
-    act_none = memory.layer_activation_bytes(
-        seq, micro, h, heads, kv, ffn * act_exp, swiglu, tp, cp, sp, 0, flash=True, act_bytes=ab
-    )
-    t_elem = prof.elementwise_factor * act_none / elem_bw  # forward + backward traffic
+    t_gemm_fwd = gemm(tok, qkv_n, h) + gemm(tok, h, o_k) + gemm(tok * act_exp, up_n, h) + gemm(tok * act_exp, h, down_k)
+    t_gemm = fwd_bwd(tok, qkv_n, h) + fwd_bwd(tok, h, o_k) + fwd_bwd(tok * act_exp, up_n, h) + fwd_bwd(tok * act_exp, h, down_k)
+
+    # Attention as the stack runs it.
+    attn_impl = stack["attn_impl"].astype(int)
+    math_attn = attn_impl == ATTENTION_IMPLS.index("math")
+    util = _attention_utilisation(attn_impl, gen_idx)
+    attn_rate = peak_bf16 * np.where(on_cpu, gen_eff, util * prof.attn_eff)
+    t_flash_fwd = attention_flops_per_token_fwd(seq, h, True) * tok / tp / attn_rate
+    # Unfused: QK^T and AV over the full (masked) s x s scores as batched GEMMs at the GEMM
+    # rate, plus the softmax (and dropout) passes over b x heads x s x s scores in HBM.
+    scores = tok * (seq / cp) * heads / tp
+    score_bytes = MATH_SCORE_BYTES_FWD + np.where(stack["dropout"], MATH_DROPOUT_BYTES_FWD, 0.0)
+    t_math_fwd = attention_flops_per_token_fwd(seq, h, False) * tok / tp / (peak_bf16 * gen_eff) \
+        + scores * score_bytes / elem_bw_eff(elem_bw, on_cpu, prof)
+    t_attn_fwd = np.where(math_attn, t_math_fwd, t_flash_fwd)
+    t_attn = (1 + FLASH_BWD_OVER_FWD) * t_attn_fwd
+
+    # Elementwise kernels (and FP8 casts) as HBM traffic, forward + backward.
+    elems = layer_ops.elementwise_elements_fwd(h, kv, ffn * act_exp, swiglu, tp, sp, stack["fused"], stack["dropout"])
+    elem_fwd_bytes = tok * elems * ab
+    fp8_bytes = np.where(low_prec, tok * layer_ops.fp8_cast_bytes_fwd(h, kv, ffn * act_exp, mats, tp)
+                         + layer_ops.fp8_weight_cast_bytes(f64("params_layer_dense"), tp), 0.0)
+    bw_elem = elem_bw_eff(elem_bw, on_cpu, prof)
+    t_elem_fwd = elem_fwd_bytes / bw_elem
+    t_elem = (1 + layer_ops.BACKWARD_OVER_FORWARD) * t_elem_fwd + fp8_bytes / bw_elem
+
+    # Kernel floor: each launch leaves the GPU idle for a gap (accelerators; a CPU runs its
+    # ops back to back and pays per-op dispatch in layer_overhead_s instead).
+    kern_fwd = layer_ops.kernels_per_layer_fwd(stack["fused"], tp, low_prec)
+    rc_kernels = np.where(recompute == 2, rc_frac, 0.0) * kern_fwd
+    kernels = kern_fwd * (1 + layer_ops.BACKWARD_OVER_FORWARD) + rc_kernels
+    t_gaps = np.where(on_cpu, 0.0, kernels * prof.kernel_gap_s)
+
     recompute_fwd = np.where(
-        recompute == 2, rc_frac * (t_gemm_fwd + t_attn_fwd + t_elem / 3),
-        np.where(recompute == 1, t_attn_fwd, 0.0),
+        recompute == 2, rc_frac * (t_gemm_fwd + t_attn_fwd + t_elem_fwd),
+        np.where(recompute == 1, np.where(stack["op_level_sac"], 0.5 * t_gemm_fwd + t_attn_fwd, t_attn_fwd), 0.0),
     )
-    t_layer = 3 * t_gemm_fwd + (1 + FLASH_BWD_OVER_FWD) * t_attn_fwd + t_elem + recompute_fwd
+    t_layer = t_gemm + t_attn + t_elem + recompute_fwd + t_gaps
     t_layer = t_layer + prof.layer_overhead_s * np.where(recompute == 2, 1 + 0.5 * rc_frac, 1.0)
     t_layer = t_layer + np.where(on_cpu & (tp > 1), prof.tp_layer_overhead_s, 0.0)
+    # Host time per layer per micro-batch: each kernel is one op the host dispatches
+    # (autograd included); CUDA graphs replay without it. The host runs ahead of the GPU, so
+    # it only costs time where it is the slower of the two (see `host_bound` below).
+    host_layer = np.where(on_cpu | stack["cuda_graphs"], 0.0, kernels * prof.host_op_s)
 
     # ---- tensor parallel collectives per layer per micro-batch
     tp_bw = f64("tp_bw") * prof.link_eff
@@ -119,7 +175,12 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
                  + comm.reduce_scatter_time(act_bytes, tp, *_op_link(c, "tp_reduce_scatter", tp_bw, f64("tp_lat"))))
     t_ar = comm.allreduce_time(act_bytes, tp, *_op_link(c, "tp_allreduce", tp_bw, f64("tp_lat")))
     t_tp_one = np.where(sp, t_sp_pair, t_ar)
-    t_tp = n_tp * t_tp_one * (1 - tp_overlap)
+    t_tp = n_tp * t_tp_one
+    # Stacks that overlap TP communication (Megatron-Core / TE userbuffers) split each
+    # collective into chunks pipelined with the GEMM that consumes or produces it: what shows
+    # is the first chunk, or the part the layer's GEMMs are too short to cover.
+    hidden_tp = np.maximum(t_tp - t_gemm, t_tp / TP_OVERLAP_CHUNKS)
+    t_tp = np.where(stack["tp_comm_overlap"] & ~on_cpu, hidden_tp, t_tp)
     t_tp = np.where(tp > 1, t_tp, 0.0)
 
     # ---- context parallel: K/V ring, fwd (cp-1) passes, bwd sends K/V and dK/dV back
@@ -129,11 +190,17 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     t_cp = np.where(cp > 1, np.maximum(0.0, t_cp_raw - (1 + FLASH_BWD_OVER_FWD) * t_attn_fwd), 0.0)
 
     # ---- the logits GEMM (+ cross entropy traffic) on the last stage
-    t_logits = 3 * _gemm_time(tok, vocab / tp, h, peak_gemm, gen_eff, hbm_bw, ab, gb)
+    # (the output layer runs in 16 bits even in FP8 recipes: TE keeps it out of FP8)
+    t_logits = (gemm_time(tok, vocab / tp, h, peak_bf16, gen_eff, hbm_bw, ab, sms)
+                + gemm_time(tok, h, vocab / tp, peak_bf16, gen_eff, hbm_bw, ab, sms)
+                + gemm_time(h, vocab / tp, tok, peak_bf16, gen_eff, hbm_bw, ab, sms))
     ce_passes = np.where(tp > 1, VOCAB_PARALLEL_CE_PASSES, 1.0)
-    t_logits = t_logits + 2 * ce_passes * memory.logits_bytes(tok, vocab, tp) / elem_bw
+    t_logits = t_logits + 2 * ce_passes * memory.logits_bytes(tok, vocab, tp) / bw_elem
 
     stage_mb = layers_stage * (t_layer + t_tp + t_cp) + t_logits
+    # Host-bound regime: when the host dispatches slower than the GPU computes, the GPU waits
+    # for it (small models, small micro-batches, many ranks per host).
+    stage_mb = np.maximum(stage_mb, layers_stage * host_layer)
     compute = m * stage_mb
 
     # ---- pipeline bubble and p2p on the critical path
@@ -182,7 +249,11 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
         + per_msg(comm.reduce_scatter_time, grad_bytes, shard_n, rs_bw, rs_lat, n_lay)
     ) + t_rep
     t_dp = np.where(replicas > 1, np.where(sharding == 3, t_z3, t_dp_step), 0.0)
-    window = np.where(sharding == 3, compute, (2.0 / 3.0) * stage_mb)
+    # Overlap window: ZeRO-3 gathers ahead of every layer (all compute); otherwise the
+    # gradient reduce runs under the last micro-batch's backward and the parameter
+    # all-gather of a sharded optimizer under the next step's first forward.
+    window = np.where(sharding == 3, compute, stage_mb)
+    window = np.where(stack["grad_overlap"], window, 0.0)
     first_bucket = t_dp / np.maximum(layers_stage * np.where(sharding == 3, 3 * m, 1), 1)
     dp_exposed = np.maximum(0.0, t_dp - dp_overlap * window) + np.where(replicas > 1, first_bucket, 0.0)
     dp_exposed = np.minimum(dp_exposed, t_dp)
@@ -227,6 +298,24 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     return out
 
 
+def elem_bw_eff(elem_bw: np.ndarray, on_cpu: np.ndarray, prof: Profile) -> np.ndarray:
+    """Bandwidth streaming elementwise kernels achieve: a fitted share of HBM bandwidth on
+    accelerators; on a CPU host `meshplan bench` measured the achieved rate itself."""
+    return elem_bw * np.where(on_cpu, 1.0, prof.elementwise_eff)
+
+
+def _stack_columns(c: Cases, n: int) -> dict[str, np.ndarray]:
+    """The stack's columns (`costmodels.stacks.stack_columns`), the default stack's where a
+    case table has none."""
+    from costmodels.stacks import DEFAULT_STACK, stack_columns
+
+    out = {}
+    for k, v in stack_columns(DEFAULT_STACK).items():
+        col = np.asarray(c[k]) if k in c else np.full(n, v)
+        out[k] = col.astype(bool) if isinstance(v, bool) else col.astype(np.float64)
+    return out
+
+
 def _recompute_fraction(c: Cases, layers_stage: np.ndarray) -> np.ndarray:
     """Share of a stage's layers that full recompute applies to (Megatron's uniform
     --recompute-num-layers); 0 in the column means all."""
@@ -247,25 +336,41 @@ def memory_breakdown(
     sharding = np.asarray(c["sharding"])
     sp = np.asarray(c["sp"], dtype=bool)
     recompute = np.asarray(c["recompute"])
-    # Mixed precision: 16-bit weights, fp32 main gradients (Megatron's main_grad, FSDP2's
-    # fp32 reduce), fp32 master + Adam m, v = 12 B; pure fp32: 4 + 4 + 8.
-    wb = np.where(fp32, 4.0, 2.0)
-    gbytes = 4.0
-    ob = np.where(fp32, 8.0, 12.0)
+    # Model states as the stack holds them (`costmodels.stacks`): e.g. Megatron's distributed
+    # optimizer 2 B bf16 weights + 4 B fp32 main grads + 12 B (fp32 master, m, v) sharded;
+    # FSDP2 / FSDP1 fp32 sharded params (4 B) + fp32 grads + m, v (8 B). Pure fp32: 4 + 4 + 8.
+    stack = _stack_columns(c, len(tp))
+    wb = np.where(fp32, 4.0, stack["state_weight_bytes"])
+    gbytes = np.where(fp32, 4.0, stack["state_grad_bytes"])
+    ob = np.where(fp32, 8.0, stack["state_optim_bytes"])
     states = memory.model_state_bytes(params_local, shard_n, sharding, wb, gbytes, ob)
+    states["gradients"] = states["gradients"] + np.where(fp32, 0.0, stack["grad_copy_bytes"]) * params_local / np.where(sharding >= 2, shard_n, 1.0)
+    unsharded = stack["fsdp_unsharded_with_pp"] & (sharding == 3) & (pp > 1)
+    states["weights"] = states["weights"] + np.where(unsharded, 2.0 * params_local, 0.0)
+    states["gradients"] = states["gradients"] + np.where(unsharded, 4.0 * params_local, 0.0)
     act_args = (seq, micro, h, f64("heads"), f64("kv_dim"), f64("ffn") * f64("active_experts"),
                 np.asarray(c["swiglu"], dtype=bool), tp, cp, sp)
-    act_layer = memory.layer_activation_bytes(*act_args, recompute, flash=True, act_bytes=ab)
-    act_none = memory.layer_activation_bytes(*act_args, 0, flash=True, act_bytes=ab)
+    act_layer = memory.layer_activation_bytes(*act_args, recompute, flash=True, act_bytes=ab,
+                                              dropout=stack["dropout"])
+    act_none = memory.layer_activation_bytes(*act_args, 0, flash=True, act_bytes=ab, dropout=stack["dropout"])
+    # Eager stacks also keep what a fused kernel recomputes or never writes: both norms'
+    # outputs (the next matmul's saved input) and the activation's output (SiLU / GELU).
+    eager_extra = memory.eager_extra_activation_bytes(seq, micro, h, f64("ffn") * f64("active_experts"), tp, cp, sp, ab)
+    eager = ~stack["fused"]
+    act_none = act_none + np.where(eager, eager_extra, 0.0)
+    act_layer = act_layer + np.where(eager & (recompute == 0), eager_extra, 0.0)
+    sac = memory.op_level_sac_activation_bytes(*act_args[:9], f64("mlp_mats"), act_bytes=ab)
+    act_layer = np.where((recompute == 1) & stack["op_level_sac"], sac, act_layer)
     # Partial full recompute: recomputed layers keep their input only, the rest everything.
     act_layer = np.where(recompute == 2, rc_frac * act_layer + (1 - rc_frac) * act_none, act_layer)
     inflight = pipeline.activation_multiplier(pp, vpp, m, np.asarray(c["schedule"]))
     tok = micro * seq / cp
+    logits = memory.logits_bytes(tok, f64("vocab"), tp, stack["ce_bytes_per_logit"])
     first = act_layer * layers_stage * inflight + memory.embedding_output_bytes(tok, h, tp, sp)
-    last = act_layer * layers_stage + memory.logits_bytes(tok, f64("vocab"), tp)
+    last = act_layer * layers_stage + logits
     # Full recompute still materialises one layer's full activations during its backward.
     working = np.where(recompute == 2, act_none, 0.0)
-    activations = np.maximum(first, np.where(pp > 1, last, first + memory.logits_bytes(tok, f64("vocab"), tp))) + working
+    activations = np.maximum(first, np.where(pp > 1, last, first + logits)) + working
     layer_params = params_local / np.maximum(layers_stage, 1)
     gather = np.where(sharding == 3, memory.zero3_gather_bytes(layer_params, 2.0), 0.0)
     buffers = gather + np.where((dp * cp) > 1, 2 * 25e6 * 2, 0.0)  # two 25 MB DDP/NCCL buckets, bf16

@@ -25,7 +25,7 @@ from planner.planfile import Plan, load_plan
 WARMUP_STEPS = 2  # first steps include allocator growth and lazy init: not steady state
 # With few runs only the parameters a CPU run can identify are fitted; the rest keep the
 # base profile's values (fitting 9 parameters to 4 runs would just memorise them).
-FEW_RUNS_FIXED = ("attn_eff", "tp_overlap", "dp_overlap", "sync_jitter", "elementwise_factor")
+FEW_RUNS_FIXED = ("attn_eff", "dp_overlap", "elementwise_eff")
 
 
 @dataclass

@@ -19,7 +19,7 @@ import pandas as pd
 from costmodels.cases import Cases, build_cases, concat_cases
 from costmodels.errors import MeshplanError
 from costmodels.hardware import ACCELERATORS
-from costmodels.specs import RECOMPUTES, SHARDINGS, ClusterSpec, ModelSpec, SpecError
+from costmodels.specs import PRECISIONS, RECOMPUTES, SHARDINGS, ClusterSpec, ModelSpec, SpecError
 
 REQUIRED_COLUMNS = (
     "run_id", "model_name", "layers", "hidden_size", "ffn_hidden_size", "num_heads",
@@ -31,6 +31,7 @@ NUMERIC_COLUMNS = (
     "vocab_size", "num_experts", "experts_topk", "seq_len", "global_batch_size",
     "micro_batch_size", "num_gpus", "tp", "pp", "dp", "cp", "ep", "vpp",
     "measured_tokens_per_sec_per_gpu", "measured_step_time_s", "measured_peak_memory_gb",
+    "gpus_per_node", "scaleup_gbps", "scaleout_gbps",
 )
 # Non-numeric values that name something the cost model knows: ("skip", reason) makes the
 # row unpredictable with that reason; ("assume", note) empties the cell so the documented
@@ -47,6 +48,9 @@ OPTIONAL_COLUMNS = (
     "source_id", "model_type", "params_b", "num_experts", "experts_topk", "global_batch_size",
     "micro_batch_size", "cp", "ep", "vpp", "sharding", "recompute", "sequence_parallel",
     "precision", "framework", "measured_step_time_s", "measured_peak_memory_gb",
+    # The cluster per row (GB/s per GPU per direction, as `meshplan predict --nvlink-gbps /
+    # --nic-gbps` take them); empty = the accelerator catalog's.
+    "gpus_per_node", "scaleup_gbps", "scaleout_gbps",
 )
 
 
@@ -131,6 +135,13 @@ def model_for_row(row: pd.Series) -> RowModel:
     return RowModel(ModelSpec(**base, mlp=mlp), assumed)
 
 
+def _float(v: float | None) -> float:
+    """A bandwidth cell: 0 (the catalog's) when empty."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return 0.0
+    return max(0.0, float(v))
+
+
 def _str(row: pd.Series, col: str, default: str) -> str:
     v = row.get(col)
     if v is None or (isinstance(v, float) and math.isnan(v)) or str(v).strip() == "":
@@ -151,7 +162,13 @@ def cases_from_runs(df: pd.DataFrame) -> tuple[Cases | None, list[int], dict[int
                 raise SpecError(row["_unpredictable"])
             gpu = _str(row, "gpu", "")
             if gpu not in ACCELERATORS:
-                raise SpecError(f"gpu {gpu!r} is not in the accelerator catalog")
+                raise SpecError(
+                    f"gpu {gpu!r} is not in the accelerator catalog; use one of {', '.join(sorted(ACCELERATORS))}"
+                )
+            precision = _str(row, "precision", "bf16")
+            if precision not in PRECISIONS:
+                raise SpecError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+            ACCELERATORS[gpu].peak_tflops(precision)  # e.g. fp8 on an A100: named, not guessed
             rm = model_for_row(row)
             assumed = list(rm.assumed)
             tp, pp, dp = _int(row["tp"], 1), _int(row["pp"], 1), _int(row["dp"], None)
@@ -183,13 +200,16 @@ def cases_from_runs(df: pd.DataFrame) -> tuple[Cases | None, list[int], dict[int
                 raise SpecError(f"sharding {sharding!r} must be one of {', '.join(SHARDINGS)}")
             sp_raw = _str(row, "sequence_parallel", "")
             sp = sp_raw == "true" if sp_raw in ("true", "false") else tp > 1
-            precision = _str(row, "precision", "bf16")
             if gbs % (micro * dp):
                 gbs = max(1, round(gbs / (micro * dp))) * micro * dp
                 assumed.append("global_batch rounded to micro x dp")
             if tp * pp * dp * cp != gpus:
                 raise SpecError(f"tp*pp*dp*cp={tp * pp * dp * cp} != num_gpus={gpus}")
-            cluster = ClusterSpec(gpu, gpus, gpus_per_node=min(8, gpus))
+            per_node = _int(row.get("gpus_per_node"), ACCELERATORS[gpu].gpus_per_node)
+            cluster = ClusterSpec(
+                gpu, gpus, gpus_per_node=min(per_node, gpus),
+                scaleup_gbps=_float(row.get("scaleup_gbps")), scaleout_gbps=_float(row.get("scaleout_gbps")),
+            )
             cols = {
                 "tp": np.array([tp]), "pp": np.array([pp]), "dp": np.array([dp]),
                 "cp": np.array([cp]), "ep": np.array([ep]), "vpp": np.array([vpp]),
@@ -198,7 +218,9 @@ def cases_from_runs(df: pd.DataFrame) -> tuple[Cases | None, list[int], dict[int
                 "sp": np.array([sp]), "schedule": np.array([2 if vpp > 1 else 1]),
                 "precision_idx": np.array([0]),
             }
-            parts.append(build_cases(rm.spec, cluster, cols, precision))
+            framework = row.get("framework")
+            framework = None if not isinstance(framework, str) else framework
+            parts.append(build_cases(rm.spec, cluster, cols, precision, framework=framework))
             used.append(i)
             assumed_all.append(assumed)
         except (SpecError, ValueError, TypeError, ZeroDivisionError) as exc:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from costmodels.fit import _subset, ape_pct, cross_validate, random_halves
+from costmodels.fit import PUBLISHED_FIXED, PUBLISHED_PRIORS, _subset, ape_pct, cross_validate, random_halves
 from costmodels.profile import Profile
 from costmodels.steptime import evaluate
 from planner.runs_table import cases_from_runs
@@ -50,7 +50,8 @@ def validate_runs(df: pd.DataFrame, profile: Profile, cross_validated: bool = Fa
             meas = df["measured_tokens_per_sec_per_gpu"].to_numpy(dtype=float)[used]
             ok = np.flatnonzero(np.isfinite(meas) & (meas > 0))
             if len(ok) >= 4:
-                cv = cross_validate(_subset(cases, ok), meas[ok], random_halves(len(ok), seed), profile)
+                cv = cross_validate(_subset(cases, ok), meas[ok], random_halves(len(ok), seed), profile,
+                                    fixed=PUBLISHED_FIXED)
                 pred_tps[np.asarray(used)[ok]] = cv
     rows: list[dict[str, Any]] = []
     used_set = {u: k for k, u in enumerate(used)}
@@ -115,7 +116,7 @@ def fit_on_runs(df: pd.DataFrame, base: Profile | None = None, dense_only: bool 
     """Fit throughput parameters (and memory parameters where memory was measured) to runs."""
     from costmodels.fit import fit_memory, fit_throughput
 
-    base = base or Profile()
+    base = (base or Profile()).with_(**PUBLISHED_PRIORS)
     cases, used, _, _ = cases_from_runs(df)
     if cases is None:
         return base
@@ -125,7 +126,7 @@ def fit_on_runs(df: pd.DataFrame, base: Profile | None = None, dense_only: bool 
     if dense_only:
         ok &= sub["model_type"].fillna("dense").to_numpy() == "dense"
     idx = np.flatnonzero(ok)
-    prof = fit_throughput(_subset(cases, idx), meas[idx], base, source=source).profile
+    prof = fit_throughput(_subset(cases, idx), meas[idx], base, fixed=PUBLISHED_FIXED, source=source).profile
     mem = sub["measured_peak_memory_gb"].to_numpy(dtype=float)
     midx = np.flatnonzero(np.isfinite(mem) & (mem > 0))
     if len(midx) >= 2:
