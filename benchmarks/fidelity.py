@@ -63,7 +63,7 @@ def _dense_rows(df):
     sub = df.iloc[used]
     meas = sub["measured_tokens_per_sec_per_gpu"].to_numpy(dtype=float)
     ok = np.flatnonzero(np.isfinite(meas) & (meas > 0) & (sub["model_type"].fillna("dense").to_numpy() == "dense"))
-    return _subset(cases, ok), meas[ok], sub.iloc[ok]
+    return _subset(cases, ok), meas[ok], sub.iloc[ok], ok
 
 
 def leave_one_source_out(df) -> dict:
@@ -73,7 +73,7 @@ def leave_one_source_out(df) -> dict:
     from costmodels.fit import PUBLISHED_FIXED, PUBLISHED_PRIORS, cross_validate
     from costmodels.profile import Profile
 
-    cases, meas, sub = _dense_rows(df)
+    cases, meas, sub, index = _dense_rows(df)
     sources = sub["source_id"].to_numpy()
     codes = pd.factorize(sources)[0]
     pred = cross_validate(cases, meas, codes, Profile().with_(**PUBLISHED_PRIORS), PUBLISHED_FIXED)
@@ -81,7 +81,28 @@ def leave_one_source_out(df) -> dict:
     by = pd.DataFrame({"source_id": sources, "ape": ape}).groupby("source_id")["ape"]
     table = pd.DataFrame({"n": by.size(), "mape_pct": by.mean().round(2)}).reset_index()
     return {"mape": float(ape.mean()), "median": float(np.median(ape)), "by_source": table,
-            "ape": ape, "rows": sub}
+            "ape": ape, "rows": sub, "pred": pred, "index": index}
+
+
+def uncertainty_from(df, prof) -> dict:
+    """Residual quantiles for prediction intervals: throughput from the leave-one-source-out
+    predictions (per model-size regime), memory from the fitted profile's residuals."""
+    from costmodels.uncertainty import residual_quantiles
+    from planner.runs_table import cases_from_runs
+
+    loso = leave_one_source_out(df)
+    rows = loso["rows"]
+    meas = rows["measured_tokens_per_sec_per_gpu"].to_numpy(dtype=float)
+    pred = loso["pred"]
+    cases, used, _, _ = cases_from_runs(df)
+    params = np.asarray(cases["params_total"], dtype=float)[loso["index"]]
+    out = {"throughput": residual_quantiles(np.log(meas / pred), params)}
+    mem = df.iloc[used]["measured_peak_memory_gb"].to_numpy(dtype=float)
+    ok = np.isfinite(mem) & (mem > 0)
+    if ok.sum() >= 4:
+        pm = evaluate(cases, prof)["peak_memory_gb"][ok]
+        out["memory"] = {"all": residual_quantiles(np.log(mem[ok] / pm), np.zeros(ok.sum()))["all"]}
+    return out
 
 
 def regimes(rows, ape) -> list:
@@ -114,7 +135,7 @@ def parameters(df, prof) -> list[dict]:
     from costmodels.fit import PUBLISHED_FIXED, PUBLISHED_PRIORS, fit_throughput, parameter_report
     from costmodels.profile import Profile
 
-    cases, meas, _ = _dense_rows(df)
+    cases, meas, _, _ = _dense_rows(df)
     fr = fit_throughput(cases, meas, Profile().with_(**PUBLISHED_PRIORS), PUBLISHED_FIXED)
     return parameter_report(cases, fr, PUBLISHED_FIXED)
 
@@ -127,6 +148,7 @@ def main() -> int:
     df = read_runs(args.csv)
     if args.refit:
         prof = fit_on_runs(df, source=f"fitted on {Path(args.csv).name} (dense rows) by benchmarks/fidelity.py --refit")
+        prof = prof.with_(uncertainty=uncertainty_from(df, prof))
         atomic_write_text(ROOT / "costmodels" / "profiles" / "default.yaml", dump_profile(prof))
         print("wrote costmodels/profiles/default.yaml")
     prof = load_profile(machine=False)

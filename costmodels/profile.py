@@ -76,6 +76,9 @@ class Profile:
     # CPU hosts host_cores and the one-thread rates fp32/bf16_tflops_1core (processes on one
     # host share its cores and memory bandwidth; threads_per_rank pins a run's thread count).
     hardware: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Cross-validated residual quantiles, log(measured / predicted) (`costmodels.uncertainty`):
+    # "throughput" by model-size regime, "memory" pooled. Empty: predictions carry no band.
+    uncertainty: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     source: str = "built-in starting values"
 
     # -- (de)serialisation
@@ -106,6 +109,8 @@ class Profile:
                 values[k] = str(v)
             elif k == "hardware":
                 values[k] = _hardware(v, source)
+            elif k == "uncertainty":
+                values[k] = _uncertainty(v, source)
             else:
                 try:
                     values[k] = float(v)
@@ -149,6 +154,27 @@ def _hardware(v: Any, source: str) -> dict[str, dict[str, float]]:
                 raise MeshplanError(f"{source}: hardware.{acc}.{key}={val!r} must be >= 0 and finite")
             entry[key] = f
         out[str(acc)] = entry
+    return out
+
+
+def _uncertainty(v: Any, source: str) -> dict[str, dict[str, list[float]]]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise MeshplanError(f"{source}: uncertainty must map quantity -> regime -> [low, high]")
+    out: dict[str, dict[str, list[float]]] = {}
+    for quantity, regimes in v.items():
+        if not isinstance(regimes, dict):
+            raise MeshplanError(f"{source}: uncertainty.{quantity} must map regime -> [low, high]")
+        out[str(quantity)] = {}
+        for regime, pair in regimes.items():
+            try:
+                lo, hi = (float(x) for x in pair)
+            except (TypeError, ValueError):
+                raise MeshplanError(f"{source}: uncertainty.{quantity}.{regime} must be [low, high]") from None
+            if not lo <= hi:
+                raise MeshplanError(f"{source}: uncertainty.{quantity}.{regime}: low {lo} > high {hi}")
+            out[str(quantity)][str(regime)] = [lo, hi]
     return out
 
 

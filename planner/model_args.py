@@ -30,6 +30,16 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--nic-gbps", type=float, default=0.0, help="scale-out GB/s per GPU per direction")
 
 
+def add_framework_arg(p: argparse.ArgumentParser) -> None:
+    from costmodels.stacks import STACKS
+
+    p.add_argument(
+        "--framework", choices=sorted(STACKS), default="meshplan",
+        help="training stack the prediction is for: attention kernel, fusion, overlap and "
+             "model-state bytes follow it (default: meshplan's executor)",
+    )
+
+
 def model_from_args(args: argparse.Namespace, config: dict[str, Any] | None = None) -> ModelSpec:
     config = config or {}
     if args.hf_config:

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from costmodels.cases import SCHEDULES, build_cases
+from costmodels.uncertainty import interval
 from costmodels.errors import MeshplanError
 from costmodels.profile import Profile
 from costmodels.specs import PRECISIONS, RECOMPUTES, SHARDINGS, ClusterSpec, Layout, ModelSpec
@@ -48,6 +49,7 @@ class SearchSpace:
     recompute_fractions: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
     precision: str = "bf16"
     memory_headroom: float = 0.05  # keep this share of HBM free
+    framework: str = "meshplan"  # the stack the plan is for (`costmodels.stacks`)
 
 
 @dataclass
@@ -166,8 +168,11 @@ def search(
             f"no layout divides {cluster.num_gpus} GPUs with a global batch of {global_batch} sequences; "
             "make the global batch a multiple of the GPU count (or of a divisor of it)"
         )
-    cases = build_cases(model, cluster, cols, space.precision, hardware=profile.hardware.get(cluster.accelerator))
+    cases = build_cases(model, cluster, cols, space.precision, hardware=profile.hardware.get(cluster.accelerator),
+                        framework=space.framework)
     pred = evaluate(cases, profile)
+    lo, hi = interval(pred["tokens_per_sec_per_gpu"], profile.uncertainty.get("throughput"), model.param_count())
+    pred["tokens_per_sec_per_gpu_low"], pred["tokens_per_sec_per_gpu_high"] = lo, hi
     elapsed_eval = time.perf_counter() - t0
     mem = pred["peak_memory_gb"]
     fits = np.flatnonzero(mem <= pred["hbm_gb"] * (1 - space.memory_headroom))
@@ -218,8 +223,11 @@ def row_to_layout(row: pd.Series, global_batch: int, precision: str) -> Layout:
 
 
 def top_json(result: SearchResult) -> list[dict[str, Any]]:
+    """Ranked layouts. `within_uncertainty_of_best`: the layout's interval reaches the
+    winner's, so the cost model cannot tell them apart (a short trial run can)."""
     out = []
-    for _, r in result.ranked.iterrows():
+    best_low = float(result.ranked.iloc[0]["tokens_per_sec_per_gpu_low"]) if len(result.ranked) else 0.0
+    for i, (_, r) in enumerate(result.ranked.iterrows()):
         out.append({
             "tp": int(r.tp), "pp": int(r.pp), "dp": int(r.dp), "cp": int(r.cp), "vpp": int(r.vpp),
             "sharding": str(r.sharding), "micro_batch_size": int(r.micro), "recompute": str(r.recompute),
@@ -227,12 +235,33 @@ def top_json(result: SearchResult) -> list[dict[str, Any]]:
             "dp_shard": int(r.dp_shard), "recompute_layers": int(r.recompute_layers),
             "grad_accum": int(r.micro_batches),
             "predicted_tokens_per_sec_per_gpu": round(float(r.tokens_per_sec_per_gpu), 3),
+            "tokens_per_sec_per_gpu_interval": [round(float(r.tokens_per_sec_per_gpu_low), 3),
+                                                round(float(r.tokens_per_sec_per_gpu_high), 3)],
+            "within_uncertainty_of_best": bool(i == 0 or float(r.tokens_per_sec_per_gpu_high) >= best_low),
             "predicted_mfu_pct": round(float(r.mfu_pct), 3),
             "predicted_peak_memory_gb": round(float(r.peak_memory_gb), 3),
             "predicted_step_time_s": round(float(r.step_time_s), 6),
             "breakdown_s": {k.removesuffix("_s"): round(float(r[k]), 6) for k in BREAKDOWN},
         })
     return out
+
+
+def trial_runs(result: SearchResult, plan_path: str = "PLAN") -> list[str]:
+    """Short runs that would separate the layouts the cost model cannot tell apart: the
+    executor's own, 20 steps each, with the layout fields that differ from the winner's."""
+    top = top_json(result)
+    if not top:
+        return []
+    fields = ("tp", "pp", "dp", "cp", "vpp", "sharding", "micro_batch_size", "recompute",
+              "sequence_parallel", "dp_shard", "recompute_layers")
+    keys = {"micro_batch_size": "micro_batch"}
+    cmds = []
+    for t in [t for t in top if t["within_uncertainty_of_best"]][:4]:
+        overrides = " ".join(f"--override layout.{keys.get(f, f)}={str(t[f]).lower() if isinstance(t[f], bool) else t[f]}"
+                             for f in fields)
+        cmds.append(f"meshplan run {plan_path} --out trial_tp{t['tp']}_pp{t['pp']}_dp{t['dp']}_mbs{t['micro_batch_size']} "
+                    f"{overrides} --override train.max_steps=20")
+    return cmds if len(cmds) > 1 else []
 
 
 def explain_runner_ups(result: SearchResult, k: int = 4) -> list[str]:

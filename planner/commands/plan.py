@@ -16,11 +16,11 @@ from costmodels.profile import load_profile
 from costmodels.specs import RECOMPUTES, SHARDINGS
 from planner import datamix
 from planner.emitters import write_launch_files
-from planner.model_args import add_cluster_args, add_model_args, cluster_from_args, model_from_args
+from planner.model_args import add_cluster_args, add_framework_arg, add_model_args, cluster_from_args, model_from_args
 from planner.planfile import ContinualSection, Plan, plan_from_dict, save_plan
 from planner.render import console
 from planner.schedule_advice import parse_count, recommend_lr, steps_for_tokens
-from planner.search import SearchResult, SearchSpace, explain_runner_ups, search, top_json
+from planner.search import SearchResult, SearchSpace, explain_runner_ups, search, top_json, trial_runs
 
 
 def _csv_choice(text: str, allowed: tuple[str, ...], flag: str) -> tuple[str, ...]:
@@ -54,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--lr", type=float, help="peak LR (default: recommended by model size)")
     g.add_argument("--schedule", choices=["cosine", "wsd", "constant"], help="LR schedule (default: recommended)")
     g.add_argument("--precision", choices=["bf16", "fp8", "fp16", "fp32"], default="bf16")
+    add_framework_arg(p)
     c = p.add_argument_group("search constraints")
     c.add_argument("--max-tp", type=int, default=0, help="largest TP degree (default: the NVLink domain)")
     c.add_argument("--tp-across-nodes", action="store_true", help="allow TP groups to span nodes")
@@ -261,6 +262,7 @@ def run(args: argparse.Namespace) -> int:
         shardings=_csv_choice(args.sharding, SHARDINGS, "--sharding"),
         recomputes=_csv_choice(args.recompute, RECOMPUTES, "--recompute"),
         hsdp=not args.no_hsdp, precision=args.precision, memory_headroom=args.headroom,
+        framework=args.framework,
     )
     res = search(model, cluster, gbs, load_profile(args.profile), space, args.top, args.rank_by)
     notes = ([batch_note] if batch_note else []) + res.notes
@@ -279,6 +281,8 @@ def run(args: argparse.Namespace) -> int:
             for r in res.pareto.itertuples()
         ],
         "why_not_runner_ups": explain_runner_ups(res),
+        "framework": args.framework,
+        "trial_runs_to_separate": trial_runs(res, str(Path(args.out) / "plan.yaml") if args.out else "PLAN"),
         "notes": notes,
     }
     if _is_continual(args):

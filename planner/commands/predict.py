@@ -10,9 +10,12 @@ from costmodels.cases import single_case
 from costmodels.errors import MeshplanError
 from costmodels.profile import load_profile
 from costmodels.specs import Layout
+from costmodels.stacks import stack_for
 from costmodels.steptime import evaluate
+from costmodels.uncertainty import interval
 from planner.model_args import (
     add_cluster_args,
+    add_framework_arg,
     add_model_args,
     cluster_from_args,
     load_yaml_config,
@@ -33,18 +36,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--sharding", choices=["none", "zero1", "zero2", "zero3"], default=None)
     g.add_argument("--recompute", choices=["none", "selective", "full"], default=None)
     g.add_argument("--sequence-parallel", action="store_true", default=None)
-    g.add_argument("--precision", choices=["bf16", "fp8", "fp16", "fp32"], default=None)
+    g.add_argument("--precision", choices=["bf16", "fp8", "fp16", "fp32", "fp4"], default=None)
     g.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved"], default=None)
+    add_framework_arg(p)
     p.add_argument("--config", help="YAML with model / cluster / layout sections (flags override)")
     p.add_argument("--profile", help="calibration profile YAML (default: the shipped one)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
 
-def predict_dict(model, layout: Layout, cluster, profile) -> dict[str, Any]:
+def predict_dict(model, layout: Layout, cluster, profile, framework: str | None = None) -> dict[str, Any]:
     layout.check_against(model, cluster.num_gpus)
-    out = evaluate(single_case(model, layout, cluster, profile.hardware.get(cluster.accelerator)), profile)
+    out = evaluate(single_case(model, layout, cluster, profile.hardware.get(cluster.accelerator), framework), profile)
     v = {k: float(x[0]) for k, x in out.items()}
+    unc = profile.uncertainty
+    tps_lo, tps_hi = interval(out["tokens_per_sec_per_gpu"], unc.get("throughput"), model.param_count())
+    mem_lo, mem_hi = interval(out["peak_memory_gb"], unc.get("memory"))
+    tokens_step = layout.global_batch * model.seq_len
+    world = cluster.num_gpus
     return {
         "model": model.name, "params": model.param_count(), "accelerator": cluster.accelerator,
         "gpus": cluster.num_gpus, "layout": layout.to_dict(),
@@ -62,6 +71,11 @@ def predict_dict(model, layout: Layout, cluster, profile) -> dict[str, Any]:
         },
         "micro_batches_per_step": v["micro_batches"],
         "tokens_per_sec_per_gpu": v["tokens_per_sec_per_gpu"],
+        # 80% intervals from the profile's cross-validated residuals (costmodels.uncertainty)
+        "tokens_per_sec_per_gpu_interval": [float(tps_lo[0]), float(tps_hi[0])],
+        "step_time_s_interval": [tokens_step / world / float(tps_hi[0]), tokens_step / world / float(tps_lo[0])],
+        "peak_memory_gb_interval": [float(mem_lo[0]), float(mem_hi[0])],
+        "framework": stack_for(framework).name,
         "mfu_pct": v["mfu"] * 100,
         "flops_per_token": v["flops_per_token"],
         "fits_in_memory": v["peak_memory_gb"] <= v["hbm_gb"],
@@ -103,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         layout = Layout.from_dict(lay)
     except TypeError as exc:
         raise MeshplanError(f"layout: {exc}") from None
-    result = predict_dict(model, layout, cluster, load_profile(args.profile))
+    result = predict_dict(model, layout, cluster, load_profile(args.profile), args.framework)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -50,7 +50,7 @@ def test_a_run_that_pinned_its_threads_is_predicted_at_that_count():
 
 
 def test_gloo_collectives_on_a_cpu_are_never_hidden():
-    prof = Profile(dp_overlap=1.0, tp_overlap=0.9)
+    prof = Profile(dp_overlap=1.0)
     ddp = evaluate(_case(2, HW, dp=2), prof)
     assert ddp["dp_comm_s"][0] > 0 and ddp["dp_exposed_s"][0] == pytest.approx(ddp["dp_comm_s"][0])
     gpu = single_case(get_preset("small"), Layout(dp=8, micro_batch=4, global_batch=32),
