@@ -14,6 +14,9 @@ from costmodels.steptime import evaluate
 from planner.runs_table import cases_from_runs
 
 
+NO_MEASUREMENT = "no measured_tokens_per_sec_per_gpu to score against"
+
+
 def _num(v: Any) -> float | None:
     if v is None:
         return None
@@ -61,7 +64,7 @@ def validate_runs(df: pd.DataFrame, profile: Profile, cross_validated: bool = Fa
         mem_meas = _num(r.get("measured_peak_memory_gb"))
         reason = skipped.get(i)
         if reason is None and (measured is None or measured <= 0):
-            reason = "no measured_tokens_per_sec_per_gpu to score against"
+            reason = NO_MEASUREMENT
         predicted = _num(pred_tps[i]) if i in used_set else None
         ape = ape_pct(predicted, measured).item() if (predicted and measured and measured > 0) else None
         rows.append({

@@ -10,7 +10,7 @@ from rich.table import Table
 from costmodels.profile import load_profile
 from planner.render import console
 from planner.runs_table import read_runs
-from planner.validate import breakdown, validate_runs
+from planner.validate import NO_MEASUREMENT, breakdown, validate_runs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,8 +47,12 @@ def run(args: argparse.Namespace) -> int:
         f"peak memory MAPE {s['memory_mape_pct']}% over {s['n_memory_scored']} rows"
         + (" (cross-validated halves)" if s["cross_validated"] else "")
     )
-    skipped = [r for r in v.rows if r["skipped_reason"]]
-    if skipped:
-        console.print("skipped: " + "; ".join(f"{r['run_id']}: {r['skipped_reason']}" for r in skipped[:5])
-                      + (f" (+{len(skipped) - 5} more)" if len(skipped) > 5 else ""))
+    # Rows the model could not predict (an unknown accelerator or precision, an impossible
+    # layout, ...) are named one line each; rows with nothing measured are only counted.
+    unmeasured = [r for r in v.rows if r["skipped_reason"] == NO_MEASUREMENT]
+    for r in v.rows:
+        if r["skipped_reason"] and r["skipped_reason"] != NO_MEASUREMENT:
+            print(f"not predicted: {r['run_id']}: {r['skipped_reason']}")
+    if unmeasured:
+        console.print(f"{len(unmeasured)} row(s) have no measured_tokens_per_sec_per_gpu to score against")
     return 0
