@@ -137,8 +137,9 @@ def logits_bytes(tokens: ArrayLike, vocab: ArrayLike, t: ArrayLike, bytes_per_lo
     """Last stage at the loss: bytes per logit element, vocab split across TP. A fused /
     vocab-parallel cross entropy holds the 16-bit logits and one fp32 buffer it computes the
     gradient in place (2 + 4; Shoeybi et al. 2019, Sec. 3); eager `F.cross_entropy` on
-    upcast logits holds the 16-bit logits, the fp32 copy, the fp32 log-softmax and its fp32
-    gradient at the peak of backward (2 + 4 + 4 + 4 = 14)."""
+    upcast logits holds, at the peak of backward, the 16-bit logits, the fp32 log-softmax
+    output it saved, that output's fp32 gradient and the 16-bit gradient of the logits
+    (2 + 4 + 4 + 2 = 12; the fp32 copy it read is freed after forward)."""
     return tokens * vocab * bytes_per_logit / t
 
 

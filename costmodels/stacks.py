@@ -63,7 +63,7 @@ class Stack:
     # of every other matmul, recompute the rest) instead of Korthikanti's attention-only one.
     op_level_sac: bool = False
     # Bytes per logit element at the loss (`costmodels.memory.logits_bytes`): 6 for a fused
-    # or vocab-parallel cross entropy, 14 for eager F.cross_entropy on upcast logits.
+    # or vocab-parallel cross entropy, 12 for eager F.cross_entropy on upcast logits.
     ce_bytes_per_logit: float = 6.0
     # FSDP under pipeline parallelism keeps each stage's parameters (16-bit) and gradients
     # (fp32) unsharded across its micro-batches (torchtitan: reshard_after_forward is off
@@ -97,16 +97,16 @@ STACKS: dict[str, Stack] = {
         # torchtitan (2024): SDPA's FlashAttention-2 backend, eager ops, FSDP2 with fp32
         # sharded params cast to bf16 per layer, op-level SAC for "selective".
         Stack("torchtitan", attention="flash2", fusion="eager", weight_bytes=4.0, optim_bytes=8.0,
-              op_level_sac=True, ce_bytes_per_logit=14.0, fsdp_unsharded_with_pp=True),
+              op_level_sac=True, ce_bytes_per_logit=12.0, fsdp_unsharded_with_pp=True),
         # llm-foundry / Composer: FSDP (1) with fp32 flat params, flash-attn 2.
         Stack("llm-foundry", attention="flash2", fusion="eager", weight_bytes=4.0, optim_bytes=8.0,
-              ce_bytes_per_logit=14.0),
+              ce_bytes_per_logit=12.0),
         # MaxText on GPU: XLA-fused elementwise, cuDNN flash attention through TE.
         Stack("maxtext", attention="flash3", fusion="fused", weight_bytes=4.0, optim_bytes=8.0),
         # nanotron: flash-attn 2, eager ops, bf16 gradients accumulated into an fp32 buffer.
         Stack("nanotron", attention="flash2", fusion="eager", grad_copy_bytes=2.0),
         # This project's executor: torch SDPA, eager modules, FSDP2 / DDP.
-        Stack("meshplan", attention="flash2", fusion="eager", ce_bytes_per_logit=14.0),
+        Stack("meshplan", attention="flash2", fusion="eager", ce_bytes_per_logit=12.0),
     )
 }
 DEFAULT_STACK = STACKS["meshplan"]
