@@ -146,14 +146,20 @@ def _measured(cluster: ClusterSpec, precision: str, hw: Mapping[str, float]) -> 
     if cores and cluster.accelerator == "cpu":
         ranks = cluster.num_gpus  # a CPU run's ranks share one host
         threads = hw.get("threads_per_rank") or cpu_threads_per_rank(ranks, int(cores))
-        # Oversubscribed cores (ranks x threads > cores) time-share.
+        # Oversubscribed cores (ranks x threads > cores) time-share; and ranks running at once
+        # share what the host delivers with every core busy (caches, memory bandwidth, SMT
+        # siblings): the ranks together never exceed the all-core figure `meshplan bench`
+        # measured, so each gets at most its share of it.
         share = min(1.0, cores / (ranks * threads))
-        rate = _thread_rate(hw, "fp32_tflops" if precision == "fp32" else "bf16_tflops", threads, cores)
+        busy = min(ranks * threads, cores) / cores / ranks  # this rank's share of the host
+        key = "fp32_tflops" if precision == "fp32" else "bf16_tflops"
+        rate = _thread_rate(hw, key, threads, cores)
         if rate:
-            cols["peak_gemm"] = cols["peak_bf16"] = cols["peak_mfu"] = rate * share * 1e12
+            rate = min(rate * share, hw.get(key, rate) * busy)
+            cols["peak_gemm"] = cols["peak_bf16"] = cols["peak_mfu"] = rate * 1e12
         elem = _thread_rate(hw, "elementwise_tb_s", threads, cores)
         if elem:
-            cols["elem_bw"] = elem * share * 1e12
+            cols["elem_bw"] = min(elem * share, hw.get("elementwise_tb_s", elem) * busy) * 1e12
         cols["hbm_bw"] = cols["hbm_bw"] / min(ranks, cores)
     up, out = hw.get("scaleup_gbps", 0.0), hw.get("scaleout_gbps", 0.0)
     if up or out:

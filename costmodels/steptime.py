@@ -260,7 +260,10 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
 
     # ---- optimizer step over the local shard
     opt_shard = np.where(sharding >= 1, shard_n, 1.0)
-    t_opt = ADAM_BYTES_PER_PARAM * params_local / opt_shard / hbm_bw
+    # Adam streams its states like any elementwise kernel (on a CPU host at the rate the bench
+    # measured for out-of-place elementwise ops: its unfused per-tensor steps allocate
+    # temporaries).
+    t_opt = ADAM_BYTES_PER_PARAM * params_local / opt_shard / bw_elem
 
     step = compute + bubble + t_p2p + dp_exposed + t_opt + prof.step_overhead_s
     # Synchronous steps wait for the slowest node: with per-node jitter of relative size

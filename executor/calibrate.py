@@ -22,7 +22,7 @@ from costmodels.specs import ClusterSpec
 from costmodels.steptime import evaluate
 from planner.planfile import Plan, load_plan
 
-WARMUP_STEPS = 2  # first steps include allocator growth and lazy init: not steady state
+WARMUP_STEPS = 3  # first steps include allocator growth and lazy init: not steady state
 # With few runs only the parameters a CPU run can identify are fitted; the rest keep the
 # base profile's values (fitting 9 parameters to 4 runs would just memorise them).
 FEW_RUNS_FIXED = ("attn_eff", "dp_overlap", "elementwise_eff")

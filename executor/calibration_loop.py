@@ -27,22 +27,30 @@ class LoopRun:
     layout: dict[str, Any]
     gpus: int
     held_out: bool
+    check: bool = False  # predicted after the fit, reported with the held-out runs' errors
 
 
-# Fit on one-process runs of two batch sizes, DDP, FSDP2 (ZeRO-2) and TP; hold out the
-# layouts whose costs the fit never saw directly: ZeRO-3's per-layer parameter gathers, the
-# pipeline's bubble and stage imbalance, and sequence parallelism's all-gather /
-# reduce-scatter pairs in place of TP's all-reduces.
+# Fit on one-process runs of two batch sizes, DDP at two batch sizes (same gradient traffic,
+# twice the compute: separates the two), FSDP2 (ZeRO-2) and TP; hold out the layouts whose
+# costs the fit never saw directly: ZeRO-3's per-layer parameter gathers, the pipeline's
+# bubble and stage imbalance, and sequence parallelism's all-gather / reduce-scatter pairs in
+# place of TP's all-reduces. Checks widen the held-out set to a small and a large
+# micro-batch and to four ranks on this host.
 LOOP_RUNS = (
     LoopRun("single_mbs8", {"micro_batch_size": 8, "global_batch_size": 8}, 1, False),
     LoopRun("single_mbs16", {"micro_batch_size": 16, "global_batch_size": 16}, 1, False),
     LoopRun("ddp2", {"dp": 2, "micro_batch_size": 8, "global_batch_size": 16}, 2, False),
+    LoopRun("ddp2_mbs16", {"dp": 2, "micro_batch_size": 16, "global_batch_size": 32}, 2, False),
     LoopRun("fsdp2_zero2", {"dp": 2, "sharding": "zero2", "micro_batch_size": 8, "global_batch_size": 16}, 2, False),
     LoopRun("tp2", {"tp": 2, "micro_batch_size": 16, "global_batch_size": 16, "sequence_parallel": False}, 2, False),
     LoopRun("fsdp2_zero3", {"dp": 2, "sharding": "zero3", "micro_batch_size": 8, "global_batch_size": 16}, 2, True),
     LoopRun("pp2", {"pp": 2, "micro_batch_size": 4, "global_batch_size": 16}, 2, True),
     LoopRun("tp2_sp", {"tp": 2, "micro_batch_size": 16, "global_batch_size": 16, "sequence_parallel": True}, 2, True),
+    LoopRun("single_mbs2", {"micro_batch_size": 2, "global_batch_size": 2}, 1, False, check=True),
+    LoopRun("single_mbs32", {"micro_batch_size": 32, "global_batch_size": 32}, 1, False, check=True),
+    LoopRun("ddp4_mbs4", {"dp": 4, "micro_batch_size": 4, "global_batch_size": 16}, 4, False, check=True),
 )
+LOOP_STEPS = 12  # per run; the first WARMUP_STEPS are dropped, the median of the rest is used
 
 
 def _plan_for(run: LoopRun, model: str, seq_len: int, steps: int) -> dict[str, Any]:
@@ -68,7 +76,7 @@ def _run(plan_path: Path, out: Path, timeout_s: float) -> tuple[bool, str]:
 
 
 def local_loop(
-    workdir: str | Path = "runs/calibration", model: str = "tiny", seq_len: int = 128, steps: int = 8,
+    workdir: str | Path = "runs/calibration", model: str = "tiny", seq_len: int = 128, steps: int = LOOP_STEPS,
     quick_bench: bool = True, progress=print, run_timeout_s: float = 240,
 ) -> dict[str, Any]:
     from executor.bench import run_bench
@@ -81,7 +89,7 @@ def local_loop(
     default = load_profile(machine=False)  # the shipped profile: "before calibration"
     hardware = {**default.hardware, "cpu": bench.hardware_override()}
     measured_base = default.with_(hardware=hardware, source="default + measured cpu hardware")
-    fit_dirs, held_dirs, failures = [], [], {}
+    fit_dirs, held_dirs, check_dirs, failures = [], [], [], {}
     for r in LOOP_RUNS:
         plan = plan_from_dict(_plan_for(r, model, seq_len, steps), f"loop plan {r.name}")
         pdir = work / "plans" / r.name
@@ -99,12 +107,13 @@ def local_loop(
         if not ok:
             failures[r.name] = msg
             continue
-        (held_dirs if r.held_out else fit_dirs).append(out)
+        (check_dirs if r.check else held_dirs if r.held_out else fit_dirs).append(out)
     if len(fit_dirs) < 2 or not held_dirs:
         raise MeshplanError(f"calibration loop: too few runs succeeded ({'; '.join(f'{k}: {v}' for k, v in failures.items())})")
     progress("calibrate on " + ", ".join(d.name for d in fit_dirs))
     cal = calibrate_runs(fit_dirs, measured_base, source="calibrated by meshplan calibrate --local-loop")
     held = predict_runs(held_dirs, cal.profile)
+    checks = predict_runs(check_dirs, cal.profile)
     before = predict_runs(held_dirs, default)
     for h, b in zip(held, before, strict=True):
         h["default_profile_step_time_s"] = b["predicted_step_time_s"]
@@ -114,13 +123,19 @@ def local_loop(
     from planner.planfile import atomic_write_text
 
     atomic_write_text(profile_path, dump_profile(cal.profile))
-    pts = [(h["layout"] + " (held out)", h["measured_step_time_s"], h["predicted_step_time_s"]) for h in held]
+    pts = [(h["layout"] + " (held out)", h["measured_step_time_s"], h["predicted_step_time_s"]) for h in held + checks]
     pts += [(r["layout"], r["measured_step_time_s"], r["after_step_time_s"]) for r in cal.rows]
     png = chart(pts, work / "predicted_vs_measured.png", "CPU calibration: step time")
     return {
         "heldout": [{k: h[k] for k in ("layout", "predicted_step_time_s", "measured_step_time_s", "ape_pct",
                                         "default_profile_step_time_s", "default_profile_ape_pct")} for h in held],
         "median_ape_pct": float(np.median([h["ape_pct"] for h in held])),
+        # Every run the fit did not see: the held-out layouts and the checks (small / large
+        # micro-batch, four ranks).
+        "checks": [{k: c[k] for k in ("layout", "predicted_step_time_s", "measured_step_time_s", "ape_pct")}
+                   for c in checks],
+        "unseen_median_ape_pct": float(np.median([h["ape_pct"] for h in held + checks])),
+        "unseen_max_ape_pct": float(max(h["ape_pct"] for h in held + checks)),
         "default_profile_median_ape_pct": float(np.median([h["default_profile_ape_pct"] for h in held])),
         "fitted_on": cal.rows,
         "fitted_params": cal.params,

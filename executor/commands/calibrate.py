@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--local-loop", action="store_true",
                    help="bench -> run several layouts here -> fit on some -> predict the held-out ones")
     p.add_argument("--workdir", default="runs/calibration", help="where --local-loop writes runs")
-    p.add_argument("--steps", type=int, default=8, help="steps per --local-loop run")
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps per --local-loop run (default: executor.calibration_loop.LOOP_STEPS)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
@@ -32,10 +33,10 @@ def run(args: argparse.Namespace) -> int:
     from planner.planfile import atomic_write_text
 
     if args.local_loop:
-        from executor.calibration_loop import local_loop
+        from executor.calibration_loop import LOOP_STEPS, local_loop
 
         say = (lambda m: print(m, file=sys.stderr)) if args.json else print
-        res = local_loop(args.workdir, steps=args.steps, progress=say)
+        res = local_loop(args.workdir, steps=args.steps or LOOP_STEPS, progress=say)
         if args.out:
             atomic_write_text(Path(args.out), Path(res["profile_path"]).read_text())
         if args.json:

@@ -17,6 +17,9 @@ def test_local_loop_contract(tmp_path):
     res = json.loads(proc.stdout)
     held = res["heldout"]
     assert len(held) == sum(r.held_out for r in LOOP_RUNS) and not res["failed_runs"]
+    assert len(res["checks"]) == sum(r.check for r in LOOP_RUNS)
+    unseen = [h["ape_pct"] for h in held + res["checks"]]
+    assert res["unseen_max_ape_pct"] == pytest.approx(max(unseen))
     for h in held:
         assert {"layout", "predicted_step_time_s", "measured_step_time_s", "ape_pct"} <= set(h)
         assert h["measured_step_time_s"] > 0 and h["predicted_step_time_s"] > 0
@@ -24,6 +27,6 @@ def test_local_loop_contract(tmp_path):
     assert {h["layout"].split()[0] for h in held} == {"dp2+zero3", "pp2", "tp2+sp"}
     # Calibrating on this machine predicts the layouts it never ran better than the default.
     assert res["median_ape_pct"] < res["default_profile_median_ape_pct"]
-    assert len(res["fitted_on"]) == sum(not r.held_out for r in LOOP_RUNS)
+    assert len(res["fitted_on"]) == sum(not (r.held_out or r.check) for r in LOOP_RUNS)
     prof = load_profile(res["profile_path"])
     assert prof.hardware["cpu"]["host_cores"] >= 1 and prof.hardware["cpu"]["fp32_tflops"] > 0
