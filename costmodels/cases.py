@@ -151,7 +151,7 @@ def _measured(cluster: ClusterSpec, precision: str, hw: Mapping[str, float]) -> 
         # siblings): the ranks together never exceed the all-core figure `meshplan bench`
         # measured, so each gets at most its share of it.
         share = min(1.0, cores / (ranks * threads))
-        busy = min(ranks * threads, cores) / cores / ranks  # this rank's share of the host
+        busy = 1.0 / ranks  # this rank's share of the host's all-core figure
         key = "fp32_tflops" if precision == "fp32" else "bf16_tflops"
         rate = _thread_rate(hw, key, threads, cores)
         if rate:

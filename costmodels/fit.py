@@ -24,7 +24,7 @@ SCALAR_PARAMS: tuple[tuple[str, float, float], ...] = (
     ("link_eff", 0.3, 1.0),
     ("layer_overhead_s", 0.0, 5e-2),
     ("step_overhead_s", 0.0, 2.0),
-    ("tp_layer_overhead_s", 0.0, 0.1),
+    ("cpu_sync_call_s", 0.0, 0.05),
 )
 # Not fitted: sourced priors the published runs cannot identify (they are GPU-bound and
 # short of stragglers): kernel_gap_s, host_op_s, sync_jitter. `meshplan calibrate` users can
@@ -63,8 +63,8 @@ def identifiable(c: Cases) -> set[str]:
         out.add("link_eff")
     if cpu.any():
         out |= {"layer_overhead_s", "step_overhead_s"}
-    if (cpu & (tp > 1)).any():
-        out.add("tp_layer_overhead_s")
+    if (cpu & multi).any():
+        out.add("cpu_sync_call_s")
     return out
 
 

@@ -61,12 +61,12 @@ class Profile:
     host_op_s: float = 1e-5
     # Fixed host overhead per layer per micro-batch on a CPU host (s), fitted per machine.
     layer_overhead_s: float = 0.0
-    # Time per tensor-parallel layer and micro-batch on a CPU that the measured GEMM,
-    # elementwise and collective rates miss: DTensor dispatch around each sharded module (the
-    # bench measured ~0.3 ms per sharded linear here), the unfused vocab-parallel loss, ranks
-    # waiting for each other at every collective. On an accelerator the host queues kernels
-    # ahead and this is hidden, so it applies to CPU runs only (fitted by `meshplan calibrate`).
-    tp_layer_overhead_s: float = 0.0
+    # CPU hosts: time per synchronising collective call that the measured link rates miss:
+    # ranks that time-share the cores meet at every collective (the first waits for the
+    # last), gloo works on a compute core, DTensor dispatches around each sharded op. Fitted
+    # per machine by `meshplan calibrate` (5.8-6.7 ms here); on an accelerator the host
+    # queues kernels ahead and this is hidden, so it applies to CPU runs only.
+    cpu_sync_call_s: float = 0.0
     # Memory: allocator fragmentation and workspace, as a factor on tensor bytes, plus a
     # constant (CUDA context is outside max_memory_allocated; cuBLAS/NCCL workspaces are in).
     memory_factor: float = 1.1

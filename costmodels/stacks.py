@@ -110,7 +110,6 @@ STACKS: dict[str, Stack] = {
     )
 }
 DEFAULT_STACK = STACKS["meshplan"]
-STACK_ORDER = tuple(STACKS)
 
 # Substrings of framework names as runs tables spell them, checked in this order.
 _ALIASES: tuple[tuple[str, str], ...] = (
@@ -144,7 +143,6 @@ def known_framework(framework: str) -> bool:
 def stack_columns(stack: Stack) -> dict[str, float]:
     """Scalar case-table columns of a stack."""
     return {
-        "stack_idx": STACK_ORDER.index(stack.name) if stack.name in STACKS else 0,
         "attn_impl": ATTENTION_IMPLS.index(stack.attention),
         "fused": stack.fusion == "fused",
         "dropout": stack.dropout,

@@ -160,7 +160,6 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     )
     t_layer = t_gemm + t_attn + t_elem + recompute_fwd + t_gaps
     t_layer = t_layer + prof.layer_overhead_s * np.where(recompute == 2, 1 + 0.5 * rc_frac, 1.0)
-    t_layer = t_layer + np.where(on_cpu & (tp > 1), prof.tp_layer_overhead_s, 0.0)
     # Host time per layer per micro-batch: each kernel is one op the host dispatches
     # (autograd included); CUDA graphs replay without it. The host runs ahead of the GPU, so
     # it only costs time where it is the slower of the two (see `host_bound` below).
@@ -265,7 +264,19 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     # temporaries).
     t_opt = ADAM_BYTES_PER_PARAM * params_local / opt_shard / bw_elem
 
-    step = compute + bubble + t_p2p + dp_exposed + t_opt + prof.step_overhead_s
+    # On a CPU host every collective is a meeting point of ranks that time-share the cores:
+    # the first to arrive waits for the last, and gloo does its work on a compute core. A
+    # fitted cost per synchronising call, charged per call each layout issues per step
+    # (TP: n_tp per layer per micro-batch, x2 for SP's all-gather + reduce-scatter pairs;
+    # ZeRO-3: 2 gathers + 1 reduce-scatter per layer per micro-batch; ZeRO-1/2: a gather and a
+    # reduce-scatter per layer; DDP: one all-reduce per bucket; PP: a send and a receive per
+    # micro-batch at each stage boundary).
+    calls = np.where(tp > 1, m * layers_stage * n_tp * np.where(sp, 2.0, 1.0), 0.0)
+    calls = calls + np.where(replicas > 1, np.where(
+        sharding == 3, 3 * m * n_lay, np.where(sharding >= 1, 2 * n_lay, n_bkt)), 0.0)
+    calls = calls + np.where(pp > 1, 2 * m, 0.0)
+    t_sync_calls = np.where(on_cpu, calls * prof.cpu_sync_call_s, 0.0)
+    step = compute + bubble + t_p2p + dp_exposed + t_opt + prof.step_overhead_s + t_sync_calls
     # Synchronous steps wait for the slowest node: with per-node jitter of relative size
     # sigma, the expected maximum over N nodes is ~ sigma sqrt(2 ln N) (Gumbel / extreme
     # value of Gaussians; the straggler effect of Dubey et al. 2024, Sec. 3.3.4).

@@ -20,6 +20,7 @@ from costmodels.cases import Cases, build_cases, concat_cases
 from costmodels.errors import MeshplanError
 from costmodels.hardware import ACCELERATORS
 from costmodels.specs import PRECISIONS, RECOMPUTES, SHARDINGS, ClusterSpec, ModelSpec, SpecError
+from costmodels.stacks import known_framework
 
 REQUIRED_COLUMNS = (
     "run_id", "model_name", "layers", "hidden_size", "ffn_hidden_size", "num_heads",
@@ -220,6 +221,8 @@ def cases_from_runs(df: pd.DataFrame) -> tuple[Cases | None, list[int], dict[int
             }
             framework = row.get("framework")
             framework = None if not isinstance(framework, str) else framework
+            if framework and not known_framework(framework):
+                assumed.append(f"framework {framework!r} not recognised: meshplan's stack assumed")
             parts.append(build_cases(rm.spec, cluster, cols, precision, framework=framework))
             used.append(i)
             assumed_all.append(assumed)

@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 
 from costmodels.cases import SCHEDULES, build_cases
-from costmodels.uncertainty import interval
 from costmodels.errors import MeshplanError
 from costmodels.profile import Profile
 from costmodels.specs import PRECISIONS, RECOMPUTES, SHARDINGS, ClusterSpec, Layout, ModelSpec
 from costmodels.steptime import evaluate
+from costmodels.uncertainty import interval
 
 BREAKDOWN = (
     "compute_s", "tp_comm_s", "cp_comm_s", "pp_bubble_s", "pp_p2p_s", "dp_exposed_s", "optimizer_s", "sync_s",

@@ -8,11 +8,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from costmodels.fit import PUBLISHED_FIXED, PUBLISHED_PRIORS, _subset, ape_pct, cross_validate, random_halves
+from costmodels.fit import (
+    PUBLISHED_FIXED,
+    PUBLISHED_PRIORS,
+    _subset,
+    ape_pct,
+    cross_validate,
+    random_halves,
+)
 from costmodels.profile import Profile
 from costmodels.steptime import evaluate
 from planner.runs_table import cases_from_runs
-
 
 NO_MEASUREMENT = "no measured_tokens_per_sec_per_gpu to score against"
 

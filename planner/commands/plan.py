@@ -16,11 +16,24 @@ from costmodels.profile import load_profile
 from costmodels.specs import RECOMPUTES, SHARDINGS
 from planner import datamix
 from planner.emitters import write_launch_files
-from planner.model_args import add_cluster_args, add_framework_arg, add_model_args, cluster_from_args, model_from_args
+from planner.model_args import (
+    add_cluster_args,
+    add_framework_arg,
+    add_model_args,
+    cluster_from_args,
+    model_from_args,
+)
 from planner.planfile import ContinualSection, Plan, plan_from_dict, save_plan
 from planner.render import console
 from planner.schedule_advice import parse_count, recommend_lr, steps_for_tokens
-from planner.search import SearchResult, SearchSpace, explain_runner_ups, search, top_json, trial_runs
+from planner.search import (
+    SearchResult,
+    SearchSpace,
+    explain_runner_ups,
+    search,
+    top_json,
+    trial_runs,
+)
 
 
 def _csv_choice(text: str, allowed: tuple[str, ...], flag: str) -> tuple[str, ...]:

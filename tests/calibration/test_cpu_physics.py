@@ -31,11 +31,11 @@ def test_threads_per_rank_splits_the_host():
 
 
 @pytest.mark.parametrize(("ranks", "tflops", "elem_tb_s"), [
-    (1, 0.2, 0.008),                            # every core: the all-cores figures
-    (2, 0.1 + 0.1 / 3, 0.004 + 0.004 / 3),      # 2 threads of 4: a third of the way up
-    (4, 0.1, 0.004),                            # one thread each: the one-thread figures
+    (1, 0.2, 0.008),      # every core: the all-cores figures
+    (2, 0.1, 0.004),      # 2 threads of 4 would interpolate to 0.133, but two ranks share 0.2
+    (4, 0.05, 0.002),     # one thread each (one-thread figure 0.1), four sharing the host
 ])
-def test_rates_interpolate_between_one_thread_and_all_cores(ranks, tflops, elem_tb_s):
+def test_ranks_share_the_all_core_rate(ranks, tflops, elem_tb_s):
     dp = {"dp": ranks} if ranks > 1 else {}
     c = _case(ranks, HW, **dp)
     assert c["peak_gemm"][0] == pytest.approx(tflops * 1e12)
@@ -45,6 +45,8 @@ def test_rates_interpolate_between_one_thread_and_all_cores(ranks, tflops, elem_
 def test_a_run_that_pinned_its_threads_is_predicted_at_that_count():
     one = _case(1, {**HW, "threads_per_rank": 1.0})
     assert one["peak_gemm"][0] == pytest.approx(0.1e12)
+    two = _case(1, {**HW, "threads_per_rank": 2.0})  # interpolated: a third of the way up
+    assert two["peak_gemm"][0] == pytest.approx((0.1 + 0.1 / 3) * 1e12)
     over = _case(1, {**HW, "threads_per_rank": 8.0})  # 8 threads on 4 cores time-share
     assert over["peak_gemm"][0] == pytest.approx(0.2e12 * 4 / 8)
 
@@ -106,12 +108,17 @@ def test_tp_collectives_fall_back_to_the_plain_collectives_figures():
     assert c["tp_allreduce_lat"][0] == -1.0  # the link's own latency
 
 
-def test_tp_layer_overhead_acts_on_cpu_tensor_parallel_runs_only():
-    base, slow = Profile(sync_jitter=0.0), Profile(sync_jitter=0.0, tp_layer_overhead_s=0.01)
+def test_sync_call_cost_is_charged_per_collective_on_cpu_only():
+    base, slow = Profile(sync_jitter=0.0), Profile(sync_jitter=0.0, cpu_sync_call_s=0.01)
+    layers = get_preset("tiny").layers
     tp = [evaluate(_case(2, HW, tp=2), p)["step_time_s"][0] for p in (base, slow)]
-    assert tp[1] - tp[0] == pytest.approx(0.01 * get_preset("tiny").layers)  # per layer, 1 micro-batch
+    assert tp[1] - tp[0] == pytest.approx(0.01 * 4 * layers)  # 4 all-reduces per layer, 1 micro-batch
+    sp = [evaluate(_case(2, HW, tp=2, sequence_parallel=True), p)["step_time_s"][0] for p in (base, slow)]
+    assert sp[1] - sp[0] == pytest.approx(0.01 * 8 * layers)  # all-gather + reduce-scatter pairs
     dp = [evaluate(_case(2, HW, dp=2), p)["step_time_s"][0] for p in (base, slow)]
-    assert dp[1] == pytest.approx(dp[0])
+    assert dp[1] - dp[0] == pytest.approx(0.01)  # one bucket of gradients
+    one = [evaluate(_case(1, HW), p)["step_time_s"][0] for p in (base, slow)]
+    assert one[1] == pytest.approx(one[0])  # a single process meets nobody
     gpu = single_case(get_preset("small"), Layout(tp=8, micro_batch=1, global_batch=8), ClusterSpec("h100-sxm", 8))
     assert evaluate(gpu, slow)["step_time_s"][0] == pytest.approx(evaluate(gpu, base)["step_time_s"][0])
 
