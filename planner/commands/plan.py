@@ -228,6 +228,9 @@ def build_plan(res: SearchResult, args: argparse.Namespace) -> Plan:
     predicted = {
         "step_time_s": float(best.step_time_s),
         "tokens_per_sec_per_gpu": float(best.tokens_per_sec_per_gpu),
+        "tokens_per_sec_per_gpu_interval": [float(best.tokens_per_sec_per_gpu_low),
+                                            float(best.tokens_per_sec_per_gpu_high)],
+        "framework": args.framework,  # the stack the prediction assumed
         "mfu_pct": float(best.mfu_pct),
         "peak_memory_gb": float(best.peak_memory_gb),
         "breakdown_s": top_json(res)[0]["breakdown_s"],
