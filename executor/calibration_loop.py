@@ -30,16 +30,18 @@ class LoopRun:
     check: bool = False  # predicted after the fit, reported with the held-out runs' errors
 
 
-# Fit on one-process runs at a small and a medium micro-batch (per-step vs per-token cost),
+# Fit on one-process runs at a small, a medium and a larger micro-batch (per-step vs
+# per-token cost),
 # DDP at two batch sizes (same gradient traffic, twice the compute: separates the two), FSDP2
 # (ZeRO-2) and TP; hold out the layouts whose costs the fit never saw directly: ZeRO-3's
 # per-layer parameter gathers, the pipeline's bubble and stage imbalance, and sequence
 # parallelism's all-gather / reduce-scatter pairs in place of TP's all-reduces. Checks widen
-# the unseen set to a one-process mid-size and large micro-batch, a small multi-rank one and
-# four ranks on this host.
+# the unseen set to a large one-process micro-batch, a small multi-rank one and four ranks on
+# this host.
 LOOP_RUNS = (
     LoopRun("single_mbs2", {"micro_batch_size": 2, "global_batch_size": 2}, 1, False),
     LoopRun("single_mbs8", {"micro_batch_size": 8, "global_batch_size": 8}, 1, False),
+    LoopRun("single_mbs16", {"micro_batch_size": 16, "global_batch_size": 16}, 1, False),
     LoopRun("ddp2", {"dp": 2, "micro_batch_size": 8, "global_batch_size": 16}, 2, False),
     LoopRun("ddp2_mbs16", {"dp": 2, "micro_batch_size": 16, "global_batch_size": 32}, 2, False),
     LoopRun("fsdp2_zero2", {"dp": 2, "sharding": "zero2", "micro_batch_size": 8, "global_batch_size": 16}, 2, False),
@@ -47,7 +49,6 @@ LOOP_RUNS = (
     LoopRun("fsdp2_zero3", {"dp": 2, "sharding": "zero3", "micro_batch_size": 8, "global_batch_size": 16}, 2, True),
     LoopRun("pp2", {"pp": 2, "micro_batch_size": 4, "global_batch_size": 16}, 2, True),
     LoopRun("tp2_sp", {"tp": 2, "micro_batch_size": 16, "global_batch_size": 16, "sequence_parallel": True}, 2, True),
-    LoopRun("single_mbs16", {"micro_batch_size": 16, "global_batch_size": 16}, 1, False, check=True),
     LoopRun("single_mbs32", {"micro_batch_size": 32, "global_batch_size": 32}, 1, False, check=True),
     LoopRun("ddp2_mbs2", {"dp": 2, "micro_batch_size": 2, "global_batch_size": 4}, 2, False, check=True),
     LoopRun("ddp4_mbs4", {"dp": 4, "micro_batch_size": 4, "global_batch_size": 16}, 4, False, check=True),
