@@ -148,7 +148,7 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     t_elem = (1 + layer_ops.BACKWARD_OVER_FORWARD) * t_elem_fwd + fp8_bytes / bw_elem
 
     # Kernel floor: each launch leaves the GPU idle for a gap (accelerators; a CPU runs its
-    # ops back to back and pays per-op dispatch in layer_overhead_s instead).
+    # ops back to back and pays their dispatch instead, below).
     kern_fwd = layer_ops.kernels_per_layer_fwd(stack["fused"], tp, low_prec)
     rc_kernels = np.where(recompute == 2, rc_frac, 0.0) * kern_fwd
     kernels = kern_fwd * (1 + layer_ops.BACKWARD_OVER_FORWARD) + rc_kernels
@@ -162,8 +162,8 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     t_layer = t_layer + prof.layer_overhead_s * np.where(recompute == 2, 1 + 0.5 * rc_frac, 1.0)
     # Host time per layer per micro-batch: each kernel is one op the host dispatches
     # (autograd included); CUDA graphs replay without it. The host runs ahead of the GPU, so
-    # it only costs time where it is the slower of the two (see `host_bound` below).
-    host_layer = np.where(on_cpu | stack["cuda_graphs"], 0.0, kernels * prof.host_op_s)
+    # it only costs time where it is the slower of the two (below).
+    host_layer = np.where(stack["cuda_graphs"], 0.0, kernels * prof.host_op_s)
 
     # ---- tensor parallel collectives per layer per micro-batch
     tp_bw = f64("tp_bw") * prof.link_eff
@@ -199,7 +199,8 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     stage_mb = layers_stage * (t_layer + t_tp + t_cp) + t_logits
     # Host-bound regime: when the host dispatches slower than the GPU computes, the GPU waits
     # for it (small models, small micro-batches, many ranks per host).
-    stage_mb = np.maximum(stage_mb, layers_stage * host_layer)
+    # On a CPU host the host is the device: dispatch and compute take turns, so they add.
+    stage_mb = np.where(on_cpu, stage_mb + layers_stage * host_layer, np.maximum(stage_mb, layers_stage * host_layer))
     compute = m * stage_mb
 
     # ---- pipeline bubble and p2p on the critical path

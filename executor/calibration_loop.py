@@ -30,8 +30,8 @@ class LoopRun:
     check: bool = False  # predicted after the fit, reported with the held-out runs' errors
 
 
-# Fit on one-process runs at a small, a medium and a larger micro-batch (per-step vs
-# per-token cost),
+# Fit on one-process runs at a small, a medium and a larger micro-batch and with 8
+# accumulated micro-batches (per-step vs per-micro-batch vs per-token cost),
 # DDP at two batch sizes (same gradient traffic, twice the compute: separates the two), FSDP2
 # (ZeRO-2) and TP; hold out the layouts whose costs the fit never saw directly: ZeRO-3's
 # per-layer parameter gathers, the pipeline's bubble and stage imbalance, and sequence
@@ -42,6 +42,7 @@ LOOP_RUNS = (
     LoopRun("single_mbs2", {"micro_batch_size": 2, "global_batch_size": 2}, 1, False),
     LoopRun("single_mbs8", {"micro_batch_size": 8, "global_batch_size": 8}, 1, False),
     LoopRun("single_mbs16", {"micro_batch_size": 16, "global_batch_size": 16}, 1, False),
+    LoopRun("single_mbs2_ga8", {"micro_batch_size": 2, "global_batch_size": 16}, 1, False),
     LoopRun("ddp2", {"dp": 2, "micro_batch_size": 8, "global_batch_size": 16}, 2, False),
     LoopRun("ddp2_mbs16", {"dp": 2, "micro_batch_size": 16, "global_batch_size": 32}, 2, False),
     LoopRun("fsdp2_zero2", {"dp": 2, "sharding": "zero2", "micro_batch_size": 8, "global_batch_size": 16}, 2, False),
