@@ -92,7 +92,8 @@ def link_columns(
     for name, (stride, size) in groups.items():
         keys = np.asarray(stride, dtype=np.int64) * (1 << 32) + np.asarray(size, dtype=np.int64)
         uniq, inv = np.unique(keys, return_inverse=True)
-        vals = np.array([group_link(cluster, int(k >> 32), int(k & 0xFFFFFFFF)) for k in uniq])
+        p2p = name in ("pp", "cp")  # point-to-point sends, not collectives
+        vals = np.array([group_link(cluster, int(k >> 32), int(k & 0xFFFFFFFF), not p2p) for k in uniq])
         out[f"{name}_bw"] = vals[inv.reshape(-1), 0]
         out[f"{name}_lat"] = vals[inv.reshape(-1), 1]
     # A DP collective over dp*cp replicas (CP ranks hold the same weights) rides the slower
@@ -132,7 +133,7 @@ def _measured(cluster: ClusterSpec, precision: str, hw: Mapping[str, float]) -> 
     """Apply a profile's measured hardware figures (`meshplan bench`) to the cluster and
     the hardware columns."""
     cols = hardware_columns(cluster.accelerator, precision)
-    key = {"fp32": "fp32_tflops", "fp8": "fp8_tflops"}.get(precision, "bf16_tflops")
+    key = {"fp32": "fp32_tflops", "fp8": "fp8_tflops", "fp4": "fp4_tflops"}.get(precision, "bf16_tflops")
     if hw.get(key):
         cols["peak_gemm"] = cols["peak_mfu"] = hw[key] * 1e12
     bf = hw.get("fp32_tflops" if precision == "fp32" else "bf16_tflops")

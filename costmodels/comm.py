@@ -67,7 +67,7 @@ def _path_bottleneck(g: nx.Graph, a: tuple, b: tuple) -> tuple[float, float]:
 
 
 @lru_cache(maxsize=4096)
-def group_link(cluster: ClusterSpec, stride: int, size: int) -> tuple[float, float]:
+def group_link(cluster: ClusterSpec, stride: int, size: int, collective: bool = True) -> tuple[float, float]:
     """(GB/s per rank per direction, per-hop latency s) of a collective over ranks
     0, stride, 2 stride, ... (`size` of them).
 
@@ -79,7 +79,8 @@ def group_link(cluster: ClusterSpec, stride: int, size: int) -> tuple[float, flo
     per NIC on rail-optimised fabrics, so the k members a domain holds drive k NICs at once
     and the group's inter-domain traffic shares k x NIC (the node's aggregate egress when
     the group spans every GPU of it). Intra-domain links still carry the whole volume, so
-    the group runs at min(scale-up, k x NIC).
+    the group runs at min(scale-up, k x NIC). A point-to-point send (`collective=False`:
+    pipeline stages, the context-parallel K/V ring) crosses on its own NIC only.
     """
     if size <= 1:
         return float("inf"), 0.0
@@ -100,7 +101,7 @@ def group_link(cluster: ClusterSpec, stride: int, size: int) -> tuple[float, flo
     if crosses:
         nic_bw, lat = _path_bottleneck(g, ("gpu", 0), ("gpu", domain))
         per_domain = sum(1 for r in ranks if r // domain == 0)  # members of the first domain
-        rails = max(1, per_domain)  # one NIC per GPU
+        rails = max(1, per_domain) if collective else 1  # one NIC per GPU
         up = results[0][0] if results else float("inf")
         results.append((min(nic_bw * rails, up), lat))
     bw = min(r[0] for r in results)

@@ -21,7 +21,8 @@ ArrayLike = float | np.ndarray
 #   fused  norm r+w 2h (x2 norms), residual add r2+w1 = 3h (x2); RoPE r+w on Q and K;
 #          SwiGLU reads gate and up, writes the product (3f); bias-GELU r+w (2f)
 #   eager  RMSNorm as cast, square, mean, rsqrt, scale, weight (~8h per norm); RoPE as
-#          real / imaginary views and products (~4 passes); SiLU then multiply (5f); GELU 2f
+#          real / imaginary views and products (~4 passes); SiLU then multiply (5f); GELU 3f
+#          (bias add, then the activation)
 FUSED_REPLICATED_H = 10.0
 EAGER_REPLICATED_H = 22.0
 FUSED_ROPE_PASSES = 2.0

@@ -123,7 +123,7 @@ class Profile:
 
 
 HARDWARE_KEYS = (
-    "bf16_tflops", "fp32_tflops", "fp8_tflops", "hbm_tb_s", "scaleup_gbps", "scaleout_gbps",
+    "bf16_tflops", "fp32_tflops", "fp8_tflops", "fp4_tflops", "hbm_tb_s", "scaleup_gbps", "scaleout_gbps",
     "link_latency_s", "host_cores", "threads_per_rank", "fp32_tflops_1core", "bf16_tflops_1core",
     "allgather_bw_rel", "allgather_latency_s", "reduce_scatter_bw_rel", "reduce_scatter_latency_s",
     "p2p_bw_rel", "p2p_latency_s", "elementwise_tb_s", "elementwise_tb_s_1core",

@@ -21,12 +21,12 @@ ATTENTION_IMPLS = ("math", "flash2", "flash3")  # codes 0, 1, 2 in the case tabl
 #           FlashAttention-3, Sec. 1).
 #   flash3  FlashAttention-3 / cuDNN fused attention on Hopper: up to 740 TFLOP/s bf16, 75%
 #           (Shah et al. 2024, abstract); on Ampere cuDNN's kernel is FA2-class. Blackwell and
-#           CDNA3 have no published figure here: the Hopper fractions are assumed.
+#           CDNA3 / CDNA4 have no published figure here: the Hopper fractions are assumed.
 #   math    QK^T and PV run as batched GEMMs at the GEMM efficiency; the softmax pass is
 #           charged as memory traffic over the materialised scores (see steptime).
 ATTENTION_UTILISATION = {
-    "flash2": {"ampere": 0.73, "hopper": 0.35, "blackwell": 0.35, "cdna3": 0.35, "cpu": 1.0},
-    "flash3": {"ampere": 0.73, "hopper": 0.75, "blackwell": 0.75, "cdna3": 0.75, "cpu": 1.0},
+    "flash2": {"ampere": 0.73, "hopper": 0.35, "blackwell": 0.35, "cdna3": 0.35, "cdna4": 0.35, "cpu": 1.0},
+    "flash3": {"ampere": 0.73, "hopper": 0.75, "blackwell": 0.75, "cdna3": 0.75, "cdna4": 0.75, "cpu": 1.0},
 }
 
 
@@ -115,8 +115,8 @@ DEFAULT_STACK = STACKS["meshplan"]
 _ALIASES: tuple[tuple[str, str], ...] = (
     ("megatron-deepspeed", "megatron-deepspeed"), ("megatron deepspeed", "megatron-deepspeed"),
     ("nemo", "nemo"), ("megatron-core", "megatron-core"), ("megatron core", "megatron-core"),
-    ("mcore", "megatron-core"), ("(2021)", "megatron-lm-2021"), ("2021", "megatron-lm-2021"),
-    ("megatron", "megatron-core"), ("torchtitan", "torchtitan"), ("llm-foundry", "llm-foundry"),
+    ("mcore", "megatron-core"), ("megatron-lm (2021)", "megatron-lm-2021"),
+    ("megatron-lm 2021", "megatron-lm-2021"), ("megatron", "megatron-core"), ("torchtitan", "torchtitan"), ("llm-foundry", "llm-foundry"),
     ("foundry", "llm-foundry"), ("composer", "llm-foundry"), ("maxtext", "maxtext"),
     ("nanotron", "nanotron"), ("deepspeed", "deepspeed"), ("meshplan", "meshplan"),
 )

@@ -2,7 +2,7 @@
 
 Physics first, few free parameters (`costmodels.profile.Profile`):
   compute     each layer GEMM at a shape-dependent rate (`costmodels.gemm`: wave quantisation
-              on the chip's SMs, k-loop amortisation, roofline), forward and the two backward
+              on the chip's SMs, low-precision padding, roofline), forward and the two backward
               GEMMs; attention as the stack runs it (`costmodels.stacks`: FlashAttention-2,
               FlashAttention-3 / cuDNN, or the unfused path over materialised scores),
               backward 2.5x forward (Dao 2023, Sec. 3.1); elementwise kernels as the HBM
@@ -10,7 +10,8 @@ Physics first, few free parameters (`costmodels.profile.Profile`):
               floor per kernel launched, and the host's per-op time when it outruns the GPU.
   TP          2 all-reduces forward, 2 backward per layer (Shoeybi et al. 2019, Sec. 3;
               with SP an all-gather + reduce-scatter pair of the same volume, Korthikanti 2022),
-              hidden behind the GEMMs to a fitted degree only where the stack overlaps them.
+              hidden behind the GEMMs (all but the first of 4 chunks) only where the stack
+              overlaps them.
   CP          K/V ring passes overlapped with attention (Liu et al. 2023, Ring Attention).
   PP          bubble (p - 1) / (v m) of the ideal (Narayanan et al. 2021, Sec. 2.2) over the
               stages without the output head, plus the p2p sends on the critical path.
@@ -55,7 +56,7 @@ def _attention_utilisation(attn_impl: np.ndarray, gen_idx: np.ndarray) -> np.nda
     table = np.ones((len(ATTENTION_IMPLS), len(GEN_ORDER)))
     for i, impl in enumerate(ATTENTION_IMPLS):
         for j, gen in enumerate(GEN_ORDER):
-            table[i, j] = ATTENTION_UTILISATION.get(impl, {}).get(gen, 1.0)
+            table[i, j] = ATTENTION_UTILISATION[impl][gen] if impl in ATTENTION_UTILISATION else 1.0
     return table[attn_impl, gen_idx]
 
 
@@ -159,7 +160,7 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
         np.where(recompute == 1, np.where(stack["op_level_sac"], 0.5 * t_gemm_fwd + t_attn_fwd, t_attn_fwd), 0.0),
     )
     t_layer = t_gemm + t_attn + t_elem + recompute_fwd + t_gaps
-    t_layer = t_layer + prof.layer_overhead_s * np.where(recompute == 2, 1 + 0.5 * rc_frac, 1.0)
+    t_layer = t_layer + np.where(on_cpu, prof.layer_overhead_s, 0.0) * np.where(recompute == 2, 1 + 0.5 * rc_frac, 1.0)
     # Host time per layer per micro-batch: each kernel is one op the host dispatches
     # (autograd included); CUDA graphs replay without it. The host runs ahead of the GPU, so
     # it only costs time where it is the slower of the two (below).
@@ -179,7 +180,8 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     # collective into chunks pipelined with the GEMM that consumes or produces it: what shows
     # is the first chunk, or the part the layer's GEMMs are too short to cover.
     hidden_tp = np.maximum(t_tp - t_gemm, t_tp / TP_OVERLAP_CHUNKS)
-    t_tp = np.where(stack["tp_comm_overlap"] & ~on_cpu, hidden_tp, t_tp)
+    # (Megatron-Core's --tp-comm-overlap needs sequence parallelism)
+    t_tp = np.where(stack["tp_comm_overlap"] & sp & ~on_cpu, hidden_tp, t_tp)
     t_tp = np.where(tp > 1, t_tp, 0.0)
 
     # ---- context parallel: K/V ring, fwd (cp-1) passes, bwd sends K/V and dK/dV back
@@ -277,7 +279,7 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
         sharding == 3, 3 * m * n_lay, np.where(sharding >= 1, 2 * n_lay, n_bkt)), 0.0)
     calls = calls + np.where(pp > 1, 2 * m, 0.0)
     t_sync_calls = np.where(on_cpu, calls * prof.cpu_sync_call_s, 0.0)
-    step = compute + bubble + t_p2p + dp_exposed + t_opt + prof.step_overhead_s + t_sync_calls
+    step = compute + bubble + t_p2p + dp_exposed + t_opt + np.where(on_cpu, prof.step_overhead_s, 0.0) + t_sync_calls
     # Synchronous steps wait for the slowest node: with per-node jitter of relative size
     # sigma, the expected maximum over N nodes is ~ sigma sqrt(2 ln N) (Gumbel / extreme
     # value of Gaussians; the straggler effect of Dubey et al. 2024, Sec. 3.3.4).
@@ -365,9 +367,10 @@ def memory_breakdown(
     states["gradients"] = states["gradients"] + np.where(unsharded, 4.0 * params_local, 0.0)
     act_args = (seq, micro, h, f64("heads"), f64("kv_dim"), f64("ffn") * f64("active_experts"),
                 np.asarray(c["swiglu"], dtype=bool), tp, cp, sp)
-    act_layer = memory.layer_activation_bytes(*act_args, recompute, flash=True, act_bytes=ab,
+    flash = stack["attn_impl"] != ATTENTION_IMPLS.index("math")  # math attention stores its scores
+    act_layer = memory.layer_activation_bytes(*act_args, recompute, flash=flash, act_bytes=ab,
                                               dropout=stack["dropout"])
-    act_none = memory.layer_activation_bytes(*act_args, 0, flash=True, act_bytes=ab, dropout=stack["dropout"])
+    act_none = memory.layer_activation_bytes(*act_args, 0, flash=flash, act_bytes=ab, dropout=stack["dropout"])
     # Eager stacks also keep what a fused kernel recomputes or never writes: both norms'
     # outputs (the next matmul's saved input) and the activation's output (SiLU / GELU).
     eager_extra = memory.eager_extra_activation_bytes(seq, micro, h, f64("ffn") * f64("active_experts"), tp, cp, sp, ab)

@@ -226,8 +226,10 @@ def top_json(result: SearchResult) -> list[dict[str, Any]]:
     """Ranked layouts. `within_uncertainty_of_best`: the layout's interval reaches the
     winner's, so the cost model cannot tell them apart (a short trial run can)."""
     out = []
-    best_low = float(result.ranked.iloc[0]["tokens_per_sec_per_gpu_low"]) if len(result.ranked) else 0.0
-    for i, (_, r) in enumerate(result.ranked.iterrows()):
+    # Compared with the fastest ranked layout (with --rank-by memory the first is not it).
+    fastest = result.ranked["tokens_per_sec_per_gpu"].idxmax() if len(result.ranked) else None
+    best_low = float(result.ranked.loc[fastest, "tokens_per_sec_per_gpu_low"]) if fastest is not None else 0.0
+    for _, r in result.ranked.iterrows():
         out.append({
             "tp": int(r.tp), "pp": int(r.pp), "dp": int(r.dp), "cp": int(r.cp), "vpp": int(r.vpp),
             "sharding": str(r.sharding), "micro_batch_size": int(r.micro), "recompute": str(r.recompute),
@@ -237,7 +239,7 @@ def top_json(result: SearchResult) -> list[dict[str, Any]]:
             "predicted_tokens_per_sec_per_gpu": round(float(r.tokens_per_sec_per_gpu), 3),
             "tokens_per_sec_per_gpu_interval": [round(float(r.tokens_per_sec_per_gpu_low), 3),
                                                 round(float(r.tokens_per_sec_per_gpu_high), 3)],
-            "within_uncertainty_of_best": bool(i == 0 or float(r.tokens_per_sec_per_gpu_high) >= best_low),
+            "within_uncertainty_of_best": bool(float(r.tokens_per_sec_per_gpu_high) >= best_low),
             "predicted_mfu_pct": round(float(r.mfu_pct), 3),
             "predicted_peak_memory_gb": round(float(r.peak_memory_gb), 3),
             "predicted_step_time_s": round(float(r.step_time_s), 6),
@@ -254,13 +256,12 @@ def trial_runs(result: SearchResult, plan_path: str = "PLAN") -> list[str]:
         return []
     fields = ("tp", "pp", "dp", "cp", "vpp", "sharding", "micro_batch_size", "recompute",
               "sequence_parallel", "dp_shard", "recompute_layers")
-    keys = {"micro_batch_size": "micro_batch"}
     cmds = []
-    for t in [t for t in top if t["within_uncertainty_of_best"]][:4]:
-        overrides = " ".join(f"--override layout.{keys.get(f, f)}={str(t[f]).lower() if isinstance(t[f], bool) else t[f]}"
+    close = [(i, t) for i, t in enumerate(top) if t["within_uncertainty_of_best"]][:4]
+    for rank, t in close:
+        overrides = " ".join(f"--override layout.{f}={str(t[f]).lower() if isinstance(t[f], bool) else t[f]}"
                              for f in fields)
-        cmds.append(f"meshplan run {plan_path} --out trial_tp{t['tp']}_pp{t['pp']}_dp{t['dp']}_mbs{t['micro_batch_size']} "
-                    f"{overrides} --override train.max_steps=20")
+        cmds.append(f"meshplan run {plan_path} --out trial_rank{rank + 1} {overrides} --override train.max_steps=20")
     return cmds if len(cmds) > 1 else []
 
 
