@@ -129,7 +129,7 @@ def regimes(rows, ape) -> list:
     return out
 
 
-def parameters(df, prof) -> list[dict]:
+def parameters(df) -> list[dict]:
     """The shipped profile's fitted parameters, their bounds, and which sit at one (refit on
     all dense rows from the same starting point the shipped fit used)."""
     from costmodels.fit import PUBLISHED_FIXED, PUBLISHED_PRIORS, fit_throughput, parameter_report
@@ -176,7 +176,7 @@ def main() -> int:
     for table in regimes(loso["rows"], loso["ape"]):
         print(table.to_string(index=False))
     print("fitted parameters (refit on all dense rows):")
-    report = parameters(df, prof)
+    report = parameters(df)
     for r in report:
         print(f"  {r['name']:20s} {r['value']:.4g}  bounds [{r['lower']:g}, {r['upper']:g}]"
               f"{'  AT BOUND' if r['at_bound'] else ''}")

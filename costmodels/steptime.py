@@ -107,11 +107,11 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     low_prec = f64("peak_gemm") > f64("peak_bf16") * 1.01  # FP8 / FP4 GEMMs
     pad_to = np.where(low_prec, np.where(prec == 4, PAD_ELEMENTS["fp4"], PAD_ELEMENTS["fp8"]), 1.0)
     sms = f64("sms") if "sms" in c else np.zeros_like(tp)
-    eff = gen_eff  # FP8 / FP4 GEMMs sustain the same share of their own peak (casts charged below)
+    # FP8 / FP4 GEMMs sustain the same share of their own peak as 16-bit ones (casts charged below)
     gemm_bytes = np.where(low_prec, np.where(prec == 4, 0.5, 1.0), ab)
 
     def gemm(mm, nn, kk):
-        return gemm_time(mm, nn, kk, peak_gemm, eff, hbm_bw, gemm_bytes, sms, pad_to)
+        return gemm_time(mm, nn, kk, peak_gemm, gen_eff, hbm_bw, gemm_bytes, sms, pad_to)
 
     # ---- compute per layer per micro-batch (forward); backward runs two GEMMs per forward one
     # (Narayanan et al. 2021, Sec. 5.1): dX = dY W^T (m x k from m x n) and dW = X^T dY (k x n).

@@ -49,7 +49,10 @@ def interval(pred: np.ndarray, quantiles: Mapping[str, list[float]] | None,
     if params is None:
         lo, hi = np.full(pred.shape, pooled[0]), np.full(pred.shape, pooled[1])
     else:
+        # One lookup per regime present (the planner passes one model size for all candidates).
         reg = np.broadcast_to(size_regime(params), pred.shape)
-        lo = np.array([quantiles.get(r, pooled)[0] for r in reg.ravel()]).reshape(pred.shape)
-        hi = np.array([quantiles.get(r, pooled)[1] for r in reg.ravel()]).reshape(pred.shape)
+        lo, hi = np.empty(pred.shape), np.empty(pred.shape)
+        for r in np.unique(reg):
+            q = quantiles.get(str(r), pooled)
+            lo[reg == r], hi[reg == r] = q[0], q[1]
     return pred * np.exp(np.minimum(lo, 0.0)), pred * np.exp(np.maximum(hi, 0.0))
