@@ -110,12 +110,14 @@ def serve(req: Request, profile) -> bool:
     from costmodels.errors import MeshplanError
     from costmodels.presets import get_preset
     from costmodels.specs import ClusterSpec
-    from planner.search import search
+    from planner.search import SearchSpace, search
 
     model = get_preset(req.model).with_(seq_len=req.seq_len)
     cluster = ClusterSpec(req.gpu, req.gpus, gpus_per_node=min(8, req.gpus))
     try:
-        res = search(model, cluster, req.global_batch, profile, top=5)
+        # planning for any stack (MoE and FP8 requests too); the executor's contract mask is
+        # still computed for every candidate
+        res = search(model, cluster, req.global_batch, profile, SearchSpace(executor_only=False), top=5)
     except MeshplanError as exc:
         reason = str(exc).split(":")[0][:60]
         serve.rejections[reason] = serve.rejections.get(reason, 0) + 1  # type: ignore[attr-defined]

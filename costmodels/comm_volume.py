@@ -21,11 +21,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from costmodels.pipeline import rank_layer_counts
 from costmodels.specs import Layout, ModelSpec
 
 KINDS: tuple[str, ...] = (
     "all_reduce", "all_gather", "reduce_scatter", "send_recv", "all_to_all", "broadcast",
 )
+
+KV_PROJECTIONS = ("attention.wk", "attention.wv")
 
 # DeepSpeed ZeRO-3 keeps parameters smaller than this many elements unpartitioned
 # (`stage3_param_persistence_threshold`, DeepSpeed config docs, default 1e5).
@@ -44,7 +47,6 @@ class CommVolume:
     """Predicted payload bytes per rank for one optimizer step."""
 
     terms: list[Term] = field(default_factory=list)
-    exact: bool = True  # False where the executor's behaviour is only approximated
 
     def add(self, kind: str, nbytes: float, source: str) -> None:
         if nbytes:
@@ -82,9 +84,11 @@ def param_shapes(model: ModelSpec, tp: int = 1) -> list[tuple[str, tuple[int, ..
         if model.mlp == "swiglu":
             cols.append(("feed_forward.w3", f))
         for name, rows in cols:
-            out.append((p + name + ".weight", (rows // tp, h)))
+            # tp > kv_heads: K / V replicated, each rank computes its queries' KV head in full
+            split = 1 if name in KV_PROJECTIONS and model.kv_heads % tp else tp
+            out.append((p + name + ".weight", (rows // split, h)))
             if model.bias:
-                out.append((p + name + ".bias", (rows // tp,)))
+                out.append((p + name + ".bias", (rows // split,)))
         for name, inner in (("attention.wo", h), ("feed_forward.w2", f)):
             out.append((p + name + ".weight", (h, inner // tp)))
             if model.bias:
@@ -106,15 +110,15 @@ def _padded(shape: tuple[int, ...], shards: int) -> int:
     return math.ceil(shape[0] / shards) * shards * rest
 
 
-def pipeline_microbatches(layout: Layout) -> tuple[int, int]:
-    """(micro-batches, rows each) the pipeline schedule runs per data-parallel rank: the
-    plan's accumulation steps, re-split finely enough for 1F1B (>= pp micro-batches)."""
-    rows = layout.global_batch // layout.dp
-    n = layout.grad_accum
-    need = 1 if layout.effective_schedule == "gpipe" else layout.pp
-    if n < need:
-        n = next((m for m in range(need, rows + 1) if rows % m == 0), n)
-    return n, rows // n
+def _recomputed_layers_mean(model: ModelSpec, layout: Layout) -> float:
+    """Blocks recomputed per pipeline rank, mean over ranks: every block under selective
+    (its core), the first `recompute_layers` of each rank under full (0 = all)."""
+    if layout.recompute == "none":
+        return 0.0
+    counts = rank_layer_counts(model.layers, layout.pp, layout.vpp)
+    if layout.recompute == "full" and layout.recompute_layers:
+        counts = [min(layout.recompute_layers, c) for c in counts]
+    return sum(counts) / layout.pp
 
 
 def comm_volume(model: ModelSpec, layout: Layout) -> CommVolume:
@@ -123,7 +127,6 @@ def comm_volume(model: ModelSpec, layout: Layout) -> CommVolume:
     s, h, L = model.seq_len, model.hidden, model.layers
     e_act = _elem_bytes(layout.precision)
     M, b = layout.grad_accum, layout.micro_batch
-    P = model.param_count()
     replicas = layout.dp * layout.cp
 
     if layout.engine == "deepspeed":
@@ -134,71 +137,110 @@ def comm_volume(model: ModelSpec, layout: Layout) -> CommVolume:
     if layout.world_size > 1:
         vol.add("all_reduce", 8, "executor: loss sum + global grad-norm^2 (fp32 scalars)")
 
-    fsdp = layout.sharding != "none" or layout.tp > 1
-    if replicas > 1:
-        if layout.pp > 1 and not fsdp:
-            vol.add("all_reduce", P * 4 / layout.pp,
-                    "DP x PP: each stage all-reduces its fp32 grads once; mean over stages P/pp "
-                    "(Li et al. 2020 §3.2)")
-        elif not fsdp:
-            vol.add("all_reduce", P * 4,
-                    "DDP: fp32 grads all-reduced once per step, no_sync on earlier "
-                    "micro-batches (Li et al. 2020 §3.2)")
+    # Every term below is per rank of one pipeline stage; the mean over stages divides the
+    # model's (tensor-parallel-local) parameters by pp.
+    local = sum(_numel(shape) for _, shape in param_shapes(model, layout.tp)) / layout.pp
+    if replicas > 1 and layout.sharding in ("none", "zero1"):
+        vol.add("all_reduce", local * 4,
+                "DP: fp32 grads all-reduced once per step over dp x cp (DDP with no_sync on "
+                "earlier micro-batches, or one flat bucket; Li et al. 2020 §3.2)")
+        if layout.sharding == "zero1":
+            shards = (layout.dp_shard or layout.dp) * layout.cp
+            if shards > 1:
+                vol.add("broadcast", local * 4,
+                        "ZeRO-1: each owner broadcasts the fp32 params it updated to its shard "
+                        "group (Rajbhandari et al. 2020 §5.1)")
+    elif replicas > 1:
+        shards = (layout.dp_shard or layout.dp) * layout.cp
+        padded = sum(_padded(shape, shards) for _, shape in param_shapes(model, layout.tp)) / layout.pp
+        e_par = _elem_bytes(layout.precision)
+        if layout.sharding == "zero3" and layout.pp > 1:
+            vol.add("all_gather", (M + 1) * padded * e_par,
+                    "FSDP2 zero3 in a pipeline stage: a forward reshards, a backward keeps the "
+                    "params (torch.distributed.pipelining reshards after the last one), so an "
+                    "op gathers unless a backward precedes it: 2M ops - (M - 1) = M + 1 gathers")
+        elif layout.sharding == "zero3":
+            vol.add("all_gather", 2 * M * padded * e_par,
+                    "FSDP2 zero3: params gathered for forward and again for backward, per "
+                    "micro-batch (Rajbhandari et al. 2020 §5.3; Zhao et al. 2023 §3)")
         else:
-            if layout.pp > 1:
-                vol.exact = False  # FSDP inside pipeline stages: gathers depend on the schedule
-            local = sum(_padded(shape, replicas) for _, shape in param_shapes(model, layout.tp))
-            local = local / layout.pp
-            e_par = _elem_bytes(layout.precision)
-            if layout.sharding == "zero3":
-                vol.add("all_gather", 2 * M * local * e_par,
-                        "FSDP2 zero3: params gathered for forward and again for backward, per "
-                        "micro-batch (Rajbhandari et al. 2020 §5.3; Zhao et al. 2023 §3)")
-            else:
-                vol.add("all_gather", local * e_par,
-                        "FSDP2 zero1/2 (reshard_after_forward=False, resharded after the last "
-                        "backward only): params gathered once per step")
-            vol.add("reduce_scatter", local * 4,
-                    "FSDP2: fp32 grads reduce-scattered once per step, gradient sync only on "
-                    "the last micro-batch (ZeRO §5.2)")
+            vol.add("all_gather", padded * e_par,
+                    "FSDP2 zero2 (reshard_after_forward=False, resharded after the last "
+                    "backward only): params gathered once per step")
+        vol.add("reduce_scatter", padded * 4,
+                "FSDP2: fp32 grads reduce-scattered once per step over the shard group, gradient "
+                "sync only on the last micro-batch (ZeRO §5.2)")
+        if replicas > shards:
+            vol.add("all_reduce", padded / shards * 4,
+                    "HSDP: each fp32 grad shard all-reduced across the replica groups "
+                    "(Zhao et al. 2023 §3.2.1)")
 
+    # Per rank of one stage, then the mean over the pp stages: every layer lives on one stage
+    # (L / pp), the embedding on the first, the output head and the loss on the last (1 / pp).
+    # Each rank holds s / cp tokens of its rows (context parallelism).
+    pp, tokens = layout.pp, b * s / layout.cp
     if layout.tp > 1:
-        act = b * s * h * e_act
+        act = tokens * h * e_act
         n_ln = 2 if model.norm == "layernorm" else 1
         if layout.sequence_parallel:
-            vol.add("all_gather", M * (4 * L + 2) * act,
+            vol.add("all_gather", M * (4 * L + 2) * act / pp,
                     "TP+SP: per layer 2 sequence all-gathers forward + 2 in backward (the "
                     "reduce-scatters' adjoints), +1 before the output head, +1 embedding "
                     "backward (Korthikanti et al. 2022 §4.2.2)")
-            vol.add("reduce_scatter", M * (4 * L + 2) * act,
+            vol.add("reduce_scatter", M * (4 * L + 2) * act / pp,
                     "TP+SP: per layer 2 reduce-scatters after the row-parallel matmuls forward + "
                     "2 in backward, +1 embedding forward, +1 output-head input backward (ibid.)")
-            vol.add("all_reduce", (2 * L + 1) * n_ln * h * 4,
+            vol.add("all_reduce", (2 * L + 1) * n_ln * h * 4 / pp,
                     "TP+SP: norm-weight grads are partial per sequence shard; one all-reduce "
                     "each per step (Korthikanti et al. 2022 §4.2.2)")
         else:
-            vol.add("all_reduce", M * (4 * L + 2) * act,
+            vol.add("all_reduce", M * (4 * L + 2) * act / pp,
                     "TP: per layer 2 all-reduces forward (after the row-parallel matmuls) + 2 "
                     "backward (the column-parallel inputs' grads), +1 embedding forward, +1 "
                     "output-head input backward (Shoeybi et al. 2019 §3, Fig. 4)")
-        vol.add("all_reduce", M * 3 * b * s * 4,
+        if model.kv_heads % layout.tp:
+            kv_params = 2 * model.kv_dim * (h + (1 if model.bias else 0))
+            vol.add("all_reduce", L * kv_params * 4 / pp,
+                    "TP > kv_heads: the replicated K / V projections' fp32 grads are partial per "
+                    "rank (each used one head) and all-reduced over TP once per step")
+        vol.add("all_reduce", M * 3 * tokens * 4 / pp,
                 "TP: vocab-parallel cross entropy exchanges per-token fp32 max, sum of "
                 "exponentials and target logit, never the logits (Shoeybi et al. 2019 §3)")
 
     if layout.cp > 1:
-        kv = b * s * model.kv_dim * e_act
-        vol.add("all_gather", M * L * 2 * kv,
+        # K and V heads held by one tensor-parallel rank (a replicated head when tp > kv_heads).
+        kv_local = model.kv_dim // layout.tp if model.kv_heads % layout.tp == 0 else model.head_dim
+        kv = b * s * kv_local * e_act
+        vol.add("all_gather", M * L * 2 * kv / pp,
                 "CP: K and V of the whole sequence gathered per layer and micro-batch "
                 "(Llama 3, Dubey et al. 2024 §3.3.2)")
-        vol.add("reduce_scatter", M * L * 2 * kv,
+        vol.add("reduce_scatter", M * L * 2 * kv / pp,
                 "CP: the K/V gradients reduce-scattered back in backward (adjoint of the gather)")
+
+    # Recomputation re-runs forward collectives in the backward. Non-reentrant checkpointing
+    # stops once the saved tensors are rebuilt (torch.utils.checkpoint early stop), so a
+    # fully recomputed block repeats its input gathers and the attention half's reduction,
+    # not the MLP's: per block and micro-batch, SP: 2 all-gathers + 1 reduce-scatter; plain
+    # TP: 1 all-reduce; CP: the K / V gathers (also under selective, inside the core).
+    recomputed = _recomputed_layers_mean(model, layout)
+    if layout.recompute == "full" and layout.tp > 1:
+        act = tokens * h * e_act
+        if layout.sequence_parallel:
+            vol.add("all_gather", M * recomputed * 2 * act, "TP+SP full recompute: input gathers re-run")
+            vol.add("reduce_scatter", M * recomputed * act, "TP+SP full recompute: attention output reduce-scatter re-run")
+        else:
+            vol.add("all_reduce", M * recomputed * act, "TP full recompute: attention output all-reduce re-run")
+    if layout.cp > 1 and layout.recompute in ("full", "selective"):
+        vol.add("all_gather", M * recomputed * 2 * kv,
+                "CP recompute: K / V gathered again when the attention core re-runs")
 
     if layout.pp > 1:
         stages = layout.pp * layout.vpp
-        n, rows = pipeline_microbatches(layout)
-        vol.add("send_recv", 2 * (stages - 1) * n * rows * s * h * e_act / layout.pp,
-                "PP: each micro-batch's activations cross pp*vpp-1 stage boundaries forward and "
-                "their grads backward (Narayanan et al. 2021 §2); mean over pp ranks")
+        boundary = tokens * h * e_act / (layout.tp if layout.sequence_parallel else 1)
+        vol.add("send_recv", 2 * (stages - 1) * M * boundary / pp,
+                "PP: each micro-batch's activations (this rank's sequence shard under CP / SP) "
+                "cross pp*vpp-1 stage boundaries forward and their grads backward (Narayanan "
+                "et al. 2021 §2); mean over pp ranks")
     return vol
 
 

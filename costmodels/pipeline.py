@@ -41,3 +41,18 @@ def activation_multiplier(
 ) -> ArrayLike:
     """Micro-batches in flight on the first stage (see `costmodels.memory`)."""
     return inflight_microbatches_first_stage(pp, vpp, micro_batches, np.asarray(schedule) == 0)
+
+
+def stage_layer_counts(layers: int, stages: int) -> list[int]:
+    """Layers of each of `stages` consecutive pipeline stages, as even as possible with the
+    first stages one layer longer (the executor's split; Megatron-Core's uneven split puts
+    the remainder first too)."""
+    base, extra = divmod(layers, stages)
+    return [base + (1 if i < extra else 0) for i in range(stages)]
+
+
+def rank_layer_counts(layers: int, pp: int, vpp: int = 1) -> list[int]:
+    """Layers each pipeline rank holds: rank r runs stages r, r + pp, ... (the looped
+    placement of interleaved 1F1B, Narayanan et al. 2021 §2.2)."""
+    per_stage = stage_layer_counts(layers, pp * vpp)
+    return [sum(per_stage[r + k * pp] for k in range(vpp)) for r in range(pp)]

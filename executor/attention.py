@@ -113,7 +113,11 @@ def make_context(doc_ids: torch.Tensor, causal: bool, backend: str) -> AttnConte
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-    """q [B, T, Hq, D], k/v [B, T, Hkv, D] (Hq a multiple of Hkv: GQA) -> [B, T, Hq, D]."""
+    """q [B, T, Hq, D], k/v [B, T, Hkv, D] (Hq a multiple of Hkv: GQA) -> [B, T, Hq, D].
+    A context that brings its own `attend` (context parallelism) runs that instead."""
+    own = getattr(ctx, "attend", None)
+    if own is not None:
+        return own(q, k, v)
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     if ctx.backend == "sdpa":

@@ -34,16 +34,11 @@ def preflight(plan: Any, nproc: int | None = None) -> int:
             f"--nproc {n}: the layout needs tp*pp*dp*cp = {lay.tp}*{lay.pp}*{lay.dp}*{lay.cp} "
             f"= {world} processes; pass --nproc {world} or change the layout's degrees"
         )
-    if spec.heads % lay.tp or spec.kv_heads % lay.tp:
-        raise MeshplanError(
-            f"layout.tp={lay.tp} must divide the model's heads={spec.heads} and "
-            f"kv_heads={spec.kv_heads} (heads are split across tensor-parallel ranks)"
-        )
-    if lay.pp * lay.vpp > spec.layers:
-        raise MeshplanError(
-            f"layout.pp*vpp={lay.pp * lay.vpp} stages exceed the model's {spec.layers} layers; "
-            "use fewer pipeline stages"
-        )
+    from costmodels.capabilities import unsupported
+
+    reason = unsupported(spec, plan.layout_spec())
+    if reason is not None:  # the executor's capability contract (costmodels.capabilities)
+        raise MeshplanError(reason)
     if lay.engine == "deepspeed":
         from executor.parallel.deepspeed_engine import deepspeed_available
 
@@ -52,22 +47,6 @@ def preflight(plan: Any, nproc: int | None = None) -> int:
                 "layout.engine=deepspeed: DeepSpeed is not installed; "
                 "pip install 'meshplan[deepspeed]' or set layout.engine=torch"
             )
-        if lay.tp > 1 or lay.pp > 1 or lay.cp > 1:
-            raise MeshplanError(
-                "layout.engine=deepspeed runs data parallelism only (tp=pp=cp=1); "
-                "use layout.engine=torch for tensor/pipeline/context parallelism"
-            )
-    if lay.pp > 1 and (lay.tp > 1 or lay.cp > 1):
-        raise MeshplanError(
-            "layout.pp > 1 with tp > 1 or cp > 1 is not supported by the executor yet; "
-            "use pp with dp only"
-        )
-    if lay.pp > 1 and spec.tied_embeddings:
-        raise MeshplanError("layout.pp > 1 needs untied embeddings (model.tied_embeddings=false)")
-    if lay.cp > 1 and spec.seq_len % (2 * lay.cp):
-        raise MeshplanError(
-            f"layout.cp={lay.cp}: seq_len={spec.seq_len} must be divisible by 2*cp"
-        )
     from costmodels.lr_schedule import LRSchedule
     from executor.strategy import autocast_dtype
 
@@ -119,7 +98,7 @@ def torchrun_argv(nproc: int, run_argv: list[str], max_restarts: int) -> list[st
 def launch_local(args: argparse.Namespace) -> int:
     from planner.planfile import load_plan
 
-    plan = load_plan(args.plan, list(getattr(args, "override", []) or []))
+    plan = load_plan(args.plan, list(getattr(args, "override", []) or []), resize_cluster=True)
     nproc = preflight(plan, getattr(args, "nproc", None))
     restarts = int(os.environ.get("MESHPLAN_MAX_RESTARTS", "0"))
     timeout = float(os.environ.get("MESHPLAN_LAUNCH_TIMEOUT_S", "0")) or None

@@ -73,6 +73,7 @@ class Attention(nn.Module):
         super().__init__()
         self.head_dim = spec.head_dim
         self.recompute_core = False  # selective recomputation (Korthikanti et al. 2022 §4.2)
+        self.core_calls = 0  # attention-core executions, recomputations included
         self.wq = nn.Linear(spec.hidden, spec.heads * spec.head_dim, bias=spec.bias)
         self.wk = nn.Linear(spec.hidden, spec.kv_dim, bias=spec.bias)
         self.wv = nn.Linear(spec.hidden, spec.kv_dim, bias=spec.bias)
@@ -88,10 +89,14 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, t, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.recompute_core and torch.is_grad_enabled():
-            out = checkpoint(attend, q, k, v, ctx, use_reentrant=False)
+            out = checkpoint(self._core, q, k, v, ctx, use_reentrant=False)
         else:
-            out = attend(q, k, v, ctx)
+            out = self._core(q, k, v, ctx)
         return self.wo(out.reshape(b, t, -1))
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        self.core_calls += 1
+        return attend(q, k, v, ctx)
 
 
 class FeedForward(nn.Module):
@@ -119,10 +124,13 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(spec)
         self.ffn_norm = make_norm(spec)
         self.feed_forward = FeedForward(spec)
+        self.recompute_full = False  # re-run the whole block in the backward (Chen et al. 2016)
+        self.forward_calls = 0  # block executions, recomputations included
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttnContext
     ) -> torch.Tensor:
+        self.forward_calls += 1
         h = x + self.attention(self.attention_norm(x), cos, sin, ctx)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -135,7 +143,6 @@ class Transformer(nn.Module):
         self.spec = spec
         self.causal = causal
         self.attention_backend = attention_backend
-        self.recompute = "none"  # see set_recompute
         self.tok_embeddings: nn.Embedding | None = nn.Embedding(spec.vocab, spec.hidden)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(spec) for i in range(spec.layers)})
         self.norm: nn.Module | None = make_norm(spec)
@@ -160,14 +167,24 @@ class Transformer(nn.Module):
                 s = resid_std if name.endswith(("wo.weight", "w2.weight")) else std
                 p.copy_(torch.randn(p.shape, generator=gen) * s)
 
-    def set_recompute(self, mode: str) -> None:
-        """Activation recomputation: "full" re-runs every block in the backward pass (Chen et
-        al. 2016); "selective" only the attention core (Korthikanti et al. 2022 §4.2)."""
+    def set_recompute(self, mode: str, layers: int = 0) -> int:
+        """Activation recomputation: "full" re-runs whole blocks in the backward pass (Chen et
+        al. 2016), the first `layers` blocks this module holds (0 = all; Megatron's
+        --recompute-num-layers); "selective" re-runs only the attention core of every block
+        (Korthikanti et al. 2022 §4.2). Returns the number of blocks recomputed."""
         if mode not in ("none", "selective", "full"):
             raise MeshplanError(f"layout.recompute={mode!r}: must be none, selective or full")
-        self.recompute = mode
-        for layer in self.layers.values():
+        blocks = list(self.layers.values())
+        n_full = (layers or len(blocks)) if mode == "full" else 0
+        for i, layer in enumerate(blocks):
+            layer.recompute_full = i < n_full
             layer.attention.recompute_core = mode == "selective"
+        return min(n_full, len(blocks)) if mode == "full" else (len(blocks) if mode == "selective" else 0)
+
+    def block_calls(self) -> tuple[int, int]:
+        """(block forwards, attention-core forwards) executed so far, recomputations included."""
+        blocks = list(self.layers.values())
+        return sum(b.forward_calls for b in blocks), sum(b.attention.core_calls for b in blocks)
 
     def attention_context(self, doc_ids: torch.Tensor) -> AttnContext:
         return make_context(doc_ids, self.causal, self.attention_backend)
@@ -185,9 +202,9 @@ class Transformer(nn.Module):
         if ctx is None:
             ctx = self.attention_context(doc_ids)
         cos, sin = rope_cos_sin(position_ids, self.spec.head_dim, self.spec.rope_theta)
-        full = self.recompute == "full" and torch.is_grad_enabled()
+        grad = torch.is_grad_enabled()
         for layer in self.layers.values():
-            if full:
+            if grad and layer.recompute_full:
                 h = checkpoint(layer, h, cos, sin, ctx, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, ctx)

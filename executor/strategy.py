@@ -54,18 +54,21 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     )
 
 
-def build_optimizer(model: nn.Module, train: Any, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, train: Any, device: torch.device,
+                    params: list[nn.Parameter] | None = None) -> torch.optim.AdamW:
     """AdamW (Loshchilov & Hutter 2019) with decoupled weight decay on matrices and
     embeddings only; norms and biases are not decayed (GPT-3 practice, Brown et al. 2020
-    App. B)."""
+    App. B). Over `params` when given (a ZeRO-1 partition), else all of `model`'s."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    for p in (model.parameters() if params is None else params):
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if params is not None:  # a partition may hold no parameter of one kind
+        groups = [g for g in groups if g["params"]] or [{"params": [], "weight_decay": 0.0}]
     kwargs: dict[str, Any] = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.AdamW(
         groups, lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps, **kwargs
@@ -86,14 +89,26 @@ class Strategy:
         self.optimizer: torch.optim.Optimizer | None = None
         self.device = torch.device("cpu")
         self.amp_dtype: torch.dtype | None = None
+        self.applied: dict[str, Any] = {}  # summary.json["applied"], see executor.applied
 
     # ------------------------------------------------------------------ setup
     def setup(self, model: nn.Module, plan: Any) -> None:
         self.device = pick_device(plan)
         self.amp_dtype = autocast_dtype(plan.train.precision)
         model.attention_backend = resolve_backend(plan.train.attention_backend, self.device)
-        if hasattr(model, "set_recompute"):
-            model.set_recompute(plan.layout.recompute)
+        from costmodels.capabilities import unsupported
+        from executor.applied import applied_layout, check_applied
+        from executor.parallel.mesh import ParallelDims
+
+        lay = plan.layout_spec()
+        reason = unsupported(plan.model_spec(), lay)
+        if reason is not None:
+            raise MeshplanError(reason)
+        recomputed = model.set_recompute(lay.recompute, lay.recompute_layers)
+        self.applied = applied_layout(lay, ParallelDims(), "none", recomputed, len(model.layers),
+                                      "none", lay.grad_accum)
+        if lay.world_size == 1:  # (tests run multi-rank plans here as their one-process reference)
+            check_applied(lay, self.applied)
         self.model = model.to(self.device)
         self.optimizer = build_optimizer(self.model, plan.train, self.device)
 
@@ -139,6 +154,11 @@ class Strategy:
         finally:
             self.model.train()
         return self.all_reduce_sum(total) / max(1, global_target_tokens)
+
+    def model_parts(self) -> list[nn.Module]:
+        """The modules this rank holds (one, or several pipeline chunks)."""
+        assert self.model is not None
+        return [self.model]
 
     def parameters(self) -> Iterator[nn.Parameter]:
         assert self.model is not None

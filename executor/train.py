@@ -568,6 +568,12 @@ class Trainer:
         self.strategy.teardown()
         return summary
 
+    def _block_forwards(self) -> dict[str, int]:
+        """Transformer blocks and attention cores this rank executed, recomputations included
+        (the measurement that shows recompute ran: full recompute runs each block twice)."""
+        calls = [part.block_calls() for part in self.strategy.model_parts() if hasattr(part, "block_calls")]
+        return {"blocks": sum(c[0] for c in calls), "attention_cores": sum(c[1] for c in calls)}
+
     def summary(self, interrupted: bool) -> dict[str, Any]:
         records = self.metrics.read_all() if self.is_main else []
         good = [r for r in records if not r.get("skipped")]
@@ -602,6 +608,8 @@ class Trainer:
             "cpu_threads": torch.get_num_threads(),
             "resumed_from": self.resumed_from,
             "predicted": predicted,
+            "applied": self.strategy.applied,
+            "block_forwards": self._block_forwards(),
         }
         domain_final = {
             k.removeprefix("eval_loss_"): v for r in records for k, v in r.items()

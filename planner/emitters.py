@@ -250,12 +250,25 @@ def pipeline_layout_string(layers: int, pp: int, vpp: int) -> str:
     return "|".join(parts)
 
 
+def megatron_unsupported(plan: Plan) -> str | None:
+    """Why Megatron-LM cannot run this plan exactly, or None."""
+    lay = plan.layout
+    if lay.pp > 1 and lay.vpp == 1 and lay.schedule == "gpipe":
+        return ("layout.schedule=gpipe: Megatron-LM pipelines run 1F1B (or interleaved 1F1B) "
+                "only; plan with schedule 1f1b for Megatron")
+    return None
+
+
 def megatron_args(plan: Plan) -> list[str]:
     """Megatron-LM `pretrain_gpt.py` arguments (model, parallelism, batch, optimizer, LR).
 
     Data and tokenizer arguments (`--data-path`, `--tokenizer-type`, ...) depend on the
-    user's prepared corpus and are left to the user.
+    user's prepared corpus and are left to the user. A plan Megatron cannot run exactly is
+    refused (`megatron_unsupported`), never emitted approximately.
     """
+    reason = megatron_unsupported(plan)
+    if reason is not None:
+        raise MeshplanError(reason)
     spec: ModelSpec = plan.model_spec()
     lay, tr = plan.layout, plan.train
     a: list[str] = [
@@ -275,9 +288,10 @@ def megatron_args(plan: Plan) -> list[str]:
     if lay.recompute == "selective":
         a += ["--recompute-granularity", "selective"]
     elif lay.recompute == "full" and lay.recompute_layers:
-        # Recompute only the first N layers of each stage, keep the rest (Megatron "block").
+        # Recompute only the first N layers of each stage, keep the rest (Megatron "block",
+        # counted per virtual chunk).
         a += ["--recompute-granularity", "full", "--recompute-method", "block",
-              "--recompute-num-layers", str(lay.recompute_layers)]
+              "--recompute-num-layers", str(lay.recompute_layers // lay.vpp)]  # per chunk
     elif lay.recompute == "full":
         a += ["--recompute-granularity", "full", "--recompute-method", "uniform",
               "--recompute-num-layers", "1"]
@@ -349,7 +363,12 @@ def megatron_args(plan: Plan) -> list[str]:
 
 
 def megatron_args_text(plan: Plan) -> str:
-    """One flag per line with its value; use `pretrain_gpt.py $(grep -v "^#" megatron_args.txt)`."""
+    """One flag per line with its value; use `pretrain_gpt.py $(grep -v "^#" megatron_args.txt)`.
+    A plan Megatron cannot run gets a header and the one-line reason instead of flags."""
+    header = _header(plan, "Megatron-LM arguments for pretrain_gpt.py")
+    reason = megatron_unsupported(plan)
+    if reason is not None:
+        return "\n".join([*header, f"# not emitted: {reason}"]) + "\n"
     args = megatron_args(plan)
     lines: list[str] = []
     for tok in args:
@@ -357,7 +376,6 @@ def megatron_args_text(plan: Plan) -> str:
             lines.append(tok)
         else:
             lines[-1] += " " + shlex.quote(tok)
-    header = _header(plan, "Megatron-LM arguments for pretrain_gpt.py")
     return "\n".join([*header, *lines]) + "\n"
 
 

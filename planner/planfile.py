@@ -272,11 +272,31 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     return f"{source}: {loc}: {msg}{more}"
 
 
-def plan_from_dict(data: Any, source: str = "plan", overrides: list[str] | None = None) -> Plan:
+def _resize_cluster(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`meshplan run PLAN --override layout.tp=2 ...` runs the plan on this machine with the
+    new degrees: the cluster's GPU count follows the layout unless it is overridden too."""
+    keys = [o.partition("=")[0].strip() for o in overrides]
+    if not any(k.startswith("layout.") for k in keys) or "cluster.num_gpus" in keys:
+        return data
+    lay = data.get("layout") or {}
+    world = 1
+    for dim in ("tp", "pp", "dp", "cp"):
+        v = lay.get(dim, 1)
+        if not isinstance(v, int) or v < 1:
+            return data  # validation names the field
+        world *= v
+    data.setdefault("cluster", {})["num_gpus"] = world
+    return data
+
+
+def plan_from_dict(data: Any, source: str = "plan", overrides: list[str] | None = None,
+                   resize_cluster: bool = False) -> Plan:
     if not isinstance(data, dict):
         raise PlanError(f"{source}: expected a mapping of sections (model, layout, train, ...)")
     if overrides:
         data = apply_overrides(data, overrides)
+        if resize_cluster and isinstance(data.get("layout", {}), dict) and isinstance(data.get("cluster", {}), dict):
+            data = _resize_cluster(data, overrides)
     try:
         plan = Plan.model_validate(data)
     except ValidationError as exc:
@@ -295,14 +315,15 @@ def read_yaml_file(p: Path, invalid: str) -> Any:
         raise PlanError(f"{invalid} ({first})") from None
 
 
-def load_plan(path: str | Path, overrides: list[str] | None = None) -> Plan:
+def load_plan(path: str | Path, overrides: list[str] | None = None,
+              resize_cluster: bool = False) -> Plan:
     p = Path(path)
     if p.is_dir():
         p = p / "plan.yaml"
     if not p.is_file():
         raise PlanError(f"{p}: plan file not found; create one with `meshplan plan ... --out DIR`")
     data = read_yaml_file(p, f"{p}: not a valid YAML plan")
-    return plan_from_dict(data, str(p), overrides)
+    return plan_from_dict(data, str(p), overrides, resize_cluster)
 
 
 def atomic_write_text(path: str | Path, text: str, mode: int | None = None) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from costmodels.capabilities import RULES, refused_mask
 from costmodels.cases import SCHEDULES, build_cases
 from costmodels.errors import MeshplanError
 from costmodels.profile import Profile
@@ -50,6 +51,10 @@ class SearchSpace:
     precision: str = "bf16"
     memory_headroom: float = 0.05  # keep this share of HBM free
     framework: str = "meshplan"  # the stack the plan is for (`costmodels.stacks`)
+    engine: str = "torch"  # the executor's engine (layout.engine)
+    # Rank only layouts meshplan's executor runs exactly (`costmodels.capabilities`); False
+    # with --any-framework or a plan for another stack.
+    executor_only: bool = True
 
 
 @dataclass
@@ -148,7 +153,9 @@ def enumerate_layouts(model: ModelSpec, cluster: ClusterSpec, global_batch: int,
         "ep": np.ones(n, dtype=np.int64), "gbs": np.full(n, global_batch),
         "precision_idx": np.full(n, PRECISIONS.index(space.precision)),
         "dp_shard": np.concatenate(shards),
-        "recompute_layers": np.where(frac < 1.0, np.maximum(1, np.round(frac * layers_stage)), 0).astype(np.int64),
+        # the same count in each of a rank's virtual chunks (Megatron's per-chunk flag)
+        "recompute_layers": np.where(frac < 1.0, np.maximum(1, np.round(frac * layers_stage / cols["vpp"]))
+                                     * cols["vpp"], 0).astype(np.int64),
     })
     return cols
 
@@ -175,7 +182,17 @@ def search(
     pred["tokens_per_sec_per_gpu_low"], pred["tokens_per_sec_per_gpu_high"] = lo, hi
     elapsed_eval = time.perf_counter() - t0
     mem = pred["peak_memory_gb"]
-    fits = np.flatnonzero(mem <= pred["hbm_gb"] * (1 - space.memory_headroom))
+    contract_cols = {**cols, "precision": np.full(n, space.precision), "engine": np.full(n, space.engine)}
+    refused = refused_mask(model, contract_cols)
+    pred["runnable"] = ~refused
+    if space.executor_only and refused.all():
+        first = next(r for r in RULES if np.asarray(r.refused(model, contract_cols), dtype=bool).all())
+        why = first.message(model, row_to_layout(_frame(cols, pred, np.array([0])).iloc[0],
+                                                 global_batch, space.precision))
+        hint = "" if "--any-framework" in why else "; or pass --any-framework to plan for another stack"
+        raise MeshplanError(f"no layout meshplan's executor can run: {why}{hint}")
+    fits = np.flatnonzero((mem <= pred["hbm_gb"] * (1 - space.memory_headroom))
+                          & (~refused if space.executor_only else True))
     if fits.size == 0:
         i = int(np.argmin(mem))
         raise MeshplanError(
@@ -198,7 +215,9 @@ def search(
     elapsed = time.perf_counter() - t0
     res = SearchResult(model, cluster, global_batch, table, n, elapsed, ranked.reset_index(drop=True),
                        _frame(cols, pred, front).reset_index(drop=True))
-    res.notes.append(f"{n} candidates evaluated in {elapsed_eval:.3f} s; {fits.size} fit in memory")
+    res.notes.append(f"{n} candidates evaluated in {elapsed_eval:.3f} s; {fits.size} fit in memory"
+                     + (f" and run on meshplan's executor ({int(refused.sum())} refused by its "
+                        "capability contract)" if space.executor_only else ""))
     return res
 
 
@@ -236,6 +255,7 @@ def top_json(result: SearchResult) -> list[dict[str, Any]]:
             "sequence_parallel": bool(r.sp), "schedule": str(r.schedule),
             "dp_shard": int(r.dp_shard), "recompute_layers": int(r.recompute_layers),
             "grad_accum": int(r.micro_batches),
+            "runnable_by_executor": bool(r.runnable),
             "predicted_tokens_per_sec_per_gpu": round(float(r.tokens_per_sec_per_gpu), 3),
             "tokens_per_sec_per_gpu_interval": [round(float(r.tokens_per_sec_per_gpu_low), 3),
                                                 round(float(r.tokens_per_sec_per_gpu_high), 3)],

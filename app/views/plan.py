@@ -63,6 +63,9 @@ with user_errors():
                              key="plan_headroom")
         rank_by = st.radio("Rank by", ["throughput", "memory"], horizontal=True,
                            key="plan_rank_by")
+        executor_only = st.checkbox(
+            "Only layouts meshplan's executor runs", True, key="plan_executor_only",
+            help="Off: rank every layout, for another stack (MoE, FP8, Megatron-only layouts)")
 
     if not shardings:
         raise MeshplanError("ZeRO stages: pick at least one (none, zero1, zero2, zero3)")
@@ -78,7 +81,7 @@ with user_errors():
     space = SearchSpace(
         max_tp=int(max_tp), allow_cp={"allow": True, "off": False}.get(allow_cp),
         shardings=tuple(shardings), recomputes=tuple(recomputes), precision=precision,
-        memory_headroom=float(headroom),
+        memory_headroom=float(headroom), executor_only=bool(executor_only),
     )
     result = run_search(model_key(model), ci.key(), gbs, space_key(space), rank_by)
     if not result["ok"]:

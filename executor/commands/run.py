@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def handle(args: argparse.Namespace) -> int:
     from planner.planfile import load_plan, save_plan
 
-    plan = load_plan(args.plan, args.override)
+    plan = load_plan(args.plan, args.override, resize_cluster=True)
     if args.stop_after_steps is not None and args.stop_after_steps < 1:
         raise MeshplanError("--stop-after-steps: must be >= 1")
     if plan.layout.world_size > 1 and "LOCAL_RANK" not in os.environ:

@@ -21,9 +21,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from costmodels.errors import MeshplanError
+from executor.applied import applied_layout, check_applied
 from executor.data.batch import Batch
 from executor.parallel.comm import KINDS, WAIT_CLOCK, CommCounter
-from executor.parallel.mesh import ParallelDims, build_mesh, init_distributed
+from executor.parallel.mesh import ParallelDims, axis, build_mesh, init_distributed
+from executor.parallel.parallelize import all_reduce_gradients, apply_recompute
+from executor.parallel.zero1 import Zero1Partition
 from executor.strategy import Strategy, autocast_dtype, build_optimizer, token_loss_sum
 
 __all__ = ["DistributedStrategy", "token_loss_sum"]
@@ -42,6 +46,11 @@ class DistributedStrategy(Strategy):
 
     def __init__(self, plan: Any) -> None:
         super().__init__()
+        from costmodels.capabilities import unsupported
+
+        reason = unsupported(plan.model_spec(), plan.layout_spec())
+        if reason is not None:  # the contract the planner and preflight read
+            raise MeshplanError(reason)
         self.plan = plan
         self.dims = ParallelDims.from_plan(plan)
         self.rank, self.world_size = init_distributed()
@@ -58,11 +67,14 @@ class DistributedStrategy(Strategy):
         self.precision = plan.train.precision
         self.amp_dtype = autocast_dtype(self.precision)
         self.optimizers: list[torch.optim.Optimizer] = []
+        self.zero1: list[Zero1Partition] = []
         self.comm = CommCounter()
         self.comm_enabled = os.environ.get("MESHPLAN_COMM_ACCOUNTING", "1") != "0"
         self.last_comm: dict[str, int] = {}
         # Gradient replicas that average (dp x cp); see the module docstring.
-        self.grad_replicas = self.dims.dp * self.dims.cp
+        self.grad_replicas = self.dims.size("dp_cp")
+        self.grad_sync = "none"
+        self.applied: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -137,16 +149,42 @@ class DistributedStrategy(Strategy):
 
     def build_optimizers(self) -> None:
         """The executor's own AdamW (same groups and defaults as one process), one per
-        model part this rank holds."""
-        self.optimizers = [
-            build_optimizer(part, self.plan.train, self.device) for part in self.model_parts()
-        ]
+        model part this rank holds; under ZeRO-1 over this rank's partition only."""
+        parts = self.model_parts()
+        if self.plan.layout.sharding == "zero1" and self.grad_replicas > 1:
+            group = axis(self.mesh, self.dims, "dp_shard_cp").get_group()
+            self.zero1 = [Zero1Partition(part, group) for part in parts]
+            self.optimizers = [build_optimizer(part, self.plan.train, self.device, z.owned())
+                               for part, z in zip(parts, self.zero1, strict=True)]
+        else:
+            self.optimizers = [build_optimizer(part, self.plan.train, self.device) for part in parts]
         self.optimizer = self.optimizers[0]
 
-    def model_parts(self) -> list[nn.Module]:
-        """The modules this rank holds (one, or several pipeline chunks)."""
-        assert self.model is not None
-        return [self.model]
+    def set_recompute(self, chunks: list[nn.Module]) -> int:
+        lay = self.plan.layout
+        self._recomputed = apply_recompute(chunks, lay.recompute, lay.recompute_layers)
+        self._blocks = sum(len(c.layers) for c in chunks)
+        return self._recomputed
+
+    def record_applied(self) -> None:
+        """`applied` (summary.json): what this rank set up; a difference from the plan is an
+        error here, before the first step."""
+        lay = self.plan.layout_spec()
+        self.applied = applied_layout(lay, self.dims, self.grad_sync, self._recomputed,
+                                      self._blocks, self.schedule_applied(), self.microbatches_applied())
+        check_applied(lay, self.applied)
+
+    def schedule_applied(self) -> str:
+        return "none"
+
+    def microbatches_applied(self) -> int:
+        return self.plan.layout.grad_accum
+
+    def sync_replicated_grads(self) -> None:
+        """sharding none / zero1 without DDP: one flat all-reduce over every replica."""
+        if self.grad_sync == "allreduce":
+            all_reduce_gradients(self.model_parts(), axis(self.mesh, self.dims, "dp_cp").get_group(),
+                                 self.grad_replicas)
 
     # ------------------------------------------------------------------ step
     def _sum_loss(self, local: torch.Tensor) -> torch.Tensor:
@@ -160,9 +198,10 @@ class DistributedStrategy(Strategy):
     def grad_norm_sq_local(self) -> torch.Tensor:
         """This rank's share of the squared global gradient norm.
 
-        A DTensor grad counts its local shard once per replica along the mesh dimensions
-        where it is replicated; plain tensors are replicated over every rank of this
-        pipeline stage.
+        Every rank of this pipeline stage holds some copy: a DTensor grad's local shard is
+        held once per replica along its mesh's replicated dimensions and once per rank of
+        the stage outside its mesh (data-parallel replicas of a TP-only DTensor); a plain
+        tensor is replicated over every rank of the stage.
         """
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         plain_replicas = self.world_size // self.dims.pp
@@ -173,7 +212,7 @@ class DistributedStrategy(Strategy):
                     continue
                 if _is_dtensor(g):
                     local = g.to_local()
-                    reps = 1
+                    reps = plain_replicas // g.device_mesh.size()
                     for i, pl in enumerate(g.placements):
                         if pl.is_replicate():
                             reps *= g.device_mesh.size(i)
@@ -228,10 +267,15 @@ class DistributedStrategy(Strategy):
         with self.counting():
             for opt in self.optimizers:
                 opt.step()
+            for z in self.zero1:
+                z.broadcast_updated()
 
     def zero_grad(self) -> None:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
+        if self.zero1:  # gradients of the parameters other ranks own
+            for part in self.model_parts():
+                part.zero_grad(set_to_none=True)
 
     def set_lr(self, lr: float) -> None:
         for opt in self.optimizers:

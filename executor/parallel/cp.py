@@ -1,8 +1,11 @@
-"""Wire context-parallel attention into the executor's model without renaming anything.
+"""Context parallelism wired into the executor's model without renaming anything.
 
-Each layer's `attention.forward` is rebound to a version that calls
-`executor.parallel.cp_attention.cp_attention`; parameter names stay exactly those of the
-one-process model, so checkpoints move freely between layouts.
+`enable_context_parallel` gives the model its cp process group; the model's
+`attention_context` then builds a `CPContext`, whose `attend` runs
+`executor.parallel.cp_attention.cp_attention` over the local sequence shard. The attention
+modules keep their own code path (projections, RoPE, selective recompute of the core), and
+parameter names stay exactly those of the one-process model, so checkpoints move freely
+between layouts.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import torch
 from torch import nn
 
 from executor.attention import AttnContext
-from executor.model import apply_rope
 from executor.parallel.cp_attention import cp_attention, local_token_index
 
 
@@ -27,32 +29,13 @@ class CPContext(AttnContext):
     full_seq_len: int = 0
     doc_ids: torch.Tensor | None = None  # [B, full_seq_len] global document ids
 
-
-def _cp_forward(
-    self: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: CPContext
-) -> torch.Tensor:
-    b, t, _ = x.shape
-    q = self.wq(x).view(b, t, -1, self.head_dim)
-    k = self.wk(x).view(b, t, -1, self.head_dim)
-    v = self.wv(x).view(b, t, -1, self.head_dim)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = cp_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), group=ctx.group,
-        seq_len=ctx.full_seq_len, doc_ids=ctx.doc_ids, causal=ctx.causal,
-    )
-    return self.wo(out.transpose(1, 2).reshape(b, t, -1))
-
-
-def enable_context_parallel(model: nn.Module) -> None:
-    """Rebind every `layers[i].attention.forward` to the context-parallel version."""
-    for layer in model.layers.values():
-        layer.attention.forward = types.MethodType(_cp_forward, layer.attention)
-
-
-def shard_sequence(t: torch.Tensor, cp: int, cp_rank: int) -> torch.Tensor:
-    """This rank's load-balanced slice of a [B, T, ...] tensor along T."""
-    idx = local_token_index(t.shape[1], cp, cp_rank).to(t.device)
-    return t.index_select(1, idx)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [B, T/cp, Hq, D], k/v [B, T/cp, Hkv, D] -> [B, T/cp, Hq, D]."""
+        out = cp_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), group=self.group,
+            seq_len=self.full_seq_len, doc_ids=self.doc_ids, causal=self.causal,
+        )
+        return out.transpose(1, 2)
 
 
 def make_cp_context(doc_ids: torch.Tensor, causal: bool, group: Any, cp: int) -> CPContext:
@@ -61,3 +44,20 @@ def make_cp_context(doc_ids: torch.Tensor, causal: bool, group: Any, cp: int) ->
         backend="cp", causal=causal, batch=b, seqlen=t // cp, group=group, full_seq_len=t,
         doc_ids=doc_ids,
     )
+
+
+def _cp_attention_context(self: nn.Module, doc_ids: torch.Tensor) -> CPContext:
+    return make_cp_context(doc_ids, self.causal, self.cp_group, self.cp_degree)
+
+
+def enable_context_parallel(model: nn.Module, group: Any, cp: int) -> None:
+    """The model's forward builds CP contexts from the GLOBAL document ids it is given
+    (every rank has them); its token inputs are the local shard (`shard_sequence`)."""
+    model.cp_group, model.cp_degree = group, cp
+    model.attention_context = types.MethodType(_cp_attention_context, model)
+
+
+def shard_sequence(t: torch.Tensor, cp: int, cp_rank: int) -> torch.Tensor:
+    """This rank's load-balanced slice of a [B, T, ...] tensor along T."""
+    idx = local_token_index(t.shape[1], cp, cp_rank).to(t.device)
+    return t.index_select(1, idx)

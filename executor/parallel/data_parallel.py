@@ -1,16 +1,16 @@
-"""Data parallelism: DDP, or FSDP2 `fully_shard` for the ZeRO stages.
+"""Data parallelism: DDP, or FSDP2 `fully_shard` for ZeRO-2/3 (1-D, or 2-D for HSDP).
 
 Sharding map (Rajbhandari et al. 2020, ZeRO §5):
-  none  -> DDP (gradients all-reduced; replicas of everything)
-  zero3 -> fully_shard(reshard_after_forward=True): parameters, gradients and optimizer
-           state sharded; parameters re-gathered for backward
+  none  -> DDP (gradients all-reduced; replicas of everything); with DTensor parameters or
+           pipeline stages, one flat all-reduce after the backward (`parallelize`)
+  zero1 -> the same gradient all-reduce, the optimizer state partitioned
+           (`executor.parallel.zero1`)
   zero2 -> fully_shard(reshard_after_forward=False): parameters stay gathered from forward to
            backward (one all-gather per step), gradients and optimizer state sharded
-  zero1 -> the same as zero2. FSDP2 has no "gradients replicated, optimizer sharded" mode;
-           zero2 moves the same bytes as ZeRO-1 (reduce-scatter + all-gather = one all-reduce,
-           ZeRO §7.2.1) and holds less memory, so the executor runs zero1 plans this way.
-With tensor parallelism the parameters are DTensors, which DDP cannot reduce; DP x TP with
-sharding none therefore also uses fully_shard (reshard_after_forward=False).
+  zero3 -> fully_shard(reshard_after_forward=True): parameters, gradients and optimizer
+           state sharded; parameters re-gathered for backward
+HSDP (`layout.dp_shard`): fully_shard on a 2-D (replicate, shard) mesh — sharded within
+groups of dp_shard ranks, gradients all-reduced across the groups (Zhao et al. 2023 §3.2.1).
 """
 
 from __future__ import annotations
@@ -55,7 +55,3 @@ def apply_ddp(model: nn.Module, group: Any) -> nn.Module:
     return DistributedDataParallel(
         model, process_group=group, broadcast_buffers=False, gradient_as_bucket_view=True,
     )
-
-
-def uses_fsdp(sharding: str, tp: int) -> bool:
-    return sharding != "none" or tp > 1

@@ -53,16 +53,12 @@ class DeepSpeedStrategy(DistributedStrategy):
                 "layout.engine=deepspeed: DeepSpeed is not installed; "
                 "pip install 'meshplan[deepspeed]' or set layout.engine=torch"
             )
-        if plan.layout.tp > 1 or plan.layout.pp > 1 or plan.layout.cp > 1:
-            raise MeshplanError(
-                "layout.engine=deepspeed runs data parallelism only (tp=pp=cp=1); "
-                "use layout.engine=torch for tensor/pipeline/context parallelism"
-            )
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         super().__init__(plan)
         self.stage = {"none": 0, "zero1": 1, "zero2": 2, "zero3": 3}[plan.layout.sharding]
         self.name = f"deepspeed-zero{self.stage}"
+        self.grad_sync = "deepspeed"
         self.engine: Any = None
         self._pending_boundary = False
 
@@ -72,6 +68,7 @@ class DeepSpeedStrategy(DistributedStrategy):
         model.attention_backend = resolve_backend(plan.train.attention_backend, self.device)
         model.to(self.device)
         self._inner = model
+        self.set_recompute([model])
         deepspeed.init_distributed(dist_backend="gloo" if self.device.type == "cpu" else "nccl")
         decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
@@ -87,6 +84,7 @@ class DeepSpeedStrategy(DistributedStrategy):
         self.model = self.engine
         self.optimizer = optimizer
         self.optimizers = [optimizer]
+        self.record_applied()
 
     def model_parts(self) -> list[nn.Module]:
         return [self._inner]

@@ -1,9 +1,12 @@
-"""The device mesh of a plan's layout: named dimensions pp x dp x cp x tp.
+"""The device mesh of a plan's layout: named dimensions pp x dp_replicate x dp_shard x cp x tp.
 
 Ranks are laid out with tp fastest-varying (tensor-parallel peers are neighbours, so on a
-GPU node they share NVLink), then cp, then dp, then pp — the order torchtitan and
-Megatron-LM use. Dimensions of degree 1 are left out of the DeviceMesh altogether, so they
-create no process groups and cost nothing.
+GPU node they share NVLink), then cp, then the data-parallel dimensions, then pp — the
+order torchtitan and Megatron-LM use. Data parallelism has two axes (torchtitan's
+ParallelDims): `dp_shard` ranks hold one shard each of the ZeRO state (FSDP / HSDP's shard
+group, the ZeRO-1 optimizer partition) and `dp_replicate` groups of them hold replicas
+(HSDP); dp = dp_replicate x dp_shard. Dimensions of degree 1 are left out of the
+DeviceMesh, so they create no process groups and cost nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +17,13 @@ from typing import Any
 
 from costmodels.errors import MeshplanError
 
-DIM_ORDER: tuple[str, ...] = ("pp", "dp", "cp", "tp")
+DIM_ORDER: tuple[str, ...] = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+# Flattened axes the strategies reduce over, each a product of mesh dimensions.
+FLAT_AXES: dict[str, tuple[str, ...]] = {
+    "dp": ("dp_replicate", "dp_shard"),  # data-parallel ranks: rows of the batch
+    "dp_shard_cp": ("dp_shard", "cp"),  # the ZeRO shard group (cp ranks hold replicas too)
+    "dp_cp": ("dp_replicate", "dp_shard", "cp"),  # every gradient replica
+}
 
 
 class MeshError(MeshplanError):
@@ -26,7 +35,8 @@ class ParallelDims:
     """Degrees of each named mesh dimension and this process's coordinates in it."""
 
     pp: int = 1
-    dp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
     cp: int = 1
     tp: int = 1
 
@@ -37,20 +47,41 @@ class ParallelDims:
                 raise MeshError(f"layout.{name}={value!r}: must be an integer >= 1")
 
     @classmethod
+    def from_layout(cls, lay: Any) -> ParallelDims:
+        """ZeRO stages shard over `dp_shard` ranks (all of dp when 0) and replicate across
+        the rest; without sharding every dp rank is a replica."""
+        shard = (lay.dp_shard or lay.dp) if lay.sharding != "none" else 1
+        return cls(pp=lay.pp, dp_replicate=lay.dp // shard, dp_shard=shard, cp=lay.cp, tp=lay.tp)
+
+    @classmethod
     def from_plan(cls, plan: Any) -> ParallelDims:
-        lay = plan.layout
-        return cls(pp=lay.pp, dp=lay.dp, cp=lay.cp, tp=lay.tp)
+        return cls.from_layout(plan.layout)
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
 
     @property
     def world_size(self) -> int:
         return self.pp * self.dp * self.cp * self.tp
 
     def degrees(self) -> dict[str, int]:
+        return {"pp": self.pp, "dp": self.dp, "cp": self.cp, "tp": self.tp}
+
+    def mesh_degrees(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in DIM_ORDER}
 
     def active_dims(self) -> list[str]:
         """The dimensions that get a mesh axis (degree > 1), in mesh order."""
         return [name for name in DIM_ORDER if getattr(self, name) > 1]
+
+    def size(self, axis: str) -> int:
+        """Degree of a mesh dimension or of a flattened axis."""
+        parts = FLAT_AXES.get(axis, (axis,))
+        out = 1
+        for p in parts:
+            out *= getattr(self, p)
+        return out
 
     def check_world_size(self, world_size: int) -> None:
         if world_size != self.world_size:
@@ -62,7 +93,8 @@ class ParallelDims:
             )
 
     def coords(self, rank: int) -> dict[str, int]:
-        """This rank's index along each dimension (rank = ((pp*DP + dp)*CP + cp)*TP + tp)."""
+        """This rank's index along each dimension (rank = ((pp*DP + dp)*CP + cp)*TP + tp,
+        dp = dp_replicate * DP_SHARD + dp_shard)."""
         if not 0 <= rank < self.world_size:
             raise MeshError(f"rank {rank} is outside the mesh of {self.world_size} processes")
         out: dict[str, int] = {}
@@ -71,18 +103,8 @@ class ParallelDims:
             size = getattr(self, name)
             out[name] = rest % size
             rest //= size
+        out["dp"] = out["dp_replicate"] * self.dp_shard + out["dp_shard"]
         return out
-
-    def rank_of(self, **coords: int) -> int:
-        rank = 0
-        for name in DIM_ORDER:
-            rank = rank * getattr(self, name) + coords.get(name, 0)
-        return rank
-
-    def group_ranks(self, dim: str, rank: int) -> list[int]:
-        """Ranks that share every coordinate with `rank` except along `dim`."""
-        base = self.coords(rank)
-        return [self.rank_of(**{**base, dim: i}) for i in range(getattr(self, dim))]
 
 
 def device_type() -> str:
@@ -135,11 +157,9 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
 
 
 def build_mesh(dims: ParallelDims) -> Any:
-    """A DeviceMesh over the active dimensions (None when every degree is 1).
-
-    When both dp and cp are active a flattened `dp_cp` axis is added: parameters are
-    replicated over it, so data-parallel gradient reduction runs over dp x cp.
-    """
+    """A DeviceMesh over the active dimensions (None when every degree is 1), with the
+    flattened axes of `FLAT_AXES` that span two or more active dimensions. Every rank builds
+    the same axes in the same order (flattening creates process groups collectively)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -150,26 +170,25 @@ def build_mesh(dims: ParallelDims) -> Any:
     mesh = init_device_mesh(
         device_type(), tuple(getattr(dims, n) for n in names), mesh_dim_names=tuple(names)
     )
-    if dims.dp > 1 and dims.cp > 1:
-        mesh["dp", "cp"]._flatten("dp_cp")
+    for flat, parts in FLAT_AXES.items():
+        active = tuple(p for p in parts if getattr(dims, p) > 1)
+        if len(active) > 1:
+            mesh[active]._flatten(flat)
     return mesh
 
 
-def data_parallel_submesh(mesh: Any, dims: ParallelDims) -> Any:
-    """The axis gradients are reduced over: dp, cp, their flattening, or None."""
-    if mesh is None:
+def axis(mesh: Any, dims: ParallelDims, name: str) -> Any:
+    """The 1-D mesh of a dimension or flattened axis, or None when its degree is 1."""
+    if mesh is None or dims.size(name) == 1:
         return None
-    if dims.dp > 1 and dims.cp > 1:
-        return mesh["dp_cp"]
-    if dims.dp > 1:
-        return mesh["dp"]
-    if dims.cp > 1:
-        return mesh["cp"]
-    return None
+    active = [p for p in FLAT_AXES.get(name, (name,)) if getattr(dims, p) > 1]
+    return mesh[active[0]] if len(active) == 1 else mesh[name]
 
 
-def submesh(mesh: Any, dims: ParallelDims, name: str) -> Any:
-    """One named axis of the mesh, or None when its degree is 1."""
-    if mesh is None or getattr(dims, name) == 1:
-        return None
-    return mesh[name]
+def fsdp_mesh(mesh: Any, dims: ParallelDims) -> Any:
+    """FSDP2's mesh: 1-D over the shard group, or 2-D (replicate, shard) for HSDP."""
+    shard = axis(mesh, dims, "dp_shard_cp")
+    if dims.dp_replicate == 1 or shard is None:
+        return shard if shard is not None else axis(mesh, dims, "dp_replicate")
+    shard_name = shard.mesh_dim_names[0]
+    return mesh["dp_replicate", shard_name]

@@ -17,20 +17,23 @@ import sys
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from costmodels.errors import MeshplanError
+from costmodels.pipeline import stage_layer_counts
 from executor.attention import resolve_backend
 from executor.data.batch import Batch
 from executor.parallel.base import DistributedStrategy, token_loss_sum
 from executor.parallel.comm import WAIT_CLOCK
-from executor.parallel.data_parallel import apply_fsdp
-from executor.parallel.mesh import submesh
+from executor.parallel.cp import shard_sequence
+from executor.parallel.parallelize import gradient_sync, parallelize_chunk
+from executor.parallel.spmd import strategy_name
+from executor.parallel.tp import loss_context, materialize
 
 
 def split_layers(layers: int, stages: int, sizes: list[int] | None = None) -> list[range]:
-    """Consecutive layer ranges, one per stage: explicit sizes, or as even as possible."""
+    """Consecutive layer ranges, one per stage: explicit sizes, or
+    `costmodels.pipeline.stage_layer_counts` (as even as possible, the first stages longer)."""
     if sizes:
         if len(sizes) != stages or sum(sizes) != layers or min(sizes) < 1:
             raise MeshplanError(
@@ -42,8 +45,7 @@ def split_layers(layers: int, stages: int, sizes: list[int] | None = None) -> li
             raise MeshplanError(
                 f"layout.pp*vpp={stages} exceeds the model's {layers} layers; use fewer stages"
             )
-        base, extra = divmod(layers, stages)
-        sizes = [base + (1 if i < extra else 0) for i in range(stages)]
+        sizes = stage_layer_counts(layers, stages)
     out, start = [], 0
     for n in sizes:
         out.append(range(start, start + n))
@@ -72,28 +74,22 @@ class PipelineStrategy(DistributedStrategy):
     def __init__(self, plan: Any) -> None:
         super().__init__(plan)
         lay = plan.layout
-        if self.dims.tp > 1 or self.dims.cp > 1:
-            raise MeshplanError(
-                "layout.pp > 1 with tp > 1 or cp > 1 is not supported by the executor yet; "
-                "use pp with dp only"
-            )
         self.vpp = lay.vpp
-        self.schedule_name = "interleaved" if lay.vpp > 1 else lay.schedule
+        self.schedule_name = plan.layout_spec().effective_schedule
         self.n_stages = self.dims.pp * self.vpp
         self.sharding = lay.sharding
-        self.stage_sizes = getattr(lay, "pp_layers", None)
-        self.name = f"pp{self.dims.pp}-{self.schedule_name}" + (
-            f"+{'ddp' if self.sharding == 'none' else 'fsdp2-' + self.sharding}"
-            if self.dims.dp > 1 else "")
+        self.grad_sync = gradient_sync(lay.sharding, self.dims, pipelined=True)
+        inner = strategy_name(lay, self.dims, self.grad_sync)
+        self.name = f"pp{self.dims.pp}-{self.schedule_name}" + ("" if inner == "single" else f"+{inner}")
         self._chunks: list[nn.Module] = []
         self._stages: list[Any] = []
         self._schedule: Any = None
         self._schedule_n = 0
-        self._ddp = False
 
     @property
     def is_loss_owner(self) -> bool:
-        return self.pp_rank == self.dims.pp - 1  # the last stage lives on the last pp rank
+        # the last stage lives on the last pp rank; under TP every rank of it holds the loss
+        return self.pp_rank == self.dims.pp - 1 and self.tp_rank == 0
 
     def stage_ids(self) -> list[int]:
         return [self.pp_rank + k * self.dims.pp for k in range(self.vpp)]
@@ -103,32 +99,26 @@ class PipelineStrategy(DistributedStrategy):
         from torch.distributed.pipelining import PipelineStage
 
         spec = model.spec
-        if spec.tied_embeddings:
-            raise MeshplanError(
-                "layout.pp > 1 needs untied embeddings (model.tied_embeddings=false)"
-            )
-        ranges = split_layers(spec.layers, self.n_stages, self.stage_sizes)
+        ranges = split_layers(spec.layers, self.n_stages)
         pp_group = self.mesh["pp"].get_group()
-        dp_mesh = submesh(self.mesh, self.dims, "dp")
         ids = self.stage_ids()
         for k, sid in enumerate(ids):
             chunk = model if k == len(ids) - 1 else copy.deepcopy(model)
             prune_to_stage(chunk, ranges[sid], sid == 0, sid == self.n_stages - 1)
             chunk.to(self.device)
             self._chunks.append(chunk)
-            wrapped: nn.Module = chunk
-            if dp_mesh is not None and self.sharding != "none":
-                apply_fsdp(chunk, dp_mesh, self.sharding, self.precision)
-            elif dp_mesh is not None:
-                # DDP's bucket rebuild does not survive pipelining's partial backwards, so
-                # replicas average their gradients after the schedule (see _all_reduce_grads).
-                self._dp_group = dp_mesh.get_group()
-                self._ddp = True
+        self.set_recompute(self._chunks)
+        for chunk, sid in zip(self._chunks, ids, strict=True):
+            parallelize_chunk(chunk, self.dims, self.mesh, plan.layout, self.precision)
             self._stages.append(
-                PipelineStage(wrapped, sid, self.n_stages, self.device, group=pp_group)
+                PipelineStage(chunk, sid, self.n_stages, self.device, group=pp_group)
             )
         self.model = self._chunks[0]
         self.build_optimizers()
+        self.record_applied()
+
+    def schedule_applied(self) -> str:
+        return self.schedule_name
 
     def model_parts(self) -> list[nn.Module]:
         return list(self._chunks)
@@ -162,36 +152,22 @@ class PipelineStrategy(DistributedStrategy):
                 logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                 ignore_index=-100, reduction="none").view(rows, -1)
             ls = (per_tok.sum(1) * w.to(per_tok.device)).sum()
-        self._loss_sums.append(ls.detach().float().cpu())
+        self._loss_sums.append(materialize(ls.detach()).float().cpu())
         return ls * (self.grad_replicas / self._denom)
-
-    @torch.no_grad()
-    def _all_reduce_grads(self) -> None:
-        """One flat all-reduce of this stage's gradients over the dp group, then the mean
-        (what DDP does, Li et al. 2020 §3.2, in a single bucket)."""
-        grads = [p.grad for c in self._chunks for p in c.parameters() if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=self._dp_group)
-        flat.div_(self.dims.dp)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
 
     def forward_backward(self, micro_batches: list[Batch], global_target_tokens: int) -> torch.Tensor:
         self.begin_step_accounting()
-        rows = sum(mb.rows for mb in micro_batches)
         n = len(micro_batches)
-        need = _min_microbatches(self.schedule_name, self.dims.pp)
-        if n < need:  # re-split the rows more finely: the loss normaliser is global anyway
-            n = next((m for m in range(need, rows + 1) if rows % m == 0), 0)
-            if not n:
-                raise MeshplanError(
-                    f"layout.schedule={self.schedule_name}: {rows} rows per data-parallel rank "
-                    f"cannot make the {need} micro-batches it needs; raise global_batch_size"
-                )
+        if n < _min_microbatches(self.schedule_name, self.dims.pp):  # the contract refuses these
+            raise MeshplanError(
+                f"layout.schedule={self.schedule_name}: {n} micro-batches per step is fewer than "
+                f"pp={self.dims.pp}; raise global_batch_size or lower micro_batch_size"
+            )
         cat = {f: torch.cat([getattr(mb, f) for mb in micro_batches]).to(self.device)
                for f in ("input_ids", "labels", "position_ids", "doc_ids")}
+        if self.dims.cp > 1:  # local sequence shards; the model reads the global doc ids
+            for f in ("input_ids", "labels", "position_ids"):
+                cat[f] = shard_sequence(cat[f], self.dims.cp, self.cp_rank)
         self._row_weights = torch.cat([
             torch.full((mb.rows,), float(mb.loss_weight)) for mb in micro_batches])
         self._denom = float(max(global_target_tokens, 1))
@@ -201,13 +177,14 @@ class PipelineStrategy(DistributedStrategy):
             self._schedule = self._build_schedule(n)
             self._schedule_n = n
         with self.counting():
-            with self.autocast(), WAIT_CLOCK.bucket("pipeline"):
+            with self.autocast(), loss_context(self.dims.tp), WAIT_CLOCK.bucket("pipeline"):
                 self._schedule.step(
                     cat["input_ids"], position_ids=cat["position_ids"], doc_ids=cat["doc_ids"],
                     target=cat["labels"],
                 )
-            if self._ddp:
-                self._all_reduce_grads()
+            if self.dims.tp > 1:
+                self.finalize_grads()
+            self.sync_replicated_grads()
             total = torch.stack(self._loss_sums).sum() / self._denom if self._loss_sums \
                 else torch.zeros(())
             return self._sum_loss(total)

@@ -1,5 +1,6 @@
-"""The SPMD strategy: every rank runs the whole model on its data — DDP or FSDP2 over the
-data-parallel axis, optionally with DTensor tensor parallelism and context parallelism."""
+"""The SPMD strategy: every rank runs the whole model on its data, set up by
+`executor.parallel.parallelize` (TP + SP -> CP -> recompute -> FSDP2 / HSDP), with DDP or a
+flat all-reduce for replicated gradients (sharding none / zero1)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,25 @@ from torch import nn
 from executor.attention import resolve_backend
 from executor.data.batch import Batch
 from executor.parallel.base import DistributedStrategy, token_loss_sum
-from executor.parallel.cp import enable_context_parallel, make_cp_context, shard_sequence
-from executor.parallel.data_parallel import apply_ddp, apply_fsdp, uses_fsdp
-from executor.parallel.mesh import data_parallel_submesh, submesh
-from executor.parallel.tp import apply_tensor_parallel, loss_context, materialize
+from executor.parallel.cp import shard_sequence
+from executor.parallel.data_parallel import apply_ddp
+from executor.parallel.mesh import axis
+from executor.parallel.parallelize import gradient_sync, parallelize_chunk
+from executor.parallel.tp import loss_context, materialize
+
+
+def strategy_name(lay: Any, dims: Any, grad_sync: str) -> str:
+    parts = []
+    if grad_sync == "fsdp":
+        parts.append(("hsdp-" if dims.dp_replicate > 1 else "fsdp2-") + lay.sharding)
+    elif grad_sync in ("ddp", "allreduce"):
+        parts.append(("ddp" if grad_sync == "ddp" else "dp-allreduce")
+                     + ("+zero1" if lay.sharding == "zero1" else ""))
+    if dims.tp > 1:
+        parts.append(f"tp{dims.tp}")
+    if dims.cp > 1:
+        parts.append(f"cp{dims.cp}")
+    return "+".join(parts) or "single"
 
 
 class SPMDStrategy(DistributedStrategy):
@@ -23,38 +39,21 @@ class SPMDStrategy(DistributedStrategy):
         super().__init__(plan)
         lay = plan.layout
         self.sharding = lay.sharding
-        self.fsdp = uses_fsdp(lay.sharding, lay.tp)
-        self.ddp = False
-        parts = []
-        if self.dims.dp * self.dims.cp > 1:
-            parts.append("fsdp2-" + ("zero3" if lay.sharding == "zero3" else "zero2")
-                         if self.fsdp else "ddp")
-        if self.dims.tp > 1:
-            parts.append(f"tp{self.dims.tp}")
-        if self.dims.cp > 1:
-            parts.append(f"cp{self.dims.cp}")
-        self.name = "+".join(parts) or "single"
+        self.grad_sync = gradient_sync(lay.sharding, self.dims, pipelined=False)
+        self.name = strategy_name(lay, self.dims, self.grad_sync)
         self._inner: nn.Module | None = None  # the unwrapped model
-        self.causal = True
 
     def setup(self, model: nn.Module, plan: Any) -> None:
         model.attention_backend = resolve_backend(plan.train.attention_backend, self.device)
         model.to(self.device)
         self._inner = model
-        self.causal = bool(getattr(model, "causal", True))
-        tp_mesh = submesh(self.mesh, self.dims, "tp")
-        dp_mesh = data_parallel_submesh(self.mesh, self.dims)
-        if tp_mesh is not None:
-            apply_tensor_parallel(model, tp_mesh, plan.layout.sequence_parallel)
-        if self.dims.cp > 1:
-            enable_context_parallel(model)
-        if dp_mesh is not None and self.fsdp:
-            apply_fsdp(model, dp_mesh, self.sharding, self.precision)
-        elif dp_mesh is not None:
-            model = apply_ddp(model, dp_mesh.get_group())
-            self.ddp = True
+        self.set_recompute([model])
+        parallelize_chunk(model, self.dims, self.mesh, plan.layout, self.precision)
+        if self.grad_sync == "ddp":
+            model = apply_ddp(model, axis(self.mesh, self.dims, "dp_cp").get_group())
         self.model = model
         self.build_optimizers()
+        self.record_applied()
 
     def model_parts(self) -> list[nn.Module]:
         assert self._inner is not None
@@ -62,27 +61,24 @@ class SPMDStrategy(DistributedStrategy):
 
     def _sync_context(self, last: bool):
         """Reduce gradients only after the last micro-batch of the step."""
-        if self.ddp and not last:
+        if self.grad_sync == "ddp" and not last:
             return self.model.no_sync()  # type: ignore[union-attr,operator]
-        if self.fsdp and hasattr(self.model, "set_requires_gradient_sync"):
+        if self.grad_sync == "fsdp":
             self.model.set_requires_gradient_sync(last)  # type: ignore[union-attr,operator]
             if self.sharding != "zero3":
-                # zero1/zero2: keep parameters gathered across the step's micro-batches.
+                # zero2: keep parameters gathered across the step's micro-batches.
                 self.model.set_reshard_after_backward(last)  # type: ignore[union-attr,operator]
         return nullcontext()
 
     def _forward_loss(self, mb: Batch) -> torch.Tensor:
         mb = mb.to(self.device)
         input_ids, labels, pos = mb.input_ids, mb.labels, mb.position_ids
-        ctx = None
-        if self.dims.cp > 1:
-            group = self.mesh["cp"].get_group()
-            ctx = make_cp_context(mb.doc_ids, self.causal, group, self.dims.cp)
+        if self.dims.cp > 1:  # the model builds its CP context from the global doc ids
             input_ids = shard_sequence(input_ids, self.dims.cp, self.cp_rank)
             labels = shard_sequence(labels, self.dims.cp, self.cp_rank)
             pos = shard_sequence(pos, self.dims.cp, self.cp_rank)
         with self.autocast():
-            logits = self.model(input_ids, pos, mb.doc_ids, ctx)
+            logits = self.model(input_ids, pos, mb.doc_ids)
         return token_loss_sum(logits, labels) * float(mb.loss_weight)
 
     def _micro_loss_sum(self, mb: Batch) -> torch.Tensor:
@@ -104,4 +100,5 @@ class SPMDStrategy(DistributedStrategy):
                 total += loss_sum.float().cpu() / denom
             if self.dims.tp > 1:
                 self.finalize_grads()
+            self.sync_replicated_grads()
             return self._sum_loss(total)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor.parallel.style import ParallelStyle
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, sequence_parallel: bool = True) -> None:
@@ -35,10 +36,14 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, sequence_parallel: boo
 
     tp = tp_mesh.size()
     spec = model.spec
-    if spec.heads % tp or spec.kv_heads % tp:
+    if spec.heads % tp or (spec.kv_heads % tp and tp % spec.kv_heads):
         raise ValueError(
-            f"layout.tp={tp} must divide heads={spec.heads} and kv_heads={spec.kv_heads}"
+            f"layout.tp={tp} must divide heads={spec.heads} and divide or be a multiple of "
+            f"kv_heads={spec.kv_heads}"
         )
+    kv_style: Any = ColwiseParallel()
+    if spec.kv_heads % tp:  # tp > kv_heads: each rank computes the KV head its queries use
+        kv_style = ReplicatedKVHead(spec.head_dim, tp_mesh.get_local_rank() * spec.kv_heads // tp)
     # Between blocks: sequence-sharded activations (SP) or replicated ones.
     between = Shard(1) if sequence_parallel else Replicate()
     top: dict[str, Any] = {}
@@ -66,8 +71,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, sequence_parallel: boo
                 desired_input_layouts=(Replicate(), None, None, None),
             ),
             "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
+            "attention.wk": kv_style,
+            "attention.wv": kv_style,
             "attention.wo": RowwiseParallel(output_layouts=between),
             "feed_forward": PrepareModuleInput(
                 input_layouts=(between,), desired_input_layouts=(Replicate(),)
@@ -78,6 +83,29 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, sequence_parallel: boo
             plan["attention_norm"] = SequenceParallel()
             plan["ffn_norm"] = SequenceParallel()
         parallelize_module(layer, tp_mesh, plan)
+
+
+class ReplicatedKVHead(ParallelStyle):
+    """Grouped-query attention with more TP ranks than KV heads (tp = k x kv_heads): the
+    K / V projection is replicated and each rank keeps the one head its query heads read
+    (rank r: head r * kv_heads / tp), so a KV head is computed on k ranks. Its weight
+    gradient is the sum of those ranks' parts: the local output gradient is declared Partial
+    and `finalize_grads` all-reduces it over the TP group (the replication Megatron-LM and
+    vLLM use for tp > num_query_groups)."""
+
+    def __init__(self, head_dim: int, head: int) -> None:
+        super().__init__()
+        self.head_dim, self.head = head_dim, head
+
+    def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
+        from torch.distributed.tensor import Partial, distribute_module
+
+        lo, hi = self.head * self.head_dim, (self.head + 1) * self.head_dim
+
+        def output_fn(mod: nn.Module, out: Any, mesh: Any) -> torch.Tensor:
+            return out.to_local(grad_placements=(Partial(),))[..., lo:hi]
+
+        return distribute_module(module, device_mesh, output_fn=output_fn)
 
 
 def tp_input_is_sharded(model: nn.Module) -> bool:
@@ -92,6 +120,13 @@ def loss_context(tp: int):
 
         return loss_parallel()
     return nullcontext()
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor, or the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def materialize(loss: torch.Tensor) -> torch.Tensor:

@@ -82,6 +82,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--no-hsdp", action="store_true", help="do not search sharding-group sizes")
     c.add_argument("--headroom", type=float, default=0.05, help="share of HBM kept free (default 0.05)")
     c.add_argument("--engine", choices=["torch", "deepspeed"], default="torch")
+    c.add_argument("--any-framework", action="store_true",
+                   help="rank every layout, also those meshplan's executor cannot run (a plan "
+                        "for Megatron, torchtitan, ...); implied by a --framework other than meshplan")
     k = p.add_argument_group("continual pretraining (written to the plan's continual: section)")
     k.add_argument("--init-from", metavar="PATH",
                    help="start from this checkpoint: a meshplan run / step_N folder, or a "
@@ -231,6 +234,7 @@ def build_plan(res: SearchResult, args: argparse.Namespace) -> Plan:
         "tokens_per_sec_per_gpu_interval": [float(best.tokens_per_sec_per_gpu_low),
                                             float(best.tokens_per_sec_per_gpu_high)],
         "framework": args.framework,  # the stack the prediction assumed
+        "runnable_by_executor": bool(best.runnable),
         "mfu_pct": float(best.mfu_pct),
         "peak_memory_gb": float(best.peak_memory_gb),
         "breakdown_s": top_json(res)[0]["breakdown_s"],
@@ -278,7 +282,8 @@ def run(args: argparse.Namespace) -> int:
         shardings=_csv_choice(args.sharding, SHARDINGS, "--sharding"),
         recomputes=_csv_choice(args.recompute, RECOMPUTES, "--recompute"),
         hsdp=not args.no_hsdp, precision=args.precision, memory_headroom=args.headroom,
-        framework=args.framework,
+        framework=args.framework, engine=args.engine,
+        executor_only=not args.any_framework and args.framework == "meshplan",
     )
     res = search(model, cluster, gbs, load_profile(args.profile), space, args.top, args.rank_by)
     notes = ([batch_note] if batch_note else []) + res.notes
@@ -298,6 +303,7 @@ def run(args: argparse.Namespace) -> int:
         ],
         "why_not_runner_ups": explain_runner_ups(res),
         "framework": args.framework,
+        "ranked_for": "meshplan-executor" if space.executor_only else "any-framework",
         "trial_runs_to_separate": trial_runs(res, str(Path(args.out) / "plan.yaml") if args.out else "PLAN"),
         "notes": notes,
     }

@@ -2,7 +2,7 @@
 
 import pytest
 
-from costmodels.comm_volume import comm_volume, param_shapes, pipeline_microbatches
+from costmodels.comm_volume import comm_volume, param_shapes
 from costmodels.presets import PRESETS
 from costmodels.specs import Layout
 
@@ -30,12 +30,23 @@ def test_zero3_gathers_twice_per_micro_batch_zero2_once_per_step():
     assert z3["reduce_scatter"] == z2["reduce_scatter"] == 4 * spec.param_count()
 
 
-def test_pipeline_send_recv_and_resplit():
+def test_pipeline_send_recv_per_stage_boundary():
     spec = PRESETS["tiny"]
-    lay = Layout(pp=2, global_batch=8, micro_batch=8, precision="fp32", schedule="1f1b")
-    assert pipeline_microbatches(lay) == (2, 4)  # 1F1B needs >= pp micro-batches
+    lay = Layout(pp=2, global_batch=8, micro_batch=4, precision="fp32", schedule="1f1b")
     sr = comm_volume(spec, lay).by_kind()["send_recv"]
+    # 2 micro-batches x 1 boundary x (fwd + bwd) x 4 rows, mean over the 2 pp ranks
     assert sr == 2 * 1 * 2 * 4 * spec.seq_len * spec.hidden * 4 / 2
+    cp_sp = comm_volume(spec, lay.with_(cp=2, tp=2, sequence_parallel=True)).by_kind()["send_recv"]
+    assert cp_sp == sr / 4  # each rank sends its sequence shard: s / (cp * tp) tokens
+
+
+def test_three_d_terms_are_means_over_pipeline_stages():
+    spec = PRESETS["tiny"]
+    flat = comm_volume(spec, Layout(tp=2, global_batch=4, micro_batch=2, precision="fp32")).by_kind()
+    piped = comm_volume(spec, Layout(tp=2, pp=2, global_batch=4, micro_batch=1,
+                                     precision="fp32")).by_kind()
+    # same tokens per step through each TP group, half the layers per stage
+    assert piped["all_reduce"] - 8 == pytest.approx((flat["all_reduce"] - 8) / 2)
 
 
 def test_tensor_parallel_scales_with_layers_and_bf16_halves_activations():

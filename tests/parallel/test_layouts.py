@@ -105,3 +105,86 @@ TWO_D = [
 def test_two_dimensional_meshes_on_four_ranks():
     res = run_distributed(compare_worker, 4, TWO_D, STEPS, timeout=400)
     _check(TWO_D, res[0])
+
+
+RECOMPUTE = [
+    {"dp": 2, "recompute": "full"},
+    {"dp": 2, "sharding": "zero3", "recompute": "full", "recompute_layers": 1},
+    {"tp": 2, "recompute": "selective"},
+    {"pp": 2, "recompute": "full"},
+    {"dp": 2, "engine": "deepspeed", "sharding": "zero2", "recompute": "selective"},
+]
+
+
+@pytest.mark.timeout(300)
+def test_recompute_is_applied_in_every_strategy():
+    """Counts re-executed forwards: full recompute runs a block twice per micro-batch,
+    selective runs its attention core twice; `applied` says the plan's mode and count."""
+    import importlib.util
+
+    from workers import build, global_batch, make_plan, recompute_worker
+
+    from executor.strategy import Strategy
+
+    has_ds = importlib.util.find_spec("deepspeed") is not None
+    layouts = [lay for lay in RECOMPUTE if lay.get("engine") != "deepspeed" or has_ds]
+    res = run_distributed(recompute_worker, 2, layouts, timeout=280)[0]
+    # the one-process strategy too
+    plan = make_plan({"recompute": "full", "recompute_layers": 3}, layers=4)
+    single = Strategy()
+    single.setup(build(plan), plan)
+    gb = global_batch(0, plan.model_spec().vocab)
+    before = single.model.block_calls()
+    single.forward_backward(gb.split(2), gb.num_targets())
+    after = single.model.block_calls()
+    res.append({"applied": single.applied, "blocks": after[0] - before[0],
+                "cores": after[1] - before[1], "name": "single", "cls": "Strategy"})
+    layouts.append({"recompute": "full", "recompute_layers": 3})
+    for lay, r in zip(layouts, res, strict=True):
+        a = r["applied"]
+        assert a["recompute"] == lay["recompute"], (r["name"], a)
+        micro = ROWS_PER_STEP // (2 * lay.get("dp", 1))
+        blocks = a["blocks_on_rank"]
+        full = a["recomputed_blocks"] if lay["recompute"] == "full" else 0
+        sel = blocks if lay["recompute"] == "selective" else 0
+        assert full == (min(lay.get("recompute_layers", 0) or blocks, blocks) if full else 0)
+        extra = 1 if lay.get("pp", 1) > 1 else 0  # the pipeline's one-time shape inference
+        assert micro * (blocks + full) <= r["blocks"] <= (micro + extra) * (blocks + full), r
+        assert micro * (blocks + full + sel) <= r["cores"] <= (micro + extra) * (blocks + full + sel), r
+    classes = {r["cls"] for r in res}
+    assert {"Strategy", "SPMDStrategy", "PipelineStrategy"} <= classes, classes
+    assert has_ds == ("DeepSpeedStrategy" in classes)
+
+
+ROWS_PER_STEP = 8
+
+
+@pytest.mark.timeout(240)
+def test_zero1_shards_optimizer_state_only_zero2_also_gradients():
+    """Measured per-rank bytes after a step follow `costmodels.memory.model_state_bytes`:
+    ZeRO-1 holds whole gradients and half the optimizer state, ZeRO-2 half of both."""
+    from workers import state_bytes_worker
+
+    from costmodels.memory import model_state_bytes
+
+    lays = [{"dp": 2, "sharding": "zero1"}, {"dp": 2, "sharding": "zero2"}]
+    res = run_distributed(state_bytes_worker, 2, lays, timeout=220)
+    for stage, k in (("zero1", 0), ("zero2", 1)):
+        for rank_res in res:
+            r = rank_res[k]
+            pred = model_state_bytes(r["params"], 2, ("none", "zero1", "zero2", "zero3").index(stage),
+                                     4.0, 4.0, 8.0)
+            assert abs(r["grad_bytes"] - pred["gradients"]) <= 0.03 * pred["gradients"], (stage, r, pred)
+            assert abs(r["optim_bytes"] - pred["optimizer"]) <= 0.03 * pred["optimizer"], (stage, r, pred)
+    assert res[0][0]["grad_bytes"] > 1.9 * res[0][1]["grad_bytes"]  # zero1 != zero2
+
+
+KV_REPLICATED = [{"tp": 4}, {"tp": 4, "sequence_parallel": True}]
+
+
+@pytest.mark.timeout(300)
+def test_tp_beyond_kv_heads_replicates_them():
+    """tiny has 4 query heads and 2 KV heads: TP4 gives each rank one query head and the KV
+    head it reads (computed on 2 ranks, its gradient all-reduced)."""
+    res = run_distributed(compare_worker, 4, KV_REPLICATED, STEPS, "tiny", timeout=280)
+    _check(KV_REPLICATED, res[0])

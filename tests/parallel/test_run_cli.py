@@ -161,9 +161,11 @@ def test_sigkilled_rank_restarts_and_resumes(tmp_path):
       "cluster.num_gpus=3"], "layout.tp=3"),
     (["--override", "layout.pp=4", "--override", "layout.dp=1", "--override",
       "cluster.num_gpus=4"], "layers"),
-    (["--override", "layout.pp=2", "--override", "layout.tp=2", "--override", "layout.dp=1",
-      "--override", "cluster.num_gpus=4"], "not supported"),
-    (["--override", "layout.dp=4"], "2 GPUs"),
+    (["--override", "layout.pp=2", "--override", "layout.dp=1", "--override",
+      "layout.sharding=none", "--override", "layout.micro_batch_size=8"], "fewer than pp=2"),
+    (["--override", "layout.engine=deepspeed", "--override", "layout.tp=2", "--override",
+      "layout.dp=1", "--override", "layout.sharding=none"], "data parallelism only"),
+    (["--override", "cluster.num_gpus=4"], "4 GPUs"),
 ])
 def test_misconfigured_layouts_fail_before_any_process(tmp_path, monkeypatch, capsys,
                                                        extra, needle):

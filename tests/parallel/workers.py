@@ -120,3 +120,86 @@ def compare_worker(rank: int, world: int, layouts: list[dict[str, Any]], steps: 
             res["reference"] = reference_losses(plan, steps)
         out.append(res)
     return out
+
+
+def recompute_worker(rank: int, world: int, layouts: list[dict[str, Any]],
+                     model: str = "tiny-mha") -> list[dict[str, Any]]:
+    """One step of each layout: its `applied` record and the block / attention-core forwards
+    rank 0 executed (recomputation re-runs them in the backward)."""
+    from executor.parallel.factory import make_strategy
+
+    out = []
+    for lay in layouts:
+        plan = make_plan(lay, model=model, layers=4)
+        torch.manual_seed(0)
+        strat = make_strategy(plan)
+        strat.setup(build(plan), plan)
+        gb = global_batch(0, plan.model_spec().vocab)
+        local = strat.local_rows(gb)
+        before = [p.block_calls() for p in strat.model_parts()]
+        strat.forward_backward(local.split(plan.layout.micro_batch_size), gb.num_targets())
+        after = [p.block_calls() for p in strat.model_parts()]
+        calls = [sum(a[i] - b[i] for a, b in zip(after, before, strict=True)) for i in (0, 1)]
+        out.append({"applied": strat.applied, "blocks": calls[0], "cores": calls[1],
+                    "name": strat.name, "cls": type(strat).__name__})
+        strat.zero_grad()
+    return out
+
+
+def state_bytes_worker(rank: int, world: int, layouts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """After one optimizer step: this rank's gradient and optimizer-state bytes (local
+    shards of DTensors) and the model's parameter count."""
+    from executor.parallel.factory import make_strategy
+    from executor.parallel.tp import local_tensor
+
+    out = []
+    for lay in layouts:
+        plan = make_plan(lay)
+        torch.manual_seed(0)
+        strat = make_strategy(plan)
+        strat.setup(build(plan), plan)
+        gb = global_batch(0, plan.model_spec().vocab)
+        local = strat.local_rows(gb)
+        strat.forward_backward(local.split(plan.layout.micro_batch_size), gb.num_targets())
+        grad_bytes = sum(local_tensor(p.grad).numel() * 4 for part in strat.model_parts()
+                         for p in part.parameters() if p.grad is not None)
+        strat.optimizer_step()
+        optim_bytes = sum(local_tensor(v).numel() * v.element_size()
+                          for opt in strat.optimizers for st in opt.state.values()
+                          for k, v in st.items() if k in ("exp_avg", "exp_avg_sq"))
+        out.append({"grad_bytes": grad_bytes, "optim_bytes": optim_bytes,
+                    "params": plan.model_spec().param_count(), "name": strat.name})
+        strat.zero_grad()
+    return out
+
+
+def contract_worker(rank: int, world: int, layouts: list[dict[str, Any]], steps: int = 2) -> list[dict[str, Any]]:
+    """Each layout the contract accepted: set up through `make_strategy` (which refuses, or
+    raises when what it set up differs from the plan) and train `steps` steps."""
+    import math
+
+    import torch.distributed as dist
+
+    from executor.strategy import make_strategy
+
+    out = []
+    for lay in layouts:
+        plan = make_plan(lay, layers=4)
+        torch.manual_seed(0)
+        strat = make_strategy(plan)
+        strat.setup(build(plan), plan)
+        losses = []
+        for s in range(steps):
+            gb = global_batch(s, plan.model_spec().vocab)
+            local = strat.local_rows(gb)
+            loss = strat.forward_backward(local.split(plan.layout.micro_batch_size), gb.num_targets())
+            strat.clip_grad_norm(plan.train.grad_clip)
+            strat.optimizer_step()
+            strat.zero_grad()
+            losses.append(float(loss))
+        out.append({"name": getattr(strat, "name", "single"), "finite": all(math.isfinite(x) for x in losses)})
+        mesh = getattr(strat, "mesh", None)
+        if mesh is not None:  # free this layout's process groups before the next one
+            for group in {id(g): g for g in mesh.get_all_groups()}.values():
+                dist.destroy_process_group(group)
+    return out

@@ -55,6 +55,24 @@ def test_llama3_405b_on_16k_gpus(llama405, llama405_mcore):
     assert llama405["why_not_runner_ups"]
 
 
+def test_405b_winner_is_runnable_by_the_executor_contract(llama405, llama405_mcore):
+    from costmodels.capabilities import unsupported
+    from costmodels.presets import PRESETS
+    from costmodels.specs import Layout
+
+    assert llama405["search_seconds"] <= 2.0
+    assert llama405["ranked_for"] == "meshplan-executor"
+    assert all(t["runnable_by_executor"] for t in llama405["top"])
+    w = llama405["top"][0]
+    lay = Layout(tp=w["tp"], pp=w["pp"], dp=w["dp"], cp=w["cp"], vpp=w["vpp"], sharding=w["sharding"],
+                 micro_batch=w["micro_batch_size"], global_batch=llama405["global_batch_size"],
+                 recompute=w["recompute"], sequence_parallel=w["sequence_parallel"],
+                 schedule=w["schedule"], dp_shard=w["dp_shard"], recompute_layers=w["recompute_layers"])
+    assert unsupported(PRESETS["llama3-405b"].with_(seq_len=8192), lay) is None
+    # planning for another stack ranks without the executor's contract
+    assert llama405_mcore["ranked_for"] == "any-framework"
+
+
 def test_tiny_cpu_plan_writes_runnable_files(tmp_path):
     out = tmp_path / "plan"
     proc = run_cli("plan", "--model", "tiny", "--gpu", "cpu", "--gpus", "1", "--seq-len", "128",

@@ -1,0 +1,150 @@
+"""What the meshplan executor can run: one contract, read by the planner's search, the
+launcher's preflight and every executor strategy.
+
+`unsupported(model, layout)` returns one line naming the field and the fix, or None when
+the executor runs the layout exactly as written (every degree, the sharding stage, the
+recompute mode and layer count, the schedule and its micro-batch count). The same rules
+run vectorised over the search's candidate columns (`refused_mask`; the search enumerates
+only layouts `Layout.check_against` accepts), so the planner ranks only layouts the executor
+accepts, at numpy speed.
+
+Pure (numpy only, no torch): the planner imports it without the executor installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from costmodels.specs import RECOMPUTES, SHARDINGS, Layout, ModelSpec, SpecError
+
+SCHEDULE_NAMES: tuple[str, ...] = ("gpipe", "1f1b", "interleaved")  # = costmodels.cases.SCHEDULES
+EXECUTOR_PRECISIONS: tuple[str, ...] = ("bf16", "fp32")
+ANY_FRAMEWORK_HINT = "or plan with --any-framework for another stack"
+
+Cols = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One thing the executor cannot do: `refused(model, cols)` is True on the rows it
+    refuses; `message(model, layout)` says which field and what to change."""
+
+    name: str
+    refused: Callable[[ModelSpec, Cols], np.ndarray]
+    message: Callable[[ModelSpec, Layout], str]
+
+
+def _i(cols: Cols, key: str) -> np.ndarray:
+    return np.asarray(cols[key], dtype=np.int64)
+
+
+def _grad_accum(cols: Cols) -> np.ndarray:
+    return _i(cols, "gbs") // np.maximum(_i(cols, "micro") * _i(cols, "dp"), 1)
+
+
+def _min_stage_layers(model: ModelSpec, cols: Cols) -> np.ndarray:
+    """A lower bound on the layers of the rank with the fewest: the even split
+    (`costmodels.pipeline.stage_layer_counts`) gives every chunk at least floor(L / (pp * vpp))."""
+    return (model.layers // np.maximum(_i(cols, "pp") * _i(cols, "vpp"), 1)) * _i(cols, "vpp")
+
+
+def _full(model: ModelSpec, cols: Cols, value: bool) -> np.ndarray:
+    return np.full(len(np.asarray(cols["tp"])), bool(value))
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("moe", lambda m, c: _full(m, c, m.is_moe),
+         lambda m, lay: "model: mixture-of-experts layers are not in the executor yet; use a dense "
+                        f"model, {ANY_FRAMEWORK_HINT}"),
+    Rule("ep", lambda m, c: _i(c, "ep") > 1,
+         lambda m, lay: f"layout.ep={lay.ep}: expert parallelism needs MoE layers the executor "
+                        "lacks; set layout.ep=1"),
+    Rule("precision", lambda m, c: ~np.isin(np.asarray(c["precision"]), EXECUTOR_PRECISIONS),
+         lambda m, lay: f"train.precision={lay.precision}: the executor trains in bf16 or fp32; "
+                        f"use one of those, {ANY_FRAMEWORK_HINT}"),
+    Rule("deepspeed_parallel",
+         lambda m, c: (np.asarray(c["engine"]) == "deepspeed")
+         & ((_i(c, "tp") > 1) | (_i(c, "pp") > 1) | (_i(c, "cp") > 1)),
+         lambda m, lay: "layout.engine=deepspeed runs data parallelism only (tp=pp=cp=1); use "
+                        "layout.engine=torch for tensor/pipeline/context parallelism"),
+    Rule("deepspeed_hsdp", lambda m, c: (np.asarray(c["engine"]) == "deepspeed") & (_i(c, "dp_shard") > 0),
+         lambda m, lay: f"layout.dp_shard={lay.dp_shard}: the DeepSpeed engine shards over all of "
+                        "dp; set layout.dp_shard=0 or layout.engine=torch"),
+    Rule("sp_without_tp", lambda m, c: np.asarray(c["sp"], dtype=bool) & (_i(c, "tp") == 1),
+         lambda m, lay: "layout.sequence_parallel=true needs layout.tp > 1; set it to false"),
+    Rule("shard_without_replicas",
+         lambda m, c: (_i(c, "sharding") > 0) & (_i(c, "dp") * _i(c, "cp") == 1),
+         lambda m, lay: f"layout.sharding={lay.sharding} needs dp*cp > 1 replicas to shard over; "
+                        "set layout.sharding=none"),
+    Rule("hsdp_without_sharding", lambda m, c: (_i(c, "dp_shard") > 0) & (_i(c, "sharding") == 0),
+         lambda m, lay: f"layout.dp_shard={lay.dp_shard} shards ZeRO states; it needs "
+                        "layout.sharding zero1/zero2/zero3 (or set dp_shard=0)"),
+    Rule("tied_pp", lambda m, c: _full(m, c, m.tied_embeddings) & (_i(c, "pp") > 1),
+         lambda m, lay: "layout.pp > 1 needs untied embeddings (model.tied_embeddings=false)"),
+    Rule("pp_microbatches",
+         lambda m, c: (_i(c, "pp") > 1) & (_i(c, "schedule") != SCHEDULE_NAMES.index("gpipe"))
+         & (_grad_accum(c) < _i(c, "pp")),
+         lambda m, lay: f"layout.schedule={lay.effective_schedule}: {lay.grad_accum} micro-batches "
+                        f"per step is fewer than pp={lay.pp} (1F1B needs >= pp); raise "
+                        "global_batch_size, lower micro_batch_size, or use schedule gpipe"),
+    Rule("recompute_layers_mode",
+         lambda m, c: (_i(c, "recompute_layers") > 0) & (_i(c, "recompute") != RECOMPUTES.index("full")),
+         lambda m, lay: f"layout.recompute_layers={lay.recompute_layers} applies to full "
+                        "recompute only; set layout.recompute=full or recompute_layers=0"),
+    Rule("recompute_layers_vpp",
+         lambda m, c: (_i(c, "recompute_layers") % np.maximum(_i(c, "vpp"), 1)) != 0,
+         lambda m, lay: f"layout.recompute_layers={lay.recompute_layers} must be a multiple of "
+                        f"vpp={lay.vpp}: each of a rank's virtual stages recomputes the same "
+                        "number of its first blocks (Megatron's --recompute-num-layers per chunk)"),
+    Rule("recompute_layers_count",
+         lambda m, c: _i(c, "recompute_layers") > _min_stage_layers(m, c),
+         lambda m, lay: f"layout.recompute_layers={lay.recompute_layers} exceeds the "
+                        f"{(m.layers // (lay.pp * lay.vpp)) * lay.vpp} layers of the smallest "
+                        "pipeline stage; lower it (0 = all layers)"),
+)
+
+
+def layout_columns(layout: Layout) -> Cols:
+    """One layout as the search's candidate columns (arrays of length 1)."""
+    one = lambda v: np.asarray([v])  # noqa: E731
+    return {
+        "tp": one(layout.tp), "pp": one(layout.pp), "dp": one(layout.dp), "cp": one(layout.cp),
+        "ep": one(layout.ep), "vpp": one(layout.vpp), "micro": one(layout.micro_batch),
+        "gbs": one(layout.global_batch), "sharding": one(SHARDINGS.index(layout.sharding)),
+        "recompute": one(RECOMPUTES.index(layout.recompute)), "sp": one(layout.sequence_parallel),
+        "schedule": one(SCHEDULE_NAMES.index(layout.effective_schedule)),
+        "dp_shard": one(layout.dp_shard), "recompute_layers": one(layout.recompute_layers),
+        "precision": one(layout.precision), "engine": one(layout.engine),
+    }
+
+
+def refused_mask(model: ModelSpec, cols: Cols) -> np.ndarray:
+    """True on the candidate rows the executor cannot run exactly."""
+    out = np.zeros(len(np.asarray(cols["tp"])), dtype=bool)
+    for rule in RULES:
+        out |= np.asarray(rule.refused(model, cols), dtype=bool)
+    return out
+
+
+def refusal_counts(model: ModelSpec, cols: Cols) -> dict[str, int]:
+    """How many candidate rows each rule refuses (a row can fail several)."""
+    return {r.name: int(np.count_nonzero(r.refused(model, cols))) for r in RULES}
+
+
+def unsupported(model: ModelSpec, layout: Layout) -> str | None:
+    """One line naming the field and the fix, or None when the executor runs `layout`.
+    A layout no framework could run (`Layout.check_against`: heads, KV heads, stages per
+    layer, context-parallel divisibility) is refused with that check's line first."""
+    try:
+        layout.check_against(model)
+    except SpecError as exc:
+        return str(exc)
+    cols = layout_columns(layout)
+    for rule in RULES:
+        if bool(np.asarray(rule.refused(model, cols))[0]):
+            return rule.message(model, layout)
+    return None

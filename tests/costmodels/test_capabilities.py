@@ -1,0 +1,96 @@
+"""The executor's capability contract (`costmodels.capabilities`): one line per refusal, the
+same answer row by row and vectorised, and the planner's search ranks only what it allows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from costmodels.capabilities import RULES, layout_columns, refused_mask, unsupported
+from costmodels.cases import SCHEDULES
+from costmodels.presets import PRESETS
+from costmodels.profile import load_profile
+from costmodels.specs import RECOMPUTES, SHARDINGS, ClusterSpec, Layout
+from planner.search import SearchSpace, enumerate_layouts, row_to_layout, search
+
+TINY = PRESETS["tiny"]  # 4 layers, 4 heads, 2 KV heads
+
+
+@pytest.mark.parametrize("layout", [
+    Layout(tp=2, pp=2, dp=2, global_batch=8, micro_batch=1, sequence_parallel=True),
+    Layout(cp=2, pp=2, dp=2, global_batch=8, micro_batch=1),
+    Layout(tp=4, dp=2, sharding="zero2", global_batch=4),  # tp > kv_heads: KV replicated
+    Layout(pp=2, dp=4, dp_shard=2, sharding="zero3", global_batch=8),
+    Layout(pp=2, vpp=2, tp=2, dp=2, sharding="zero1", global_batch=8),
+    Layout(pp=2, global_batch=1, schedule="gpipe"),  # GPipe runs one micro-batch
+    Layout(recompute="full", recompute_layers=2, global_batch=2),
+])
+def test_supported_layouts(layout):
+    assert unsupported(TINY, layout) is None
+
+
+MOE = TINY.with_(num_experts=8, experts_topk=2, expert_ffn_hidden=256)
+GQA12 = TINY.with_(hidden=768, heads=12, kv_heads=4)
+REFUSALS = [
+    (Layout(tp=3), TINY, "layout.tp=3"),
+    (Layout(tp=6), GQA12, "kv_heads=4"),
+    (Layout(engine="deepspeed", tp=2), TINY, "layout.engine=deepspeed"),
+    (Layout(engine="deepspeed", dp=4, dp_shard=2, sharding="zero3", global_batch=4), TINY, "layout.dp_shard=2"),
+    (Layout(precision="fp8"), TINY, "train.precision=fp8"),
+    (Layout(sequence_parallel=True), TINY, "layout.sequence_parallel"),
+    (Layout(sharding="zero3"), TINY, "layout.sharding=zero3"),
+    (Layout(dp=2, dp_shard=2, global_batch=2), TINY, "layout.dp_shard=2"),
+    (Layout(pp=2, global_batch=1), TINY, "layout.schedule=1f1b"),
+    (Layout(pp=8, global_batch=8), TINY, "layout.pp*vpp=8"),
+    (Layout(pp=2, recompute="full", recompute_layers=3, global_batch=2), TINY, "layout.recompute_layers=3"),
+    (Layout(recompute="selective", recompute_layers=1), TINY, "layout.recompute_layers=1"),
+    (Layout(pp=2, global_batch=2), TINY.with_(tied_embeddings=True), "tied"),
+    (Layout(), MOE, "mixture-of-experts"),
+    (Layout(ep=2, dp=2, global_batch=2), TINY, "layout.ep=2"),
+    (Layout(pp=2, vpp=2, recompute="full", recompute_layers=1, global_batch=2), TINY, "multiple of vpp=2"),
+]
+
+
+@pytest.mark.parametrize("layout, model, field", REFUSALS)
+def test_refusals_name_the_field_in_one_line(layout, model, field):
+    reason = unsupported(model, layout)
+    assert reason is not None and field in reason and "\n" not in reason, reason
+
+
+def test_vectorised_rules_agree_with_the_scalar_contract():
+    cluster = ClusterSpec("cpu", 8)
+    cols = enumerate_layouts(TINY, cluster, 16, SearchSpace(allow_cp=True))
+    n = len(cols["tp"])
+    full = {**cols, "precision": np.full(n, "fp32"), "engine": np.full(n, "torch")}
+    mask = refused_mask(TINY, full)
+    assert 0 < mask.sum() < n
+    names = {"sharding": SHARDINGS, "recompute": RECOMPUTES, "schedule": SCHEDULES}
+    for i in np.random.default_rng(0).choice(n, 300, replace=False):
+        row = pd.Series({k: (names[k][v[i]] if k in names else v[i]) for k, v in cols.items()})
+        lay = row_to_layout(row, 16, "fp32")
+        assert (unsupported(TINY, lay) is not None) == bool(mask[i]), (lay, unsupported(TINY, lay))
+        one = refused_mask(TINY, layout_columns(lay))
+        assert bool(one[0]) == bool(mask[i])
+
+
+def test_search_ranks_only_runnable_layouts_unless_any_framework():
+    prof = load_profile(machine=False)
+    cluster = ClusterSpec("cpu", 8)
+    space = SearchSpace(precision="fp32", allow_cp=True)
+    res = search(TINY, cluster, 16, prof, space, top=50)
+    assert len(res.ranked)
+    for i in range(len(res.ranked)):
+        assert unsupported(TINY, res.layout(i)) is None
+    assert res.table["runnable"].all()
+    free = search(TINY, cluster, 16, prof, SearchSpace(precision="fp32", allow_cp=True,
+                                                      executor_only=False), top=50)
+    assert (~free.table["runnable"]).any()  # other stacks' layouts stay searchable
+
+
+def test_every_rule_is_exercised():
+    fired = set()
+    for layout, model, _ in REFUSALS:
+        cols = layout_columns(layout)
+        fired |= {r.name for r in RULES if bool(np.asarray(r.refused(model, cols))[0])}
+    assert fired == {r.name for r in RULES}
