@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from costmodels.cases import SCHEDULES as SCHEDULE_NAMES
 from costmodels.specs import RECOMPUTES, SHARDINGS, Layout, ModelSpec, SpecError
 
-SCHEDULE_NAMES: tuple[str, ...] = ("gpipe", "1f1b", "interleaved")  # = costmodels.cases.SCHEDULES
 EXECUTOR_PRECISIONS: tuple[str, ...] = ("bf16", "fp32")
 ANY_FRAMEWORK_HINT = "or plan with --any-framework for another stack"
 
@@ -83,6 +83,13 @@ RULES: tuple[Rule, ...] = (
     Rule("hsdp_without_sharding", lambda m, c: (_i(c, "dp_shard") > 0) & (_i(c, "sharding") == 0),
          lambda m, lay: f"layout.dp_shard={lay.dp_shard} shards ZeRO states; it needs "
                         "layout.sharding zero1/zero2/zero3 (or set dp_shard=0)"),
+    Rule("dp_shard_one", lambda m, c: _i(c, "dp_shard") == 1,
+         lambda m, lay: "layout.dp_shard=1 shards over one rank: set dp_shard=0 (all of dp) or a "
+                        "divisor of dp >= 2"),
+    Rule("interleaved_without_vpp",
+         lambda m, c: (_i(c, "schedule") == SCHEDULE_NAMES.index("interleaved")) & (_i(c, "vpp") == 1),
+         lambda m, lay: "layout.schedule=interleaved needs layout.vpp > 1 (virtual stages per "
+                        "rank); set vpp or use schedule 1f1b"),
     Rule("tied_pp", lambda m, c: _full(m, c, m.tied_embeddings) & (_i(c, "pp") > 1),
          lambda m, lay: "layout.pp > 1 needs untied embeddings (model.tied_embeddings=false)"),
     Rule("pp_microbatches",
@@ -103,8 +110,8 @@ RULES: tuple[Rule, ...] = (
     Rule("recompute_layers_count",
          lambda m, c: _i(c, "recompute_layers") > _min_stage_layers(m, c),
          lambda m, lay: f"layout.recompute_layers={lay.recompute_layers} exceeds the "
-                        f"{(m.layers // (lay.pp * lay.vpp)) * lay.vpp} layers of the smallest "
-                        "pipeline stage; lower it (0 = all layers)"),
+                        f"{int(_min_stage_layers(m, layout_columns(lay))[0])} layers of the "
+                        "smallest pipeline stage; lower it (0 = all layers)"),
 )
 
 
@@ -128,11 +135,6 @@ def refused_mask(model: ModelSpec, cols: Cols) -> np.ndarray:
     for rule in RULES:
         out |= np.asarray(rule.refused(model, cols), dtype=bool)
     return out
-
-
-def refusal_counts(model: ModelSpec, cols: Cols) -> dict[str, int]:
-    """How many candidate rows each rule refuses (a row can fail several)."""
-    return {r.name: int(np.count_nonzero(r.refused(model, cols))) for r in RULES}
 
 
 def unsupported(model: ModelSpec, layout: Layout) -> str | None:

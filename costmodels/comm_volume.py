@@ -144,14 +144,12 @@ def comm_volume(model: ModelSpec, layout: Layout) -> CommVolume:
         vol.add("all_reduce", local * 4,
                 "DP: fp32 grads all-reduced once per step over dp x cp (DDP with no_sync on "
                 "earlier micro-batches, or one flat bucket; Li et al. 2020 §3.2)")
-        if layout.sharding == "zero1":
-            shards = (layout.dp_shard or layout.dp) * layout.cp
-            if shards > 1:
-                vol.add("broadcast", local * 4,
-                        "ZeRO-1: each owner broadcasts the fp32 params it updated to its shard "
-                        "group (Rajbhandari et al. 2020 §5.1)")
+        if layout.sharding == "zero1" and layout.shard_group > 1:
+            vol.add("all_gather", local * 4,
+                    "ZeRO-1: the updated fp32 ranges (1/N of the elements each) all-gathered "
+                    "over the shard group after the step (Rajbhandari et al. 2020 §5.1)")
     elif replicas > 1:
-        shards = (layout.dp_shard or layout.dp) * layout.cp
+        shards = layout.shard_group
         padded = sum(_padded(shape, shards) for _, shape in param_shapes(model, layout.tp)) / layout.pp
         e_par = _elem_bytes(layout.precision)
         if layout.sharding == "zero3" and layout.pp > 1:

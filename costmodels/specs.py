@@ -244,8 +244,9 @@ class Layout:
     # instances): ZeRO states are sharded over groups of `dp_shard` DP ranks and replicated
     # across the dp / dp_shard groups. 0 = shard over all of dp.
     dp_shard: int = 0
-    # With recompute="full": layers per pipeline stage that are recomputed (Megatron's
-    # --recompute-num-layers); 0 = all of them.
+    # With recompute="full": layers per pipeline rank that are recomputed, the first
+    # recompute_layers / vpp of each of its virtual chunks (Megatron's --recompute-num-layers
+    # with the block method counts per chunk); 0 = all of them.
     recompute_layers: int = 0
 
     def __post_init__(self) -> None:
@@ -281,6 +282,14 @@ class Layout:
     def grad_accum(self) -> int:
         """Micro-batches per optimizer step on each data-parallel rank."""
         return self.global_batch // (self.micro_batch * self.dp)
+
+    @property
+    def shard_group(self) -> int:
+        """Ranks one ZeRO shard spans: dp_shard (all of dp when 0) times cp, whose ranks hold
+        replicas of the parameters too; 1 without sharding."""
+        if self.sharding == "none":
+            return 1
+        return (self.dp_shard or self.dp) * self.cp
 
     @property
     def effective_schedule(self) -> str:

@@ -69,6 +69,11 @@ class Stack:
     # (fp32) unsharded across its micro-batches (torchtitan: reshard_after_forward is off
     # when PP is on, since every micro-batch would re-gather them).
     fsdp_unsharded_with_pp: bool = False
+    # Full recompute through torch.utils.checkpoint (non-reentrant) stops once the saved
+    # tensors are rebuilt: a block re-runs its input gathers and the attention half's TP
+    # reduction, not the MLP's. Megatron's reentrant CheckpointFunction re-runs the whole
+    # forward, both reductions.
+    recompute_early_stop: bool = False
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_IMPLS:
@@ -97,7 +102,8 @@ STACKS: dict[str, Stack] = {
         # torchtitan (2024): SDPA's FlashAttention-2 backend, eager ops, FSDP2 with fp32
         # sharded params cast to bf16 per layer, op-level SAC for "selective".
         Stack("torchtitan", attention="flash2", fusion="eager", weight_bytes=4.0, optim_bytes=8.0,
-              op_level_sac=True, ce_bytes_per_logit=12.0, fsdp_unsharded_with_pp=True),
+              op_level_sac=True, ce_bytes_per_logit=12.0, fsdp_unsharded_with_pp=True,
+              recompute_early_stop=True),
         # llm-foundry / Composer: FSDP (1) with fp32 flat params, flash-attn 2.
         Stack("llm-foundry", attention="flash2", fusion="eager", weight_bytes=4.0, optim_bytes=8.0,
               ce_bytes_per_logit=12.0),
@@ -105,8 +111,10 @@ STACKS: dict[str, Stack] = {
         Stack("maxtext", attention="flash3", fusion="fused", weight_bytes=4.0, optim_bytes=8.0),
         # nanotron: flash-attn 2, eager ops, bf16 gradients accumulated into an fp32 buffer.
         Stack("nanotron", attention="flash2", fusion="eager", grad_copy_bytes=2.0),
-        # This project's executor: torch SDPA, eager modules, FSDP2 / DDP.
-        Stack("meshplan", attention="flash2", fusion="eager", ce_bytes_per_logit=12.0),
+        # This project's executor: torch SDPA, eager modules, FSDP2 / DDP; bf16 autocast over
+        # fp32 parameters (they are the master: 4 + 4 + 8 bytes); torch.utils.checkpoint.
+        Stack("meshplan", attention="flash2", fusion="eager", ce_bytes_per_logit=12.0,
+              weight_bytes=4.0, optim_bytes=8.0, recompute_early_stop=True),
     )
 }
 DEFAULT_STACK = STACKS["meshplan"]
@@ -156,4 +164,5 @@ def stack_columns(stack: Stack) -> dict[str, float]:
         "op_level_sac": stack.op_level_sac,
         "ce_bytes_per_logit": stack.ce_bytes_per_logit,
         "fsdp_unsharded_with_pp": stack.fsdp_unsharded_with_pp,
+        "recompute_early_stop": stack.recompute_early_stop,
     }

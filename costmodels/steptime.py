@@ -168,7 +168,10 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
 
     # ---- tensor parallel collectives per layer per micro-batch
     tp_bw = f64("tp_bw") * prof.link_eff
-    n_tp = 4 + np.where(recompute == 2, 2 * rc_frac, 0)
+    # Per layer: 2 forward + 2 backward; full recompute re-runs 2 (reentrant) or, stopping
+    # early, 1 all-reduce / 2 all-gathers + 1 reduce-scatter (1.5 SP pairs).
+    rerun = np.where(stack["recompute_early_stop"], np.where(sp, 1.5, 1.0), 2.0)
+    n_tp = 4 + np.where(recompute == 2, rerun * rc_frac, 0)
     act_bytes = tok * h * ab
     # SP replaces each all-reduce by an all-gather + reduce-scatter pair (Korthikanti 2022).
     t_sp_pair = (comm.allgather_time(act_bytes, tp, *_op_link(c, "tp_allgather", tp_bw, f64("tp_lat")))
@@ -334,8 +337,8 @@ def _stack_columns(c: Cases, n: int) -> dict[str, np.ndarray]:
 
 
 def _recompute_fraction(c: Cases, layers_stage: np.ndarray) -> np.ndarray:
-    """Share of a stage's layers that full recompute applies to (Megatron's uniform
-    --recompute-num-layers); 0 in the column means all."""
+    """Share of a stage's layers that full recompute applies to (the first
+    `recompute_layers` of each rank, Megatron's block method); 0 in the column means all."""
     rl = np.asarray(c["recompute_layers"], dtype=np.float64) if "recompute_layers" in c else np.zeros_like(layers_stage)
     return np.where(rl > 0, np.minimum(rl / layers_stage, 1.0), 1.0)
 

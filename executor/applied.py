@@ -7,20 +7,20 @@ from __future__ import annotations
 from typing import Any
 
 from costmodels.errors import MeshplanError
-from executor.parallel.mesh import ParallelDims
 
 
-def applied_layout(lay: Any, dims: ParallelDims, grad_sync: str, recomputed_blocks: int,
-                   blocks: int, schedule: str, microbatches: int) -> dict[str, Any]:
-    """What this rank set up: the mesh, each dimension's group size, the data-parallel form,
-    the recompute mode and layer count, the schedule and its micro-batch count."""
+def applied_layout(lay: Any, mesh_sizes: dict[str, int], sharding: str, grad_sync: str,
+                   recomputed_blocks: int, blocks: int, schedule: str, microbatches: int) -> dict[str, Any]:
+    """What this rank set up, read from the built objects: the device mesh's dimensions,
+    the ZeRO stage its wrappers / optimizer implement, how gradients are reduced, the blocks
+    whose recompute flags are set, the pipeline schedule object and its micro-batch count."""
+    size = {name: mesh_sizes.get(name, 1) for name in ("pp", "dp_replicate", "dp_shard", "cp", "tp")}
     return {
-        "mesh": {k: v for k, v in dims.mesh_degrees().items() if v > 1},
-        "groups": {name: dims.size(name) for name in ("pp", "dp", "dp_replicate", "dp_shard",
-                                                       "cp", "tp")},
-        "sharding": lay.sharding,
+        "mesh": {k: v for k, v in size.items() if v > 1},
+        "groups": {**size, "dp": size["dp_replicate"] * size["dp_shard"]},
+        "sharding": sharding,
         "gradient_sync": grad_sync,
-        "sequence_parallel": bool(lay.sequence_parallel and dims.tp > 1),
+        "sequence_parallel": bool(lay.sequence_parallel and size["tp"] > 1),
         "recompute": lay.recompute if recomputed_blocks else "none",
         # The plan's convention: blocks of this rank under full recompute, 0 = all of them.
         "recompute_layers": recomputed_blocks if 0 < recomputed_blocks < blocks and lay.recompute == "full" else 0,
@@ -41,8 +41,13 @@ def check_applied(lay: Any, applied: dict[str, Any]) -> None:
     for name in ("pp", "dp", "cp", "tp"):
         if applied["groups"][name] != getattr(lay, name):
             wrong.append(f"layout.{name}={getattr(lay, name)} but the mesh has {applied['groups'][name]}")
-    if lay.sharding != "none" and lay.dp_shard and applied["groups"]["dp_shard"] != lay.dp_shard:
-        wrong.append(f"layout.dp_shard={lay.dp_shard} but the shard group has {applied['groups']['dp_shard']}")
+    want_shard = (lay.dp_shard or lay.dp) if lay.sharding != "none" else 1
+    if applied["groups"]["dp_shard"] != want_shard:
+        wrong.append(f"layout.dp_shard={lay.dp_shard} ({lay.sharding}) but the shard group has "
+                     f"{applied['groups']['dp_shard']} ranks")
+    replicas = lay.dp * lay.cp
+    if applied["sharding"] != (lay.sharding if replicas > 1 else "none"):
+        wrong.append(f"layout.sharding={lay.sharding} but {applied['sharding']} was set up")
     if got_rc != want_rc or (want_rc and applied["recompute"] != lay.recompute):
         wrong.append(f"layout.recompute={lay.recompute} (recompute_layers={lay.recompute_layers}) "
                      f"but {got_rc} of {blocks} blocks recompute ({applied['recompute']})")

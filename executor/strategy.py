@@ -45,24 +45,31 @@ def pick_device(plan: Any) -> torch.device:
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp32":
-        return None
-    raise MeshplanError(
-        f"train.precision={precision}: not supported by the executor; use bf16 or fp32"
-    )
+    """The autocast dtype of a precision the executor trains in (`EXECUTOR_PRECISIONS`)."""
+    from costmodels.capabilities import EXECUTOR_PRECISIONS
+
+    if precision not in EXECUTOR_PRECISIONS:
+        raise MeshplanError(
+            f"train.precision={precision}: not supported by the executor; use "
+            + " or ".join(EXECUTOR_PRECISIONS)
+        )
+    return torch.bfloat16 if precision == "bf16" else None
 
 
 def build_optimizer(model: nn.Module, train: Any, device: torch.device,
-                    params: list[nn.Parameter] | None = None) -> torch.optim.AdamW:
+                    params: list[torch.Tensor] | None = None,
+                    decayed: list[bool] | None = None) -> torch.optim.AdamW:
     """AdamW (Loshchilov & Hutter 2019) with decoupled weight decay on matrices and
     embeddings only; norms and biases are not decayed (GPT-3 practice, Brown et al. 2020
-    App. B). Over `params` when given (a ZeRO-1 partition), else all of `model`'s."""
+    App. B). Over `params` with their `decayed` flags when given (a ZeRO-1 partition's flat
+    ranges), else over all of `model`'s parameters."""
     decay, no_decay = [], []
-    for p in (model.parameters() if params is None else params):
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+    if params is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        decayed = [p.ndim >= 2 for p in params]
+    assert decayed is not None and len(decayed) == len(params)
+    for p, d in zip(params, decayed, strict=True):
+        (decay if d else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -98,15 +105,16 @@ class Strategy:
         model.attention_backend = resolve_backend(plan.train.attention_backend, self.device)
         from costmodels.capabilities import unsupported
         from executor.applied import applied_layout, check_applied
-        from executor.parallel.mesh import ParallelDims
 
         lay = plan.layout_spec()
         reason = unsupported(plan.model_spec(), lay)
         if reason is not None:
             raise MeshplanError(reason)
-        recomputed = model.set_recompute(lay.recompute, lay.recompute_layers)
-        self.applied = applied_layout(lay, ParallelDims(), "none", recomputed, len(model.layers),
-                                      "none", lay.grad_accum)
+        recomputed = model.set_recompute(lay.recompute, lay.recompute_layers) \
+            if hasattr(model, "set_recompute") else 0
+        blocks = len(model.layers) if hasattr(model, "layers") else 0
+        self.applied = applied_layout(lay, {}, "none", "none", recomputed, blocks, "none",
+                                      lay.grad_accum)
         if lay.world_size == 1:  # (tests run multi-rank plans here as their one-process reference)
             check_applied(lay, self.applied)
         self.model = model.to(self.device)

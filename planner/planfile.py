@@ -52,7 +52,7 @@ class LayoutSection(_Section):
     sequence_parallel: bool = False
     schedule: Literal["gpipe", "1f1b", "interleaved"] = "1f1b"
     dp_shard: int = Field(0, ge=0)  # HSDP sharding-group size; 0 = all of dp
-    recompute_layers: int = Field(0, ge=0)  # with recompute=full: layers per stage; 0 = all
+    recompute_layers: int = Field(0, ge=0)  # with recompute=full: layers per pipeline rank; 0 = all
 
     @property
     def world_size(self) -> int:
@@ -294,9 +294,14 @@ def plan_from_dict(data: Any, source: str = "plan", overrides: list[str] | None 
     if not isinstance(data, dict):
         raise PlanError(f"{source}: expected a mapping of sections (model, layout, train, ...)")
     if overrides:
+        before = data.get("layout")
         data = apply_overrides(data, overrides)
         if resize_cluster and isinstance(data.get("layout", {}), dict) and isinstance(data.get("cluster", {}), dict):
             data = _resize_cluster(data, overrides)
+        if data.get("layout") != before and isinstance(data.get("predicted"), dict) and data["predicted"] \
+                and not any(o.partition("=")[0].strip().startswith("predicted") for o in overrides):
+            # the cost model's numbers were for the plan's own layout, not this one
+            data["predicted"] = {"stale": "layout changed by --override; predict it with meshplan predict"}
     try:
         plan = Plan.model_validate(data)
     except ValidationError as exc:

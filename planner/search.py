@@ -186,15 +186,20 @@ def search(
     refused = refused_mask(model, contract_cols)
     pred["runnable"] = ~refused
     if space.executor_only and refused.all():
-        first = next(r for r in RULES if np.asarray(r.refused(model, contract_cols), dtype=bool).all())
-        why = first.message(model, row_to_layout(_frame(cols, pred, np.array([0])).iloc[0],
-                                                 global_batch, space.precision))
+        # the rule refusing the most candidates, in the words of the first one it refuses
+        counts = {r.name: np.asarray(r.refused(model, contract_cols), dtype=bool) for r in RULES}
+        name = max(counts, key=lambda k: int(counts[k].sum()))
+        i = int(np.flatnonzero(counts[name])[0])
+        rule = next(r for r in RULES if r.name == name)
+        why = rule.message(model, row_to_layout(_frame(cols, pred, np.array([i])).iloc[0],
+                                                global_batch, space.precision))
         hint = "" if "--any-framework" in why else "; or pass --any-framework to plan for another stack"
         raise MeshplanError(f"no layout meshplan's executor can run: {why}{hint}")
-    fits = np.flatnonzero((mem <= pred["hbm_gb"] * (1 - space.memory_headroom))
-                          & (~refused if space.executor_only else True))
+    allowed = ~refused if space.executor_only else np.ones(n, dtype=bool)
+    fits = np.flatnonzero((mem <= pred["hbm_gb"] * (1 - space.memory_headroom)) & allowed)
     if fits.size == 0:
-        i = int(np.argmin(mem))
+        cand = np.flatnonzero(allowed)
+        i = int(cand[np.argmin(mem[cand])])
         raise MeshplanError(
             f"no layout fits in memory: the smallest needs {mem[i]:.1f} GB per GPU of "
             f"{pred['hbm_gb'][i]:.0f} GB (tp={cols['tp'][i]} pp={cols['pp'][i]} "
@@ -275,7 +280,7 @@ def trial_runs(result: SearchResult, plan_path: str = "PLAN") -> list[str]:
     if not top:
         return []
     fields = ("tp", "pp", "dp", "cp", "vpp", "sharding", "micro_batch_size", "recompute",
-              "sequence_parallel", "dp_shard", "recompute_layers")
+              "sequence_parallel", "schedule", "dp_shard", "recompute_layers")
     cmds = []
     close = [(i, t) for i, t in enumerate(top) if t["within_uncertainty_of_best"]][:4]
     for rank, t in close:

@@ -25,7 +25,8 @@ from costmodels.errors import MeshplanError
 from executor.applied import applied_layout, check_applied
 from executor.data.batch import Batch
 from executor.parallel.comm import KINDS, WAIT_CLOCK, CommCounter
-from executor.parallel.mesh import ParallelDims, axis, build_mesh, init_distributed
+from executor.parallel.data_parallel import fsdp_reshards_after_forward
+from executor.parallel.mesh import ParallelDims, axis, build_mesh, init_distributed, release_meshes
 from executor.parallel.parallelize import all_reduce_gradients, apply_recompute
 from executor.parallel.zero1 import Zero1Partition
 from executor.strategy import Strategy, autocast_dtype, build_optimizer, token_loss_sum
@@ -154,8 +155,7 @@ class DistributedStrategy(Strategy):
         if self.plan.layout.sharding == "zero1" and self.grad_replicas > 1:
             group = axis(self.mesh, self.dims, "dp_shard_cp").get_group()
             self.zero1 = [Zero1Partition(part, group) for part in parts]
-            self.optimizers = [build_optimizer(part, self.plan.train, self.device, z.owned())
-                               for part, z in zip(parts, self.zero1, strict=True)]
+            self.optimizers = [z.optimizer(self.plan.train, self.device) for z in self.zero1]
         else:
             self.optimizers = [build_optimizer(part, self.plan.train, self.device) for part in parts]
         self.optimizer = self.optimizers[0]
@@ -167,12 +167,27 @@ class DistributedStrategy(Strategy):
         return self._recomputed
 
     def record_applied(self) -> None:
-        """`applied` (summary.json): what this rank set up; a difference from the plan is an
-        error here, before the first step."""
+        """`applied` (summary.json): what this rank set up, read from the mesh, the wrappers,
+        the optimizer and the schedule; a difference from the plan is an error here, before
+        the first step."""
         lay = self.plan.layout_spec()
-        self.applied = applied_layout(lay, self.dims, self.grad_sync, self._recomputed,
-                                      self._blocks, self.schedule_applied(), self.microbatches_applied())
+        sizes = {} if self.mesh is None else {n: self.mesh[n].size() for n in self.mesh.mesh_dim_names}
+        self.applied = applied_layout(lay, sizes, self.sharding_applied(), self.grad_sync,
+                                      self._recomputed, self._blocks, self.schedule_applied(),
+                                      self.microbatches_applied())
         check_applied(lay, self.applied)
+
+    def sharding_applied(self) -> str:
+        """The ZeRO stage the built objects implement: FSDP2's reshard-after-forward (zero3)
+        or not (zero2), ZeRO-1's partitioned optimizer, else none."""
+        from torch.distributed.fsdp import FSDPModule
+
+        if self.zero1:
+            return "zero1"
+        fsdp = [m for part in self.model_parts() for m in part.modules() if isinstance(m, FSDPModule)]
+        if not fsdp:
+            return "none"
+        return "zero3" if fsdp_reshards_after_forward(fsdp[0]) else "zero2"
 
     def schedule_applied(self) -> str:
         return "none"
@@ -265,10 +280,25 @@ class DistributedStrategy(Strategy):
 
     def optimizer_step(self) -> None:
         with self.counting():
+            for z in self.zero1:
+                z.attach_grads()
             for opt in self.optimizers:
                 opt.step()
             for z in self.zero1:
-                z.broadcast_updated()
+                z.all_gather_updated()
+
+    def dcp_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The optimizers DCP reads and writes: the real ones, or under ZeRO-1 whole-state
+        AdamWs over the module parameters assembled from the partitions (collective)."""
+        if not self.zero1:
+            return self.optimizers
+        return [z.consolidated(o, self.plan.train, self.device)
+                for z, o in zip(self.zero1, self.optimizers, strict=True)]
+
+    def dcp_loaded(self, opts: list[torch.optim.Optimizer]) -> None:
+        """After DCP filled `dcp_optimizers()`: cut ZeRO-1 state back into the partitions."""
+        for z, o, full in zip(self.zero1, self.optimizers, opts, strict=True):
+            z.load_consolidated(o, full)
 
     def zero_grad(self) -> None:
         for opt in self.optimizers:
@@ -332,6 +362,7 @@ class DistributedStrategy(Strategy):
             try:
                 dist.barrier()
             finally:
+                release_meshes()
                 dist.destroy_process_group()
 
 

@@ -55,3 +55,11 @@ def apply_ddp(model: nn.Module, group: Any) -> nn.Module:
     return DistributedDataParallel(
         model, process_group=group, broadcast_buffers=False, gradient_as_bucket_view=True,
     )
+
+
+def fsdp_reshards_after_forward(module: Any) -> bool:
+    """Whether an FSDP2 module reshards after forward (zero3) or keeps its parameters
+    (zero2). FSDP2 has a setter but no getter: its parameter group's post-forward mesh is
+    set exactly when it reshards after forward."""
+    group = module._get_fsdp_state()._fsdp_param_group
+    return group is not None and group.post_forward_mesh_info is not None

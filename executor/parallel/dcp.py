@@ -41,7 +41,8 @@ def sharded_state(strategy: Any) -> dict[str, dict[str, Any]]:
 
     model: dict[str, Any] = {}
     optim: dict[str, Any] = {}
-    for part, opt in zip(strategy.model_parts(), strategy.optimizers, strict=True):
+    opts = strategy.dcp_optimizers() if hasattr(strategy, "dcp_optimizers") else strategy.optimizers
+    for part, opt in zip(strategy.model_parts(), opts, strict=True):
         m, o = get_state_dict(part, opt, options=_options())
         model.update(m)
         optim.update(o)
@@ -55,7 +56,9 @@ def apply_sharded_state(strategy: Any, state: dict[str, dict[str, Any]], model: 
         set_optimizer_state_dict,
     )
 
-    for part, opt in zip(strategy.model_parts(), strategy.optimizers, strict=True):
+    opts = strategy.dcp_optimizers() if optim and hasattr(strategy, "dcp_optimizers") \
+        else strategy.optimizers
+    for part, opt in zip(strategy.model_parts(), opts, strict=True):
         if model:
             own = _own_keys(part, state["model"])
             set_model_state_dict(part, own, options=_options())
@@ -63,6 +66,8 @@ def apply_sharded_state(strategy: Any, state: dict[str, dict[str, Any]], model: 
             fqns = set(_param_fqns(part))
             own_o = {k: v for k, v in state["optim"].items() if _fqn_of_optim_key(k) in fqns}
             set_optimizer_state_dict(part, opt, own_o, options=_options())
+    if optim and hasattr(strategy, "dcp_loaded"):
+        strategy.dcp_loaded(opts)
 
 
 def _param_fqns(part: nn.Module) -> list[str]:

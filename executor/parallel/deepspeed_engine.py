@@ -89,6 +89,9 @@ class DeepSpeedStrategy(DistributedStrategy):
     def model_parts(self) -> list[nn.Module]:
         return [self._inner]
 
+    def sharding_applied(self) -> str:
+        return ("none", "zero1", "zero2", "zero3")[int(self.engine.zero_optimization_stage())]
+
     def forward_backward(self, micro_batches: list[Batch], global_target_tokens: int) -> torch.Tensor:
         self.begin_step_accounting()
         denom = float(max(global_target_tokens, 1))

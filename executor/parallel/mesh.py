@@ -20,7 +20,6 @@ from costmodels.errors import MeshplanError
 DIM_ORDER: tuple[str, ...] = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 # Flattened axes the strategies reduce over, each a product of mesh dimensions.
 FLAT_AXES: dict[str, tuple[str, ...]] = {
-    "dp": ("dp_replicate", "dp_shard"),  # data-parallel ranks: rows of the batch
     "dp_shard_cp": ("dp_shard", "cp"),  # the ZeRO shard group (cp ranks hold replicas too)
     "dp_cp": ("dp_replicate", "dp_shard", "cp"),  # every gradient replica
 }
@@ -156,10 +155,14 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+_MESHES: dict[ParallelDims, Any] = {}  # one mesh per process and set of degrees
+
+
 def build_mesh(dims: ParallelDims) -> Any:
     """A DeviceMesh over the active dimensions (None when every degree is 1), with the
     flattened axes of `FLAT_AXES` that span two or more active dimensions. Every rank builds
-    the same axes in the same order (flattening creates process groups collectively)."""
+    the same axes in the same order (flattening creates process groups collectively). A
+    process builds each mesh once: its process groups are reused until `release_meshes`."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -167,6 +170,8 @@ def build_mesh(dims: ParallelDims) -> Any:
     names = dims.active_dims()
     if not names:
         return None
+    if dims in _MESHES:
+        return _MESHES[dims]
     mesh = init_device_mesh(
         device_type(), tuple(getattr(dims, n) for n in names), mesh_dim_names=tuple(names)
     )
@@ -174,7 +179,13 @@ def build_mesh(dims: ParallelDims) -> Any:
         active = tuple(p for p in parts if getattr(dims, p) > 1)
         if len(active) > 1:
             mesh[active]._flatten(flat)
+    _MESHES[dims] = mesh
     return mesh
+
+
+def release_meshes() -> None:
+    """Forget the cached meshes (their groups die with the default process group)."""
+    _MESHES.clear()
 
 
 def axis(mesh: Any, dims: ParallelDims, name: str) -> Any:

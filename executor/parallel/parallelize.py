@@ -4,8 +4,9 @@ context parallelism -> activation recompute -> FSDP2 / HSDP. Replicated data par
 (sharding none or zero1) is a gradient sync the strategy runs after the backward (DDP, or
 one flat all-reduce where DDP cannot wrap the module: DTensor parameters, pipeline stages).
 
-Every strategy sets a chunk up through `parallelize_chunk` and `apply_recompute`, so no
-strategy can drop a part of the layout; `executor.applied` records what was set up.
+The SPMD and pipeline strategies set every chunk up through `parallelize_chunk` and
+`apply_recompute` (DeepSpeed, a DP engine, through `apply_recompute`), so no strategy can
+drop a part of the layout; `executor.applied` records what was set up.
 """
 
 from __future__ import annotations

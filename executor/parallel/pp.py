@@ -6,8 +6,10 @@ placement of interleaved 1F1B, Narayanan et al. 2021 §2.2). Each stage is the e
 own Transformer with the other layers deleted and the embedding / final norm / output
 kept only on the first / last stage, so parameter names — and checkpoints — are those of
 the one-process model. Schedules: GPipe (Huang et al. 2019), 1F1B (PipeDream-Flush,
-Narayanan et al. 2021 §2.1) and interleaved 1F1B (§2.2). Each stage can be data-parallel
-(DDP or FSDP2 over the dp axis).
+Narayanan et al. 2021 §2.1) and interleaved 1F1B (§2.2). Each stage is set up by
+`executor.parallel.parallelize` (TP + SP -> CP -> recompute -> FSDP2 / HSDP over the shard
+group); replicated gradients are reduced by one flat all-reduce after the schedule (DDP's
+bucket rebuild does not survive pipelining's partial backwards).
 """
 
 from __future__ import annotations
@@ -115,10 +117,23 @@ class PipelineStrategy(DistributedStrategy):
             )
         self.model = self._chunks[0]
         self.build_optimizers()
+        # the schedule for the plan's micro-batches, built before the first step
+        self._schedule_n = plan.layout.grad_accum
+        self._schedule = self._build_schedule(self._schedule_n)
         self.record_applied()
 
     def schedule_applied(self) -> str:
-        return self.schedule_name
+        from torch.distributed.pipelining import (
+            Schedule1F1B,
+            ScheduleGPipe,
+            ScheduleInterleaved1F1B,
+        )
+
+        kinds = {ScheduleGPipe: "gpipe", Schedule1F1B: "1f1b", ScheduleInterleaved1F1B: "interleaved"}
+        return kinds.get(type(self._schedule), type(self._schedule).__name__)
+
+    def microbatches_applied(self) -> int:
+        return int(self._schedule._n_microbatches)
 
     def model_parts(self) -> list[nn.Module]:
         return list(self._chunks)

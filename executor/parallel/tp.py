@@ -108,11 +108,6 @@ class ReplicatedKVHead(ParallelStyle):
         return distribute_module(module, device_mesh, output_fn=output_fn)
 
 
-def tp_input_is_sharded(model: nn.Module) -> bool:
-    """Middle/last pipeline stages receive sequence-sharded hidden states under TP."""
-    return getattr(model, "tok_embeddings", None) is None
-
-
 def loss_context(tp: int):
     """The context the loss and its backward must run in when the logits are vocab-split."""
     if tp > 1:

@@ -283,6 +283,8 @@ def run(args: argparse.Namespace) -> int:
         recomputes=_csv_choice(args.recompute, RECOMPUTES, "--recompute"),
         hsdp=not args.no_hsdp, precision=args.precision, memory_headroom=args.headroom,
         framework=args.framework, engine=args.engine,
+        # Megatron-LM / NeMo pipelines run 1F1B (interleaved) only (`emitters.megatron_unsupported`)
+        schedules=("1f1b",) if args.framework.startswith(("megatron", "nemo")) else SearchSpace.schedules,
         executor_only=not args.any_framework and args.framework == "meshplan",
     )
     res = search(model, cluster, gbs, load_profile(args.profile), space, args.top, args.rank_by)

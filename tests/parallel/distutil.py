@@ -41,6 +41,9 @@ def _child(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: t
     finally:
         Path(out_dir, f"{rank}.pkl").write_bytes(pickle.dumps(result))
         if dist.is_initialized():
+            from executor.parallel.mesh import release_meshes
+
+            release_meshes()
             dist.destroy_process_group()
 
 

@@ -178,8 +178,6 @@ def contract_worker(rank: int, world: int, layouts: list[dict[str, Any]], steps:
     raises when what it set up differs from the plan) and train `steps` steps."""
     import math
 
-    import torch.distributed as dist
-
     from executor.strategy import make_strategy
 
     out = []
@@ -198,8 +196,4 @@ def contract_worker(rank: int, world: int, layouts: list[dict[str, Any]], steps:
             strat.zero_grad()
             losses.append(float(loss))
         out.append({"name": getattr(strat, "name", "single"), "finite": all(math.isfinite(x) for x in losses)})
-        mesh = getattr(strat, "mesh", None)
-        if mesh is not None:  # free this layout's process groups before the next one
-            for group in {id(g): g for g in mesh.get_all_groups()}.values():
-                dist.destroy_process_group(group)
     return out
