@@ -25,7 +25,7 @@ from costmodels.errors import MeshplanError
 from executor.applied import applied_layout, check_applied
 from executor.data.batch import Batch
 from executor.parallel.comm import KINDS, WAIT_CLOCK, CommCounter
-from executor.parallel.data_parallel import fsdp_reshards_after_forward
+from executor.parallel.data_parallel import fsdp_param_group, fsdp_reshards_after_forward
 from executor.parallel.mesh import ParallelDims, axis, build_mesh, init_distributed, release_meshes
 from executor.parallel.parallelize import all_reduce_gradients, apply_recompute
 from executor.parallel.zero1 import Zero1Partition
@@ -184,10 +184,12 @@ class DistributedStrategy(Strategy):
 
         if self.zero1:
             return "zero1"
-        fsdp = [m for part in self.model_parts() for m in part.modules() if isinstance(m, FSDPModule)]
-        if not fsdp:
+        groups = [g for part in self.model_parts() for m in part.modules()
+                  if isinstance(m, FSDPModule) and (g := fsdp_param_group(m)) is not None]
+        if not groups:
             return "none"
-        return "zero3" if fsdp_reshards_after_forward(fsdp[0]) else "zero2"
+        stages = {"zero3" if fsdp_reshards_after_forward(g) else "zero2" for g in groups}
+        return stages.pop() if len(stages) == 1 else "mixed:" + ",".join(sorted(stages))
 
     def schedule_applied(self) -> str:
         return "none"
@@ -297,6 +299,8 @@ class DistributedStrategy(Strategy):
 
     def dcp_loaded(self, opts: list[torch.optim.Optimizer]) -> None:
         """After DCP filled `dcp_optimizers()`: cut ZeRO-1 state back into the partitions."""
+        if not self.zero1:
+            return
         for z, o, full in zip(self.zero1, self.optimizers, opts, strict=True):
             z.load_consolidated(o, full)
 

@@ -57,9 +57,14 @@ def apply_ddp(model: nn.Module, group: Any) -> nn.Module:
     )
 
 
-def fsdp_reshards_after_forward(module: Any) -> bool:
-    """Whether an FSDP2 module reshards after forward (zero3) or keeps its parameters
-    (zero2). FSDP2 has a setter but no getter: its parameter group's post-forward mesh is
+def fsdp_param_group(module: Any) -> Any:
+    """The FSDP2 parameter group of a `fully_shard`ed module (None when it owns no
+    parameters directly, e.g. a pipeline stage's root without embedding or head)."""
+    return module._get_fsdp_state()._fsdp_param_group
+
+
+def fsdp_reshards_after_forward(group: Any) -> bool:
+    """Whether an FSDP2 parameter group reshards after forward (zero3) or keeps its
+    parameters (zero2). FSDP2 has a setter but no getter: the group's post-forward mesh is
     set exactly when it reshards after forward."""
-    group = module._get_fsdp_state()._fsdp_param_group
-    return group is not None and group.post_forward_mesh_info is not None
+    return group.post_forward_mesh_info is not None

@@ -65,17 +65,26 @@ def apply_recompute(chunks: list[nn.Module], mode: str, layers: int) -> int:
     return sum(c.set_recompute(mode, per_chunk) for c in chunks)
 
 
+BUCKET_BYTES = 25 * 1024 * 1024  # DDP's default bucket_cap_mb (Li et al. 2020 §3.2.3)
+
+
 @torch.no_grad()
 def all_reduce_gradients(chunks: list[nn.Module], group: Any, replicas: int) -> None:
-    """One flat all-reduce of this rank's gradients (local shards of DTensor ones) over the
-    replica group, then the mean (what DDP does, Li et al. 2020 §3.2, in a single bucket)."""
+    """All-reduce this rank's gradients (local shards of DTensor ones) over the replica
+    group in DDP-sized flat buckets, then the mean: what DDP does (Li et al. 2020 §3.2),
+    after the backward, holding one bucket of extra memory."""
     grads = [local_tensor(p.grad) for c in chunks for p in c.parameters() if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    flat.div_(replicas)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for i, g in enumerate(grads):
+        bucket.append(g)
+        size += g.numel() * g.element_size()
+        if size >= BUCKET_BYTES or i == len(grads) - 1:
+            flat = torch.cat([t.reshape(-1) for t in bucket])
+            dist.all_reduce(flat, group=group)
+            flat.div_(replicas)
+            offset = 0
+            for t in bucket:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+            bucket, size = [], 0

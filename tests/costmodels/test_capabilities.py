@@ -49,6 +49,8 @@ REFUSALS = [
     (Layout(), MOE, "mixture-of-experts"),
     (Layout(ep=2, dp=2, global_batch=2), TINY, "layout.ep=2"),
     (Layout(pp=2, vpp=2, recompute="full", recompute_layers=1, global_batch=2), TINY, "multiple of vpp=2"),
+    (Layout(dp=4, dp_shard=1, sharding="zero2", global_batch=4), TINY, "layout.dp_shard=1"),
+    (Layout(pp=2, schedule="interleaved", global_batch=2), TINY, "layout.schedule=interleaved"),
 ]
 
 

@@ -67,13 +67,16 @@ def run_distributed(fn: Callable, world: int, *args: Any, timeout: float = 240) 
                 p.join(5)
         if hung:
             raise TimeoutError(f"ranks {hung} still running after {timeout}s (hang)")
-        results = []
+        results, errors = [], []
         for r in range(world):
             f = Path(out_dir, f"{r}.pkl")
             if not f.exists():
                 raise RuntimeError(f"rank {r} died (exit code {procs[r].exitcode})")
             status, value = pickle.loads(f.read_bytes())
             if status != "ok":
-                raise RuntimeError(f"rank {r} failed:\n{value}")
+                errors.append((r, value))
             results.append(value)
+        if errors:  # the rank that failed first, not the peers it left behind
+            r, value = next(((r, v) for r, v in errors if "Connection closed by peer" not in v), errors[0])
+            raise RuntimeError(f"rank {r} failed:\n{value}")
         return results
