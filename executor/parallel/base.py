@@ -28,6 +28,7 @@ from executor.parallel.comm import KINDS, WAIT_CLOCK, CommCounter
 from executor.parallel.data_parallel import fsdp_param_group, fsdp_reshards_after_forward
 from executor.parallel.mesh import ParallelDims, axis, build_mesh, init_distributed, release_meshes
 from executor.parallel.parallelize import all_reduce_gradients, apply_recompute
+from executor.parallel.tp import local_tensor
 from executor.parallel.zero1 import Zero1Partition
 from executor.strategy import Strategy, autocast_dtype, build_optimizer, token_loss_sum
 
@@ -258,7 +259,7 @@ class DistributedStrategy(Strategy):
         for part in self.model_parts():
             for p in part.parameters():
                 if p.grad is not None:
-                    out.append(p.grad.to_local() if _is_dtensor(p.grad) else p.grad)
+                    out.append(local_tensor(p.grad))
         return out
 
     def clip_grad_norm(self, max_norm: float) -> float:
