@@ -79,12 +79,31 @@ def _run(plan_path: Path, out: Path, timeout_s: float) -> tuple[bool, str]:
     return proc.returncode == 0, tail[0]
 
 
+def select_runs(names: list[str] | None) -> tuple[LoopRun, ...]:
+    """The loop's runs of these names (all when None), in the loop's order."""
+    if names is None:
+        return LOOP_RUNS
+    known = {r.name for r in LOOP_RUNS}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise MeshplanError(f"--loop-runs: unknown run(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    chosen = tuple(r for r in LOOP_RUNS if r.name in names)
+    fits = [r for r in chosen if not (r.held_out or r.check)]
+    if len(fits) < 2 or not any(r.held_out for r in chosen):
+        raise MeshplanError("--loop-runs: choose at least two fitted runs and one held-out run "
+                            f"(held out: {', '.join(r.name for r in LOOP_RUNS if r.held_out)})")
+    return chosen
+
+
 def local_loop(
     workdir: str | Path = "runs/calibration", model: str = "tiny", seq_len: int = 128, steps: int = LOOP_STEPS,
     quick_bench: bool = True, progress=print, run_timeout_s: float = 240,
+    runs: list[str] | None = None,
 ) -> dict[str, Any]:
+    """`runs`: names of the `LOOP_RUNS` to run (default: all of them)."""
     from executor.bench import run_bench
 
+    selected = select_runs(runs)
     t0 = time.perf_counter()
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -94,7 +113,7 @@ def local_loop(
     hardware = {**default.hardware, "cpu": bench.hardware_override()}
     measured_base = default.with_(hardware=hardware, source="default + measured cpu hardware")
     fit_dirs, held_dirs, check_dirs, failures = [], [], [], {}
-    for r in LOOP_RUNS:
+    for r in selected:
         plan = plan_from_dict(_plan_for(r, model, seq_len, steps), f"loop plan {r.name}")
         pdir = work / "plans" / r.name
         save_plan(plan, pdir / "plan.yaml")

@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workdir", default="runs/calibration", help="where --local-loop writes runs")
     p.add_argument("--steps", type=int, default=None,
                    help="steps per --local-loop run (default: executor.calibration_loop.LOOP_STEPS)")
+    p.add_argument("--loop-runs", default="",
+                   help="comma-separated names of the --local-loop layouts to run (default: all; "
+                        "see executor.calibration_loop.LOOP_RUNS)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
@@ -36,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
         from executor.calibration_loop import LOOP_STEPS, local_loop
 
         say = (lambda m: print(m, file=sys.stderr)) if args.json else print
-        res = local_loop(args.workdir, steps=args.steps or LOOP_STEPS, progress=say)
+        names = [n.strip() for n in args.loop_runs.split(",") if n.strip()] or None
+        res = local_loop(args.workdir, steps=args.steps or LOOP_STEPS, progress=say, runs=names)
         if args.out:
             atomic_write_text(Path(args.out), Path(res["profile_path"]).read_text())
         if args.json:

@@ -1,5 +1,5 @@
 """The contract of `meshplan calibrate --local-loop --json`: the whole loop on this machine
-(bench, eight short runs, fit, held-out prediction), one JSON object on stdout."""
+(bench, short runs of several layouts, fit, held-out prediction), one JSON object on stdout."""
 
 import json
 
@@ -9,18 +9,21 @@ from costmodels.profile import load_profile
 from executor.calibration_loop import LOOP_RUNS
 from tests.conftest import run_cli
 
+# Every fitted and held-out run and the one-process check; the 2- and 4-rank checks and the
+# 16-row micro-batch are left to `make demo`, which runs the whole loop (LOOP_RUNS) at its
+# full LOOP_STEPS. 7 steps a run (3 warm-up, median of 4) keep the suite short.
+SUBSET = [r for r in LOOP_RUNS if r.name not in ("single_mbs16", "ddp2_mbs2", "ddp4_mbs4")]
+
 
 @pytest.mark.timeout(900)
 def test_local_loop_contract(tmp_path):
-    # 7 steps a run (3 warm-up, median of 4) keeps the suite short; `make demo` runs the
-    # full LOOP_STEPS
     proc = run_cli("calibrate", "--local-loop", "--json", "--workdir", str(tmp_path / "loop"),
-                   "--steps", "7", timeout=880)
+                   "--steps", "7", "--loop-runs", ",".join(r.name for r in SUBSET), timeout=880)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout)
     held = res["heldout"]
-    assert len(held) == sum(r.held_out for r in LOOP_RUNS) and not res["failed_runs"]
-    assert len(res["checks"]) == sum(r.check for r in LOOP_RUNS)
+    assert len(held) == sum(r.held_out for r in SUBSET) and not res["failed_runs"]
+    assert len(res["checks"]) == sum(r.check for r in SUBSET) == 1
     unseen = [h["ape_pct"] for h in held + res["checks"]]
     assert res["unseen_max_ape_pct"] == pytest.approx(max(unseen))
     for h in held:
@@ -30,6 +33,6 @@ def test_local_loop_contract(tmp_path):
     assert {h["layout"].split()[0] for h in held} == {"dp2+zero3", "pp2", "tp2+sp"}
     # Calibrating on this machine predicts the layouts it never ran better than the default.
     assert res["median_ape_pct"] < res["default_profile_median_ape_pct"]
-    assert len(res["fitted_on"]) == sum(not (r.held_out or r.check) for r in LOOP_RUNS)
+    assert len(res["fitted_on"]) == sum(not (r.held_out or r.check) for r in SUBSET)
     prof = load_profile(res["profile_path"])
     assert prof.hardware["cpu"]["host_cores"] >= 1 and prof.hardware["cpu"]["fp32_tflops"] > 0

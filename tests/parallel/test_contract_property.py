@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from distutil import run_distributed
-from workers import ROWS, SEQ, contract_worker
+from workers import SEQ, contract_worker
 
 from costmodels.capabilities import unsupported
 from costmodels.cases import SCHEDULES
@@ -19,11 +19,12 @@ from planner.search import SearchSpace, enumerate_layouts
 DRAWS = 200
 SEED = 20261202
 MODEL = PRESETS["tiny-mha"].with_(seq_len=SEQ, layers=4)
+ROWS = 4  # sequences per step: up to 4 micro-batches, dp up to 4
 
 
-# World sizes drawn in these proportions: on 2 cores a 4-rank layout costs ~2.5 s, a 2-rank
-# one under 1 s, an 8-rank one ~6 s (those run in test_three_d and through the CLI), so the
-# draw leans small to keep the suite inside its budget.
+# World sizes drawn in these proportions (8-rank layouts run in test_three_d, through the
+# CLI): the draw leans small to keep the suite inside its budget (the 200 layouts took
+# 107 s on 2 cores, collective accounting off).
 WORLD_WEIGHTS = {1: 0.4, 2: 0.5, 4: 0.1}
 
 

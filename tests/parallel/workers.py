@@ -175,11 +175,14 @@ def state_bytes_worker(rank: int, world: int, layouts: list[dict[str, Any]]) -> 
 
 def contract_worker(rank: int, world: int, layouts: list[dict[str, Any]], steps: int = 2) -> list[dict[str, Any]]:
     """Each layout the contract accepted: set up through `make_strategy` (which refuses, or
-    raises when what it set up differs from the plan) and train `steps` steps."""
+    raises when what it set up differs from the plan) and train `steps` steps on the
+    layout's global batch. Collective accounting is off: the layout tests check it."""
     import math
+    import os
 
     from executor.strategy import make_strategy
 
+    os.environ["MESHPLAN_COMM_ACCOUNTING"] = "0"
     out = []
     for lay in layouts:
         plan = make_plan(lay, layers=4)
@@ -188,7 +191,7 @@ def contract_worker(rank: int, world: int, layouts: list[dict[str, Any]], steps:
         strat.setup(build(plan), plan)
         losses = []
         for s in range(steps):
-            gb = global_batch(s, plan.model_spec().vocab)
+            gb = global_batch(s, plan.model_spec().vocab, rows=plan.layout.global_batch_size)
             local = strat.local_rows(gb)
             loss = strat.forward_backward(local.split(plan.layout.micro_batch_size), gb.num_targets())
             strat.clip_grad_norm(plan.train.grad_clip)
