@@ -57,12 +57,19 @@ def _full(model: ModelSpec, cols: Cols, value: bool) -> np.ndarray:
 
 
 RULES: tuple[Rule, ...] = (
-    Rule("moe", lambda m, c: _full(m, c, m.is_moe),
-         lambda m, lay: "model: mixture-of-experts layers are not in the executor yet; use a dense "
-                        f"model, {ANY_FRAMEWORK_HINT}"),
-    Rule("ep", lambda m, c: _i(c, "ep") > 1,
-         lambda m, lay: f"layout.ep={lay.ep}: expert parallelism needs MoE layers the executor "
-                        "lacks; set layout.ep=1"),
+    Rule("moe_bias", lambda m, c: _full(m, c, m.is_moe and m.bias),
+         lambda m, lay: "model.bias=true: the executor's experts have no biases; set bias=false "
+                        f"for a mixture-of-experts model, {ANY_FRAMEWORK_HINT}"),
+    Rule("moe_deepspeed", lambda m, c: _full(m, c, m.is_moe) & (np.asarray(c["engine"]) == "deepspeed"),
+         lambda m, lay: "layout.engine=deepspeed: mixture-of-experts layers run on the torch "
+                        "engine (expert parallelism, grouped GEMMs); set layout.engine=torch"),
+    Rule("ep_zero1", lambda m, c: (_i(c, "ep") > 1) & (_i(c, "sharding") == SHARDINGS.index("zero1")),
+         lambda m, lay: f"layout.sharding=zero1 with layout.ep={lay.ep}: the ZeRO-1 partition "
+                        "spans the dense replicas, not the expert ones; use sharding none, zero2 "
+                        "or zero3 with expert parallelism"),
+    Rule("ep_hsdp", lambda m, c: (_i(c, "ep") > 1) & (_i(c, "dp_shard") > 0),
+         lambda m, lay: f"layout.dp_shard={lay.dp_shard} with layout.ep={lay.ep}: experts shard "
+                        "over all their replicas; set layout.dp_shard=0 with expert parallelism"),
     Rule("precision", lambda m, c: ~np.isin(np.asarray(c["precision"]), EXECUTOR_PRECISIONS),
          lambda m, lay: f"train.precision={lay.precision}: the executor trains in bf16 or fp32; "
                         f"use one of those, {ANY_FRAMEWORK_HINT}"),

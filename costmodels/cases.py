@@ -25,13 +25,18 @@ TP_COLLECTIVE_FALLBACK = {"tp_allgather": "allgather", "tp_reduce_scatter": "red
 
 
 def model_columns(model: ModelSpec, seq_len: int | None = None) -> dict[str, float]:
-    """Scalar columns describing a model (broadcast against layout columns)."""
+    """Scalar columns describing a model (broadcast against layout columns). Per-layer
+    figures of a model mixing dense and MoE layers are means over its layers."""
     moe = model.is_moe
-    dense_layer = model.attention_params() + 2 * model.norm_params()
-    expert = model.mlp_params(model.expert_ffn)
+    frac = model.moe_layers / model.layers if moe else 0.0
+    attn_norms = model.attention_params() + 2 * model.norm_params()
+    routed = model.num_experts * model.mlp_params(model.expert_ffn) if moe else 0
+    moe_dense_part = model.moe_mlp_params() - routed if moe else 0  # router, shared experts, gate
+    k = model.experts_topk if moe else 1
     return {
         "layers": model.layers,
         "hidden": model.hidden,
+        "q_dim": model.q_dim,
         "ffn": model.expert_ffn if moe else model.ffn_hidden,
         "heads": model.heads,
         "kv_dim": model.kv_dim,
@@ -40,11 +45,21 @@ def model_columns(model: ModelSpec, seq_len: int | None = None) -> dict[str, flo
         "swiglu": model.mlp == "swiglu",
         "mlp_mats": model.mlp_matrices,
         "experts": max(model.num_experts, 1),
-        "active_experts": model.experts_topk if moe else 1,
-        # Per layer: the part every rank of a TP group holds a slice of, and the experts
-        # (sharded further by EP).
-        "params_layer_dense": dense_layer + (0 if moe else model.mlp_params()),
-        "params_layer_expert": (model.num_experts * expert + model.hidden * model.num_experts) if moe else 0,
+        "active_experts": k,
+        # MoE models: the share of layers with experts, the dense layers' MLP width and the
+        # shared experts' total width; "ffn_active" is the MLP width a token's GEMMs see,
+        # averaged over layers (k routed experts + shared ones, or a dense MLP).
+        "moe_frac": frac,
+        "dense_ffn": model.ffn_hidden,
+        "shared_ffn": model.shared_ffn,
+        "ffn_active": (frac * (k * model.expert_ffn + model.shared_ffn) + (1 - frac) * model.ffn_hidden
+                       if moe else model.ffn_hidden),
+        # Per layer: what every rank of a TP group holds a slice of (attention, norms, a
+        # dense MLP, an MoE layer's router and shared experts), and the routed experts
+        # (sharded further over EP).
+        "params_layer_dense": attn_norms + (frac * moe_dense_part + (1 - frac) * model.mlp_params()
+                                            if moe else model.mlp_params()),
+        "params_layer_expert": frac * routed,
         "params_embed": model.vocab * model.hidden,
         "params_output": 0 if model.tied_embeddings else model.vocab * model.hidden,
         "params_total": model.param_count(),
@@ -68,6 +83,28 @@ def hardware_columns(accelerator: str, precision: str) -> dict[str, float]:
         "gen_idx": GEN_ORDER.index(GENERATION[acc.key]),
         "sms": acc.sms,
         "act_bytes": 4.0 if precision == "fp32" else 2.0,
+    }
+
+
+def expert_link_columns(cluster: ClusterSpec, tp: np.ndarray, ep: np.ndarray) -> dict[str, np.ndarray]:
+    """The expert-parallel group's links for its all-to-all: `ep` ranks at stride tp (carved
+    from dp x cp, innermost). Each rank sends to every other rank directly, so its traffic
+    splits by destination: to the `ep_local` members of its scale-up domain over the
+    scale-up fabric (`ep_up_bw`), to the rest through its own NIC (`ep_out_bw`)."""
+    from costmodels.comm import NET_LATENCY_S, NVLINK_LATENCY_S
+    from costmodels.hardware import get_accelerator
+
+    acc = get_accelerator(cluster.accelerator)
+    up = cluster.scaleup_gbps or acc.scaleup_gbps
+    out = cluster.scaleout_gbps or acc.scaleout_gbps
+    tp, ep = np.asarray(tp, dtype=np.float64), np.asarray(ep, dtype=np.float64)
+    local = np.minimum(ep, np.maximum(np.floor(cluster.domain_size / tp), 1.0))
+    crosses = local < ep
+    return {
+        "ep_local": local,
+        "ep_up_bw": np.full(len(tp), float(up)),
+        "ep_out_bw": np.full(len(tp), float(out)),
+        "ep_lat": np.where(crosses, NET_LATENCY_S, NVLINK_LATENCY_S),
     }
 
 
@@ -188,11 +225,14 @@ def build_cases(
     cases.setdefault("dp_shard", np.zeros(n_rows, dtype=np.int64))
     cases.setdefault("recompute_layers", np.zeros(n_rows, dtype=np.int64))
     cases.update(link_columns(cluster, cases["tp"], cases["cp"], cases["dp"], cases["pp"], cases["dp_shard"]))
+    cases.setdefault("ep", np.ones(n_rows, dtype=np.int64))
+    cases.update(expert_link_columns(cluster, cases["tp"], cases["ep"]))
     hw = hardware or {}
     lat = hw.get("link_latency_s")
     if lat:
         for g in ("tp", "cp", "dp", "pp", "shard", "rep"):
             cases[f"{g}_lat"] = np.where(np.isfinite(cases[f"{g}_bw"]), lat, 0.0)
+        cases["ep_lat"] = np.full(n, lat)
     # Per-collective figures measured by `meshplan bench` (relative bandwidth, latency).
     # TP's collectives as DTensor issues them fall back to the plain collective's figures;
     # a latency of -1 means the link's own.

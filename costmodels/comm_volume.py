@@ -67,37 +67,67 @@ def _elem_bytes(precision: str) -> int:
     return 4 if precision == "fp32" else 2
 
 
-def param_shapes(model: ModelSpec, tp: int = 1) -> list[tuple[str, tuple[int, ...]]]:
+EXPERT_WEIGHTS = ("feed_forward.experts.",)
+
+
+def param_shapes(model: ModelSpec, tp: int = 1, ep: int = 1) -> list[tuple[str, tuple[int, ...]]]:
     """Each parameter's shape on one tensor-parallel rank (the executor's module names).
 
     Column-parallel weights split their output rows, row-parallel ones their input columns,
-    the embedding its vocabulary rows (Shoeybi et al. 2019 §3); norms are replicated.
+    the embedding its vocabulary rows (Shoeybi et al. 2019 §3); norms are replicated. An MoE
+    layer's router (and shared-expert gate) is replicated, its experts are split over `ep`
+    and each expert's hidden units over tp, like a dense MLP (`executor.parallel.ep`).
     """
-    h, f, kv, v = model.hidden, model.ffn_hidden, model.kv_dim, model.vocab
+    h, f, kv, v, q = model.hidden, model.ffn_hidden, model.kv_dim, model.vocab, model.q_dim
     norm = [("weight", (h,))] + ([("bias", (h,))] if model.norm == "layernorm" else [])
+    qkv_bias = model.bias or model.qkv_bias
     out: list[tuple[str, tuple[int, ...]]] = [("tok_embeddings.weight", (v // tp, h))]
     for i in range(model.layers):
         p = f"layers.{i}."
+        moe = model.is_moe_layer(i)
         out += [(p + "attention_norm." + n, s) for n, s in norm]
-        cols = [("attention.wq", h), ("attention.wk", kv), ("attention.wv", kv),
-                ("feed_forward.w1", f)]
-        if model.mlp == "swiglu":
-            cols.append(("feed_forward.w3", f))
+        cols = [("attention.wq", q), ("attention.wk", kv), ("attention.wv", kv)]
+        if not moe:
+            cols += [("feed_forward.w1", f)] + ([("feed_forward.w3", f)] if model.mlp == "swiglu" else [])
         for name, rows in cols:
             # tp > kv_heads: K / V replicated, each rank computes its queries' KV head in full
             split = 1 if name in KV_PROJECTIONS and model.kv_heads % tp else tp
             out.append((p + name + ".weight", (rows // split, h)))
-            if model.bias:
+            if model.bias or (qkv_bias and name.startswith("attention.")):
                 out.append((p + name + ".bias", (rows // split,)))
-        for name, inner in (("attention.wo", h), ("feed_forward.w2", f)):
+        if model.qk_norm:
+            out += [(p + "attention.q_norm.weight", (model.head_dim,)),
+                    (p + "attention.k_norm.weight", (model.head_dim,))]
+        for name, inner in (("attention.wo", q), ("feed_forward.w2", f))[: 1 if moe else 2]:
             out.append((p + name + ".weight", (h, inner // tp)))
             if model.bias:
                 out.append((p + name + ".bias", (h,)))
+        if moe:
+            out += _moe_shapes(model, p + "feed_forward.", tp, ep)
         out += [(p + "ffn_norm." + n, s) for n, s in norm]
     out += [("norm." + n, s) for n, s in norm]
     if not model.tied_embeddings:
         out.append(("output.weight", (v // tp, h)))
     return out
+
+
+def _moe_shapes(model: ModelSpec, p: str, tp: int, ep: int) -> list[tuple[str, tuple[int, ...]]]:
+    h, fe, fs, e = model.hidden, model.expert_ffn, model.shared_ffn, model.num_experts // ep
+    out = [(p + "gate.weight", (model.num_experts, h)),
+           (p + "experts.w1", (e, h, fe // tp)), (p + "experts.w2", (e, fe // tp, h))]
+    if model.mlp == "swiglu":
+        out.append((p + "experts.w3", (e, h, fe // tp)))
+    if fs:
+        out += [(p + "shared_experts.w1", (h, fs // tp)), (p + "shared_experts.w2", (fs // tp, h))]
+        if model.mlp == "swiglu":
+            out.append((p + "shared_experts.w3", (h, fs // tp)))
+        if model.shared_expert_gate:
+            out.append((p + "shared_experts.gate.weight", (1, h)))
+    return out
+
+
+def _is_expert(name: str) -> bool:
+    return any(k in name for k in EXPERT_WEIGHTS)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -138,8 +168,12 @@ def comm_volume(model: ModelSpec, layout: Layout) -> CommVolume:
         vol.add("all_reduce", 8, "executor: loss sum + global grad-norm^2 (fp32 scalars)")
 
     # Every term below is per rank of one pipeline stage; the mean over stages divides the
-    # model's (tensor-parallel-local) parameters by pp.
-    local = sum(_numel(shape) for _, shape in param_shapes(model, layout.tp)) / layout.pp
+    # model's (tensor-parallel-local) parameters by pp. MoE experts sharded over ep (or on
+    # the expert mesh under TP) are reduced over their own replicas (`_expert_dp_terms`).
+    shapes = param_shapes(model, layout.tp, layout.ep)
+    own_experts = model.is_moe and (layout.ep > 1 or layout.tp > 1)
+    dense_shapes = [(n, sh) for n, sh in shapes if not (own_experts and _is_expert(n))]
+    local = sum(_numel(shape) for _, shape in dense_shapes) / layout.pp
     if replicas > 1 and layout.sharding in ("none", "zero1"):
         vol.add("all_reduce", local * 4,
                 "DP: fp32 grads all-reduced once per step over dp x cp (DDP with no_sync on "
@@ -150,7 +184,7 @@ def comm_volume(model: ModelSpec, layout: Layout) -> CommVolume:
                     "over the shard group after the step (Rajbhandari et al. 2020 §5.1)")
     elif replicas > 1:
         shards = layout.shard_group
-        padded = sum(_padded(shape, shards) for _, shape in param_shapes(model, layout.tp)) / layout.pp
+        padded = sum(_padded(shape, shards) for _, shape in dense_shapes) / layout.pp
         e_par = _elem_bytes(layout.precision)
         if layout.sharding == "zero3" and layout.pp > 1:
             vol.add("all_gather", (M + 1) * padded * e_par,
@@ -172,6 +206,11 @@ def comm_volume(model: ModelSpec, layout: Layout) -> CommVolume:
             vol.add("all_reduce", padded / shards * 4,
                     "HSDP: each fp32 grad shard all-reduced across the replica groups "
                     "(Zhao et al. 2023 §3.2.1)")
+
+    if own_experts:
+        _expert_dp_terms(vol, model, layout, [sh for n, sh in shapes if _is_expert(n)])
+    if model.is_moe:
+        _moe_token_terms(vol, model, layout)
 
     # Per rank of one stage, then the mean over the pp stages: every layer lives on one stage
     # (L / pp), the embedding on the first, the output head and the loss on the last (1 / pp).
@@ -240,6 +279,51 @@ def comm_volume(model: ModelSpec, layout: Layout) -> CommVolume:
                 "cross pp*vpp-1 stage boundaries forward and their grads backward (Narayanan "
                 "et al. 2021 §2); mean over pp ranks")
     return vol
+
+
+def _expert_dp_terms(vol: CommVolume, model: ModelSpec, layout: Layout,
+                     expert_shapes: list[tuple[int, ...]]) -> None:
+    """Experts on the expert mesh: gradients reduced over their dp x cp / ep replicas (none
+    when every replica holds other experts), FSDP over the same group."""
+    edp = layout.dp * layout.cp // layout.ep
+    if edp == 1:
+        return
+    M = layout.grad_accum
+    if layout.sharding == "none":
+        vol.add("all_reduce", sum(_numel(sh) for sh in expert_shapes) * 4 / layout.pp,
+                "EP: expert fp32 grads all-reduced over the expert replicas (dp x cp / ep)")
+        return
+    padded = sum(_padded(sh, edp) for sh in expert_shapes) / layout.pp
+    e_par = _elem_bytes(layout.precision)
+    gathers = (M + 1 if layout.pp > 1 else 2 * M) if layout.sharding == "zero3" else 1
+    vol.add("all_gather", gathers * padded * e_par,
+            "EP + FSDP2: experts gathered over their replicas (as the dense weights, per stage)")
+    vol.add("reduce_scatter", padded * 4, "EP + FSDP2: expert fp32 grads reduce-scattered over their replicas")
+
+
+def _moe_token_terms(vol: CommVolume, model: ModelSpec, layout: Layout) -> None:
+    """Token dispatch and combine (expert parallelism) and the replicated router's
+    gradients (tensor parallelism) of the MoE layers, mean over pipeline ranks."""
+    M, pp = layout.grad_accum, layout.pp
+    moe_layers = model.moe_layers
+    if layout.ep > 1:
+        # each rank sends its tokens' k routed copies (its sequence shard under CP; the
+        # whole micro-batch on every TP rank), in the compute dtype, to the experts' ranks
+        slots = layout.micro_batch * model.seq_len / layout.cp * model.experts_topk
+        payload = slots * model.hidden * _elem_bytes(layout.precision)
+        counts = model.num_experts * 8  # int64 tokens per expert, exchanged before dispatch
+        vol.add("all_to_all", M * moe_layers * (4 * payload + counts) / pp,
+                "EP: per MoE layer and micro-batch, dispatch + combine forward and their "
+                "adjoints backward (Lepikhin et al. 2021 §2.2), after the per-expert counts")
+        recomputed = _recomputed_layers_mean(model, layout) * moe_layers / model.layers
+        if layout.recompute == "full":
+            vol.add("all_to_all", M * recomputed * (2 * payload + counts),
+                    "EP full recompute: dispatch and combine re-run in the backward")
+    if layout.tp > 1:
+        router = model.num_experts * model.hidden + (model.hidden if model.shared_ffn and model.shared_expert_gate else 0)
+        vol.add("all_reduce", moe_layers * router * 4 / pp,
+                "TP: the replicated router's fp32 grads, partial per rank (each saw the partial "
+                "expert outputs), all-reduced once per step")
 
 
 def _deepspeed_terms(vol: CommVolume, model: ModelSpec, layout: Layout) -> None:

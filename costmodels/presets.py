@@ -18,6 +18,10 @@ PRESETS: dict[str, ModelSpec] = {
                   vocab=8192, seq_len=128, rope_theta=10000.0),
         ModelSpec("small", layers=8, hidden=512, ffn_hidden=1376, heads=8, kv_heads=4,
                   vocab=8192, seq_len=256, rope_theta=10000.0),
+        # A CPU-sized mixture of experts: 8 SwiGLU experts, top-2 (Mixtral's routing).
+        ModelSpec("tiny-moe", layers=4, hidden=128, ffn_hidden=344, heads=4, kv_heads=2,
+                  vocab=8192, seq_len=128, rope_theta=10000.0, num_experts=8, experts_topk=2,
+                  expert_ffn_hidden=128),
         # LLaMA-3 / 3.1 (Dubey et al. 2024, Table 3).
         ModelSpec("llama3-8b", 32, 4096, 14336, 32, 8, _L3_VOCAB, 8192),
         ModelSpec("llama3-70b", 80, 8192, 28672, 64, 8, _L3_VOCAB, 8192),
@@ -45,9 +49,20 @@ PRESETS: dict[str, ModelSpec] = {
         # Chinchilla (Hoffmann et al. 2022, Table 4).
         ModelSpec("chinchilla-70b", 80, 8192, 32768, 64, 64, 32000, 2048, mlp="gelu",
                   norm="rmsnorm"),
-        # Mixtral 8x7B (Jiang et al. 2024).
+        # Mixtral 8x7B (Jiang et al. 2024; config.json of mistralai/Mixtral-8x7B-v0.1).
         ModelSpec("mixtral-8x7b", 32, 4096, 14336, 32, 8, 32000, 4096, num_experts=8,
                   experts_topk=2, rope_theta=1e6),
+        # Qwen3-30B-A3B (Qwen Team 2025; config.json of Qwen/Qwen3-30B-A3B): 128 experts,
+        # top-8, 128-wide heads apart from hidden / heads, q/k RMSNorm.
+        ModelSpec("qwen3-30b-a3b", 48, 2048, 6144, 32, 4, 151936, 4096, num_experts=128,
+                  experts_topk=8, expert_ffn_hidden=768, attn_head_dim=128, qk_norm=True,
+                  rope_theta=1e6, norm_eps=1e-6),
+        # DeepSeek-V3's MoE (Liu et al. 2024, Table 1 / §4.2: 256 routed experts of width 2048,
+        # top-8, sigmoid scores, one shared expert, the first 3 layers dense) with multi-head
+        # attention in place of MLA (not modelled): 128 heads over hidden 7168.
+        ModelSpec("deepseek-v3-style", 61, 7168, 18432, 128, 128, 129280, 4096,
+                  num_experts=256, experts_topk=8, expert_ffn_hidden=2048, shared_experts=1,
+                  router_score="sigmoid", dense_layers=3, rope_theta=10000.0, norm_eps=1e-6),
     )
 }
 

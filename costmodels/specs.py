@@ -73,12 +73,31 @@ class ModelSpec:
     norm: NormKind = "rmsnorm"
     tied_embeddings: bool = False
     bias: bool = False
-    # Mixture of experts (0 = dense). expert_ffn_hidden defaults to ffn_hidden.
+    qkv_bias: bool = False  # biases on the q, k, v projections only (Qwen2)
+    # Mixture of experts (0 = dense). expert_ffn_hidden defaults to ffn_hidden, which stays
+    # the width of the dense layers of an MoE model (`dense_layers`, `moe_layer_freq`).
     num_experts: int = 0
     experts_topk: int = 0
     expert_ffn_hidden: int = 0
     rope_theta: float = 500000.0
     norm_eps: float = 1e-5
+    # Attention head width (0 = hidden / heads; Qwen3 sets it apart) and RMSNorm over each
+    # query / key head before RoPE (Qwen3's q_norm / k_norm; Dehghani et al. 2023 §3.1).
+    attn_head_dim: int = 0
+    qk_norm: bool = False
+    # MoE routing: softmax or sigmoid scores (DeepSeek-V3), top-k weights renormalised,
+    # capacity factor (0 = dropless), always-on shared experts (their total MLP width:
+    # 0 = shared_experts x expert_ffn) with an optional sigmoid gate (Qwen1.5/2-MoE), the
+    # first `dense_layers` dense (DeepSeek's first_k_dense_replace) and then every
+    # `moe_layer_freq`-th layer an MoE one (Megatron-Core's --moe-layer-freq).
+    router_score: str = "softmax"
+    norm_topk: bool = True
+    capacity_factor: float = 0.0
+    shared_experts: int = 0
+    shared_expert_ffn_hidden: int = 0
+    shared_expert_gate: bool = False
+    dense_layers: int = 0
+    moe_layer_freq: int = 1
 
     def __post_init__(self) -> None:
         for name in ("layers", "hidden", "ffn_hidden", "heads", "kv_heads", "vocab", "seq_len"):
@@ -94,16 +113,33 @@ class ModelSpec:
             f"ModelSpec.kv_heads={self.kv_heads} must divide heads={self.heads} (GQA groups)",
         )
         _require(self.num_experts >= 0, "ModelSpec.num_experts must be >= 0 (0 = dense)")
+        for name in ("attn_head_dim", "expert_ffn_hidden", "shared_experts",
+                     "shared_expert_ffn_hidden", "dense_layers"):
+            _positive_int(self, name, minimum=0)
+        _positive_int(self, "moe_layer_freq")
+        _one_of(self, "router_score", ("softmax", "sigmoid"))
+        _require(self.capacity_factor >= 0,
+                 f"ModelSpec.capacity_factor={self.capacity_factor}: must be >= 0 (0 = dropless)")
         if self.num_experts:
             _require(
                 1 <= self.experts_topk <= self.num_experts,
                 f"ModelSpec.experts_topk={self.experts_topk} must be in 1..num_experts",
             )
+            _require(
+                self.moe_layers > 0,
+                f"ModelSpec.dense_layers={self.dense_layers} leaves no MoE layer of "
+                f"{self.layers}; lower dense_layers or set num_experts=0",
+            )
 
     # -- derived sizes
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.attn_head_dim or self.hidden // self.heads
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the query (and attention output) projection: heads x head_dim."""
+        return self.heads * self.head_dim
 
     @property
     def kv_dim(self) -> int:
@@ -118,16 +154,31 @@ class ModelSpec:
         return self.expert_ffn_hidden or self.ffn_hidden
 
     @property
+    def shared_ffn(self) -> int:
+        """Total MLP width of the shared experts (0 without)."""
+        if not self.is_moe:
+            return 0
+        return self.shared_expert_ffn_hidden or self.shared_experts * self.expert_ffn
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Layer i (0-based) is an MoE layer: past the dense ones, every moe_layer_freq-th."""
+        return self.is_moe and i >= self.dense_layers and (i - self.dense_layers) % self.moe_layer_freq == 0
+
+    @property
+    def moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.layers))
+
+    @property
     def mlp_matrices(self) -> int:
         """Weight matrices of size hidden x ffn in one MLP: 3 for SwiGLU, 2 for GELU."""
         return 3 if self.mlp == "swiglu" else 2
 
     # -- parameter counts (exactly what executor.model builds)
     def attention_params(self) -> int:
-        h, kv = self.hidden, self.kv_dim
-        weights = h * h + 2 * h * kv + h * h  # wq, wk, wv, wo
-        biases = (h + 2 * kv + h) if self.bias else 0
-        return weights + biases
+        h, q, kv = self.hidden, self.q_dim, self.kv_dim
+        weights = h * q + 2 * h * kv + q * h  # wq, wk, wv, wo
+        biases = (q + 2 * kv + h) if self.bias else (q + 2 * kv) if self.qkv_bias else 0
+        return weights + biases + (2 * self.head_dim if self.qk_norm else 0)
 
     def mlp_params(self, ffn: int | None = None) -> int:
         f = ffn or self.ffn_hidden
@@ -138,12 +189,18 @@ class ModelSpec:
     def norm_params(self) -> int:
         return self.hidden * (2 if self.norm == "layernorm" else 1)
 
-    def layer_params(self, active_only: bool = False) -> int:
-        if self.is_moe:
-            n_exp = self.experts_topk if active_only else self.num_experts
-            ffn = n_exp * self.mlp_params(self.expert_ffn) + self.hidden * self.num_experts
-        else:
-            ffn = self.mlp_params()
+    def moe_mlp_params(self, active_only: bool = False) -> int:
+        """One MoE layer's feed-forward: router (hidden x experts), the routed experts (the
+        top-k of them when `active_only`), the shared experts and their gate."""
+        n_exp = self.experts_topk if active_only else self.num_experts
+        shared = self.mlp_params(self.shared_ffn) if self.shared_ffn else 0
+        gate = self.hidden if self.shared_ffn and self.shared_expert_gate else 0
+        return self.hidden * self.num_experts + n_exp * self.mlp_params(self.expert_ffn) + shared + gate
+
+    def layer_params(self, active_only: bool = False, i: int | None = None) -> int:
+        """Parameters of layer i (of an MoE layer when i is None and the model has experts)."""
+        moe = self.is_moe if i is None else self.is_moe_layer(i)
+        ffn = self.moe_mlp_params(active_only) if moe else self.mlp_params()
         return self.attention_params() + ffn + 2 * self.norm_params()
 
     def embedding_params(self) -> int:
@@ -152,7 +209,7 @@ class ModelSpec:
 
     def param_count(self, active_only: bool = False) -> int:
         return (
-            self.layers * self.layer_params(active_only)
+            sum(self.layer_params(active_only, i) for i in range(self.layers))
             + self.embedding_params()
             + self.norm_params()  # final norm
         )
@@ -175,44 +232,81 @@ class ModelSpec:
 
 
 def model_from_hf_config(path: str | Path, seq_len: int | None = None) -> ModelSpec:
-    """Read a Hugging Face LLaMA/Mistral/Qwen/GPT-NeoX-style `config.json` from disk."""
+    """Read a Hugging Face LLaMA / Mistral / Mixtral / Qwen(-MoE) / GPT-NeoX-style
+    `config.json` from disk."""
     p = Path(path)
     _require(p.is_file(), f"--hf-config {p}: file not found; pass the path of a config.json")
     try:
         cfg = json.loads(p.read_text())
     except json.JSONDecodeError as exc:
         raise SpecError(f"--hf-config {p}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    _require(isinstance(cfg, dict), f"--hf-config {p}: config.json must hold a JSON object")
+    return ModelSpec(**hf_config_fields(cfg, f"--hf-config {p}", seq_len,
+                                        default_name=p.parent.name or "hf-model"))
+
+
+# model_type -> what its architecture adds beyond LLaMA's (transformers' modeling files)
+_HF_QK_NORM = ("qwen3", "qwen3_moe")  # Qwen3Attention.q_norm / k_norm
+_HF_QKV_BIAS = ("qwen2", "qwen2_moe")  # Qwen2Attention: bias on q, k, v only
+
+
+def hf_config_fields(cfg: dict[str, Any], where: str, seq_len: int | None = None,
+                     default_name: str = "hf-model") -> dict[str, Any]:
+    """ModelSpec's fields from a Hugging Face config.json's keys (the one reader both the
+    planner's --hf-config and the executor's checkpoint import use)."""
 
     def get(*names: str, default: Any = None) -> Any:
         for n in names:
             if n in cfg and cfg[n] is not None:
                 return cfg[n]
-        _require(default is not None, f"--hf-config {p}: missing '{names[0]}'")
+        _require(default is not None, f"{where}: missing '{names[0]}'")
         return default
 
+    _require("kv_lora_rank" not in cfg and "q_lora_rank" not in cfg,
+             f"{where}: kv_lora_rank: multi-head latent attention (MLA, DeepSeek-V2/V3) is not "
+             "modelled; describe the model with grouped-query attention (num_key_value_heads) "
+             "to plan it approximately")
+    _require(int(cfg.get("decoder_sparse_step", 1) or 1) == 1 and not cfg.get("mlp_only_layers"),
+             f"{where}: decoder_sparse_step / mlp_only_layers: only the first layers may be "
+             "dense (first_k_dense_replace) and the rest MoE; set decoder_sparse_step=1")
+    model_type = str(cfg.get("model_type", ""))
     hidden = int(get("hidden_size", "n_embd", "d_model"))
     heads = int(get("num_attention_heads", "n_head"))
     act = str(get("hidden_act", "activation_function", default="silu"))
-    return ModelSpec(
-        name=str(get("_name_or_path", "model_type", default=p.parent.name or "hf-model")),
-        layers=int(get("num_hidden_layers", "n_layer")),
-        hidden=hidden,
-        ffn_hidden=int(get("intermediate_size", "n_inner", default=4 * hidden)),
-        heads=heads,
-        kv_heads=int(get("num_key_value_heads", default=heads)),
-        vocab=int(get("vocab_size")),
-        seq_len=int(seq_len or get("max_position_embeddings", "n_positions", default=2048)),
-        mlp="swiglu" if act in ("silu", "swiglu", "swish") else "gelu",
-        norm="rmsnorm" if "rms_norm_eps" in cfg else "layernorm",
-        tied_embeddings=bool(get("tie_word_embeddings", default=False)),
-        bias=bool(get("attention_bias", "mlp_bias", default=False)),
-        num_experts=int(get("num_local_experts", "num_experts", "n_routed_experts", default=0) or 0),
-        experts_topk=int(get("num_experts_per_tok", "moe_topk", default=0) or 0),
-        expert_ffn_hidden=int(get("moe_intermediate_size", default=0) or 0),
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    experts = int(get("num_local_experts", "num_experts", "n_routed_experts", default=0) or 0)
+    shared_width = int(cfg.get("shared_expert_intermediate_size") or 0)
+    return {
+        "name": str(get("_name_or_path", "model_type", default=default_name)),
+        "layers": int(get("num_hidden_layers", "n_layer")),
+        "hidden": hidden,
+        "ffn_hidden": int(get("intermediate_size", "n_inner", default=4 * hidden)),
+        "heads": heads,
+        "kv_heads": int(get("num_key_value_heads", default=heads)),
+        "vocab": int(get("vocab_size")),
+        "seq_len": int(seq_len or get("max_position_embeddings", "n_positions", default=2048)),
+        "mlp": "swiglu" if act in ("silu", "swiglu", "swish") else "gelu",
+        "norm": "rmsnorm" if "rms_norm_eps" in cfg else "layernorm",
+        "tied_embeddings": bool(get("tie_word_embeddings", default=False)),
+        "bias": bool(get("attention_bias", "mlp_bias", default=False)),
+        "qkv_bias": model_type in _HF_QKV_BIAS,
+        "num_experts": experts,
+        "experts_topk": int(get("num_experts_per_tok", "moe_topk", default=0) or 0) if experts else 0,
+        "expert_ffn_hidden": int(get("moe_intermediate_size", default=0) or 0) if experts else 0,
         # transformers >= 5 nests it: {"rope_parameters": {"rope_theta": ...}}
-        rope_theta=float(get("rope_theta", default=(cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
-        norm_eps=float(get("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", default=1e-5)),
-    )
+        "rope_theta": float(get("rope_theta", default=(cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
+        "norm_eps": float(get("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", default=1e-5)),
+        "attn_head_dim": head_dim if head_dim != hidden // heads else 0,
+        "qk_norm": model_type in _HF_QK_NORM,
+        "router_score": str(cfg.get("scoring_func") or "softmax") if experts else "softmax",
+        # Mixtral renormalises its top-k scores (and has no key); Qwen2-MoE does not
+        "norm_topk": bool(cfg.get("norm_topk_prob", True)) if experts else True,
+        "shared_experts": int(cfg.get("n_shared_experts") or (1 if shared_width else 0)) if experts else 0,
+        "shared_expert_ffn_hidden": shared_width if experts else 0,
+        "shared_expert_gate": bool(shared_width) and experts > 0,
+        "dense_layers": int(cfg.get("first_k_dense_replace") or 0) if experts else 0,
+        "moe_layer_freq": int(cfg.get("moe_layer_freq") or 1) if experts else 1,
+    }
 
 
 # --------------------------------------------------------------------------- layout

@@ -2,11 +2,13 @@
 
 RMSNorm (Zhang & Sennrich 2019) or LayerNorm, rotary position embeddings (Su et al. 2021),
 SwiGLU (Shazeer 2020) or GELU MLP, grouped-query attention (Ainslie et al. 2023), optional
-biases and tied embeddings. Causal for CLM/FIM, bidirectional for MLM.
+biases, per-head q/k RMSNorm (Qwen3) and tied embeddings; mixture-of-experts feed-forward
+layers (`executor.moe`) where the spec has experts. Causal for CLM/FIM, bidirectional for MLM.
 
 Module names follow the torchtitan convention so tensor/pipeline-parallel plans can
 address them: `tok_embeddings`, `layers["0"..]`, each with `attention_norm`,
-`attention.{wq,wk,wv,wo}`, `ffn_norm`, `feed_forward.{w1,w2,w3}`; then `norm`, `output`.
+`attention.{wq,wk,wv,wo}`, `ffn_norm`, `feed_forward.{w1,w2,w3}` (an MoE layer's
+`feed_forward.{gate, experts.{w1,w2,w3}, shared_experts.*}`); then `norm`, `output`.
 A pipeline stage may set `tok_embeddings`, `norm` or `output` to None and delete layers:
 the forward then takes / returns hidden states. Attention reads its local head count from
 the weight shapes, so tensor-parallel sharded projections work unchanged.
@@ -24,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from costmodels.errors import MeshplanError
 from costmodels.specs import ModelSpec
 from executor.attention import AttnContext, attend, make_context
+from executor.moe import MoEFeedForward
 
 
 class RMSNorm(nn.Module):
@@ -74,10 +77,14 @@ class Attention(nn.Module):
         self.head_dim = spec.head_dim
         self.recompute_core = False  # selective recomputation (Korthikanti et al. 2022 §4.2)
         self.core_calls = 0  # attention-core executions, recomputations included
-        self.wq = nn.Linear(spec.hidden, spec.heads * spec.head_dim, bias=spec.bias)
-        self.wk = nn.Linear(spec.hidden, spec.kv_dim, bias=spec.bias)
-        self.wv = nn.Linear(spec.hidden, spec.kv_dim, bias=spec.bias)
-        self.wo = nn.Linear(spec.heads * spec.head_dim, spec.hidden, bias=spec.bias)
+        qkv_bias = spec.bias or spec.qkv_bias
+        self.wq = nn.Linear(spec.hidden, spec.q_dim, bias=qkv_bias)
+        self.wk = nn.Linear(spec.hidden, spec.kv_dim, bias=qkv_bias)
+        self.wv = nn.Linear(spec.hidden, spec.kv_dim, bias=qkv_bias)
+        self.wo = nn.Linear(spec.q_dim, spec.hidden, bias=spec.bias)
+        # Qwen3: RMSNorm over each query / key head before RoPE
+        self.q_norm = RMSNorm(spec.head_dim, spec.norm_eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(spec.head_dim, spec.norm_eps) if spec.qk_norm else None
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttnContext
@@ -87,6 +94,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(b, t, -1, self.head_dim)
         k = self.wk(x).view(b, t, -1, self.head_dim)
         v = self.wv(x).view(b, t, -1, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.recompute_core and torch.is_grad_enabled():
             out = checkpoint(self._core, q, k, v, ctx, use_reentrant=False)
@@ -118,12 +127,12 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm residual block (Xiong et al. 2020): h = x + attn(norm(x)); h + ffn(norm(h))."""
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, moe: bool = False) -> None:
         super().__init__()
         self.attention_norm = make_norm(spec)
         self.attention = Attention(spec)
         self.ffn_norm = make_norm(spec)
-        self.feed_forward = FeedForward(spec)
+        self.feed_forward: nn.Module = MoEFeedForward(spec) if moe else FeedForward(spec)
         self.recompute_full = False  # re-run the whole block in the backward (Chen et al. 2016)
         self.forward_calls = 0  # block executions, recomputations included
 
@@ -138,13 +147,12 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, spec: ModelSpec, causal: bool = True, attention_backend: str = "sdpa"):
         super().__init__()
-        if spec.is_moe:
-            raise MeshplanError("MoE models are not supported by the executor yet")
         self.spec = spec
         self.causal = causal
         self.attention_backend = attention_backend
         self.tok_embeddings: nn.Embedding | None = nn.Embedding(spec.vocab, spec.hidden)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(spec) for i in range(spec.layers)})
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(spec, spec.is_moe_layer(i))
+                                     for i in range(spec.layers)})
         self.norm: nn.Module | None = make_norm(spec)
         self.output: nn.Linear | None = nn.Linear(spec.hidden, spec.vocab, bias=False)
         if spec.tied_embeddings:
@@ -164,8 +172,8 @@ class Transformer(nn.Module):
             elif leaf == "bias":
                 p.zero_()
             else:
-                s = resid_std if name.endswith(("wo.weight", "w2.weight")) else std
-                p.copy_(torch.randn(p.shape, generator=gen) * s)
+                resid = name.endswith(("wo.weight", "w2.weight", "experts.w2", "shared_experts.w2"))
+                p.copy_(torch.randn(p.shape, generator=gen) * (resid_std if resid else std))
 
     def set_recompute(self, mode: str, layers: int = 0) -> int:
         """Activation recomputation: "full" re-runs whole blocks in the backward pass (Chen et
@@ -180,6 +188,11 @@ class Transformer(nn.Module):
             layer.recompute_full = i < n_full
             layer.attention.recompute_core = mode == "selective"
         return min(n_full, len(blocks)) if mode == "full" else (len(blocks) if mode == "selective" else 0)
+
+    def moe_layers(self) -> dict[int, MoEFeedForward]:
+        """This module's MoE feed-forwards by global layer index."""
+        return {int(i): b.feed_forward for i, b in self.layers.items()
+                if isinstance(b.feed_forward, MoEFeedForward)}
 
     def block_calls(self) -> tuple[int, int]:
         """(block forwards, attention-core forwards) executed so far, recomputations included."""

@@ -63,19 +63,19 @@ def build_optimizer(model: nn.Module, train: Any, device: torch.device,
     embeddings only; norms and biases are not decayed (GPT-3 practice, Brown et al. 2020
     App. B). Over `params` with their `decayed` flags when given (a ZeRO-1 partition's flat
     ranges), else over all of `model`'s parameters."""
-    decay, no_decay = [], []
     if params is None:
         params = [p for p in model.parameters() if p.requires_grad]
         decayed = [p.ndim >= 2 for p in params]
     assert decayed is not None and len(decayed) == len(params)
+    # One group per (decay, device mesh): the foreach kernels take plain tensors or DTensors
+    # of one mesh at a time (dense TP weights and MoE experts live on different meshes).
+    keyed: dict[tuple[bool, int], list[torch.Tensor]] = {}
     for p, d in zip(params, decayed, strict=True):
-        (decay if d else no_decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": train.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    if params is not None:  # a partition may hold no parameter of one kind
-        groups = [g for g in groups if g["params"]] or [{"params": [], "weight_decay": 0.0}]
+        mesh = getattr(p, "device_mesh", None)
+        keyed.setdefault((bool(d), 0 if mesh is None else id(mesh)), []).append(p)
+    groups = [{"params": ps, "weight_decay": train.weight_decay if d else 0.0}
+              for (d, _), ps in sorted(keyed.items(), key=lambda kv: not kv[0][0])]
+    groups = groups or [{"params": [], "weight_decay": 0.0}]  # a partition may hold none
     kwargs: dict[str, Any] = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.AdamW(
         groups, lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps, **kwargs
@@ -117,6 +117,9 @@ class Strategy:
                                       lay.grad_accum)
         if lay.world_size == 1:  # (tests run multi-rank plans here as their one-process reference)
             check_applied(lay, self.applied)
+        from executor.moe import configure_moe
+
+        configure_moe([model], plan.train, 1.0 / max(lay.global_batch // lay.micro_batch, 1))
         self.model = model.to(self.device)
         self.optimizer = build_optimizer(self.model, plan.train, self.device)
 
@@ -162,6 +165,16 @@ class Strategy:
         finally:
             self.model.train()
         return self.all_reduce_sum(total) / max(1, global_target_tokens)
+
+    def moe_metrics(self) -> dict[str, Any]:
+        """Routing statistics of the step (`executor.moe.stats_metrics`); {} for dense models."""
+        from executor.moe import collect_stats, stats_metrics
+
+        parts = self.model_parts()
+        spec = getattr(parts[0], "spec", None)
+        if spec is None or not spec.is_moe:
+            return {}
+        return stats_metrics(collect_stats(parts, spec.layers, spec.num_experts), spec.num_experts)
 
     def model_parts(self) -> list[nn.Module]:
         """The modules this rank holds (one, or several pipeline chunks)."""

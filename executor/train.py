@@ -438,6 +438,7 @@ class Trainer:
         comm = getattr(self.strategy, "step_comm_metrics", None)
         if comm is not None:  # distributed: measured vs predicted collective bytes
             rec.update(comm())
+        rec.update(self.strategy.moe_metrics())  # MoE: tokens per expert, imbalance, losses
         if decision.skip:
             self.state.skipped += 1
             self.events.write({

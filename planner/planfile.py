@@ -89,6 +89,13 @@ class TrainSection(_Section):
     # empty = every domain of the dataset (old and new domains of a continual run).
     eval_domains: list[str] = Field(default_factory=list)
     attention_backend: Literal["auto", "flash", "torch_varlen", "sdpa"] = "auto"
+    # Mixture-of-experts training: the load-balancing loss (Switch, Fedus et al. 2022 eq. 4;
+    # 0.01 there, Mixtral's router_aux_loss_coef 0.02) and router z-loss (ST-MoE, Zoph et al.
+    # 2022 eq. 5; 1e-3 there) coefficients, and forced balance (round-robin expert choice,
+    # as vendor benchmarks run). Ignored by dense models.
+    moe_aux_loss_coef: float = Field(0.01, ge=0)
+    moe_z_loss_coef: float = Field(0.0, ge=0)
+    moe_force_balance: bool = False
 
     @property
     def resolved_min_lr(self) -> float:

@@ -37,15 +37,31 @@ def reshard_after_forward(sharding: str) -> bool:
     return sharding == "zero3"
 
 
-def apply_fsdp(model: nn.Module, dp_mesh: Any, sharding: str, precision: str) -> nn.Module:
-    """fully_shard each transformer block, then the root (embedding, final norm, output)."""
+def apply_fsdp(model: nn.Module, dp_mesh: Any, sharding: str, precision: str,
+               own_mesh: dict[nn.Module, Any] | None = None,
+               divide_factor: float | None = None) -> nn.Module:
+    """fully_shard each transformer block, then the root (embedding, final norm, output).
+    `own_mesh`: submodules sharded on a mesh of their own first (MoE experts over their
+    expert-data-parallel replicas, their gradients divided by `divide_factor`), or left
+    unsharded (mesh None: a module held by one replica)."""
     from torch.distributed.fsdp import fully_shard
 
     mp = mixed_precision_policy(precision)
     raf = reshard_after_forward(sharding)
+    ignored: set[nn.Parameter] = set()
+    for mod, mesh in (own_mesh or {}).items():
+        if mesh is None:
+            ignored |= set(mod.parameters())
+            continue
+        fully_shard(mod, mesh=mesh, reshard_after_forward=raf, mp_policy=mp)
+        if divide_factor:
+            mod.set_gradient_divide_factor(divide_factor)
     for layer in model.layers.values():
-        fully_shard(layer, mesh=dp_mesh, reshard_after_forward=raf, mp_policy=mp)
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=raf, mp_policy=mp)
+        own = ignored & set(layer.parameters())
+        fully_shard(layer, mesh=dp_mesh, reshard_after_forward=raf, mp_policy=mp,
+                    ignored_params=own or None)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=raf, mp_policy=mp,
+                ignored_params=ignored or None)
     return model
 
 

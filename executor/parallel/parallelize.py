@@ -11,6 +11,7 @@ drop a part of the layout; `executor.applied` records what was set up.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 
 from executor.parallel.cp import enable_context_parallel
 from executor.parallel.data_parallel import apply_fsdp
+from executor.parallel.ep import apply_moe_parallel, edp_mesh, moe_layers
 from executor.parallel.mesh import ParallelDims, axis, fsdp_mesh
 from executor.parallel.tp import apply_tensor_parallel, local_tensor
 
@@ -30,29 +32,36 @@ def uses_fsdp(sharding: str) -> bool:
     return sharding in FSDP_STAGES
 
 
-def gradient_sync(sharding: str, dims: ParallelDims, pipelined: bool) -> str:
+def gradient_sync(sharding: str, dims: ParallelDims, pipelined: bool, ep: int = 1) -> str:
     """How replicas agree on gradients: "fsdp" (reduce-scatter inside FSDP2), "ddp"
     (DistributedDataParallel), "allreduce" (one flat all-reduce after the backward: DTensor
-    parameters or pipeline stages, which DDP cannot wrap) or "none" (one replica)."""
+    parameters (TP, experts sharded over EP) or pipeline stages, which DDP cannot wrap) or
+    "none" (one replica)."""
     if dims.size("dp_cp") == 1:
         return "none"
     if uses_fsdp(sharding):
         return "fsdp"
-    return "allreduce" if pipelined or dims.tp > 1 else "ddp"
+    return "allreduce" if pipelined or dims.tp > 1 or ep > 1 else "ddp"
 
 
 def parallelize_chunk(chunk: nn.Module, dims: ParallelDims, mesh: Any, layout: Any,
                       precision: str) -> nn.Module:
-    """TP -> CP -> FSDP2 on one chunk (activation recompute is set across the rank's chunks
-    by `apply_recompute` before this runs)."""
+    """TP -> EP (MoE layers) -> CP -> FSDP2 on one chunk (activation recompute is set across
+    the rank's chunks by `apply_recompute` before this runs)."""
     tp_mesh = axis(mesh, dims, "tp")
     if tp_mesh is not None:
         apply_tensor_parallel(chunk, tp_mesh, layout.sequence_parallel)
+    apply_moe_parallel(chunk, dims, layout, tp_mesh)
     cp_mesh = axis(mesh, dims, "cp")
     if cp_mesh is not None:
         enable_context_parallel(chunk, cp_mesh.get_group(), dims.cp)
     if uses_fsdp(layout.sharding) and dims.size("dp_cp") > 1:
-        apply_fsdp(chunk, fsdp_mesh(mesh, dims), layout.sharding, precision)
+        own: dict[nn.Module, Any] = {}
+        if layout.ep > 1 or dims.tp > 1:  # expert DTensors live on the expert mesh
+            edp = edp_mesh(dims, layout.ep) if dims.size("dp_cp") // layout.ep > 1 else None
+            own = {m.experts: edp for m in moe_layers(chunk)}
+        apply_fsdp(chunk, fsdp_mesh(mesh, dims), layout.sharding, precision, own,
+                   divide_factor=float(dims.size("dp_cp")))
     return chunk
 
 
@@ -69,11 +78,16 @@ BUCKET_BYTES = 25 * 1024 * 1024  # DDP's default bucket_cap_mb (Li et al. 2020 �
 
 
 @torch.no_grad()
-def all_reduce_gradients(chunks: list[nn.Module], group: Any, replicas: int) -> None:
-    """All-reduce this rank's gradients (local shards of DTensor ones) over the replica
-    group in DDP-sized flat buckets, then the mean: what DDP does (Li et al. 2020 §3.2),
-    after the backward, holding one bucket of extra memory."""
-    grads = [local_tensor(p.grad) for c in chunks for p in c.parameters() if p.grad is not None]
+def all_reduce_gradients(params: Iterable[nn.Parameter], group: Any, replicas: int) -> None:
+    """All-reduce the gradients of `params` (local shards of DTensor ones) over the replica
+    group in DDP-sized flat buckets, then divide by `replicas`: what DDP does (Li et al.
+    2020 §3.2), after the backward, holding one bucket of extra memory. `group` None: no
+    other replica, divide only."""
+    grads = [local_tensor(p.grad) for p in params if p.grad is not None]
+    if group is None:
+        for g in grads:
+            g.div_(replicas)
+        return
     bucket: list[torch.Tensor] = []
     size = 0
     for i, g in enumerate(grads):

@@ -80,7 +80,7 @@ class PipelineStrategy(DistributedStrategy):
         self.schedule_name = plan.layout_spec().effective_schedule
         self.n_stages = self.dims.pp * self.vpp
         self.sharding = lay.sharding
-        self.grad_sync = gradient_sync(lay.sharding, self.dims, pipelined=True)
+        self.grad_sync = gradient_sync(lay.sharding, self.dims, pipelined=True, ep=lay.ep)
         inner = strategy_name(lay, self.dims, self.grad_sync)
         self.name = f"pp{self.dims.pp}-{self.schedule_name}" + ("" if inner == "single" else f"+{inner}")
         self._chunks: list[nn.Module] = []
@@ -116,6 +116,7 @@ class PipelineStrategy(DistributedStrategy):
                 PipelineStage(chunk, sid, self.n_stages, self.device, group=pp_group)
             )
         self.model = self._chunks[0]
+        self.configure_moe()
         self.build_optimizers()
         # the schedule for the plan's micro-batches, built before the first step
         self._schedule_n = plan.layout.grad_accum

@@ -39,7 +39,7 @@ class SPMDStrategy(DistributedStrategy):
         super().__init__(plan)
         lay = plan.layout
         self.sharding = lay.sharding
-        self.grad_sync = gradient_sync(lay.sharding, self.dims, pipelined=False)
+        self.grad_sync = gradient_sync(lay.sharding, self.dims, pipelined=False, ep=lay.ep)
         self.name = strategy_name(lay, self.dims, self.grad_sync)
         self._inner: nn.Module | None = None  # the unwrapped model
 
@@ -52,6 +52,7 @@ class SPMDStrategy(DistributedStrategy):
         if self.grad_sync == "ddp":
             model = apply_ddp(model, axis(self.mesh, self.dims, "dp_cp").get_group())
         self.model = model
+        self.configure_moe()
         self.build_optimizers()
         self.record_applied()
 

@@ -58,11 +58,17 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, sequence_parallel: boo
     if top:
         parallelize_module(model, tp_mesh, top)
 
+    from executor.moe import MoEFeedForward
+
     for layer in model.layers.values():
-        ffn = {"feed_forward.w1": ColwiseParallel(),
-               "feed_forward.w2": RowwiseParallel(output_layouts=between)}
-        if getattr(layer.feed_forward, "w3", None) is not None:
-            ffn["feed_forward.w3"] = ColwiseParallel()
+        ffn: dict[str, Any] = {}
+        if not isinstance(layer.feed_forward, MoEFeedForward):  # MoE: `executor.parallel.ep`
+            ffn = {"feed_forward": PrepareModuleInput(input_layouts=(between,),
+                                                      desired_input_layouts=(Replicate(),)),
+                   "feed_forward.w1": ColwiseParallel(),
+                   "feed_forward.w2": RowwiseParallel(output_layouts=between)}
+            if getattr(layer.feed_forward, "w3", None) is not None:
+                ffn["feed_forward.w3"] = ColwiseParallel()
         plan: dict[str, Any] = {
             # forward(x, cos, sin, ctx): only x is an activation. One DTensor input shared by
             # wq/wk/wv (w1/w3): its gradient is reduced once, not once per projection.
@@ -74,9 +80,6 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, sequence_parallel: boo
             "attention.wk": kv_style,
             "attention.wv": kv_style,
             "attention.wo": RowwiseParallel(output_layouts=between),
-            "feed_forward": PrepareModuleInput(
-                input_layouts=(between,), desired_input_layouts=(Replicate(),)
-            ),
             **ffn,
         }
         if sequence_parallel:
