@@ -5,7 +5,7 @@
 
 Prints: dense MAPE of tokens/s/GPU in-sample (the shipped profile), fitted on a random half
 and scored on the other (5 seeds), and leave-one-source-out (the headline: each source
-predicted by a fit on the others); the fitted parameters with their bounds and any at a
+predicted by a fit on the others); the MoE rows the same two ways; the fitted parameters with their bounds and any at a
 bound; the priors held fixed; peak-memory error; the error by source, GPU and regime
 (model size, GPUs, TP, precision, framework); microseconds per predicted configuration in a
 batch of 100k candidates.
@@ -82,6 +82,35 @@ def leave_one_source_out(df) -> dict:
     table = pd.DataFrame({"n": by.size(), "mape_pct": by.mean().round(2)}).reset_index()
     return {"mape": float(ape.mean()), "median": float(np.median(ape)), "by_source": table,
             "ape": ape, "rows": sub, "pred": pred, "index": index}
+
+
+def moe_scores(df, prof) -> dict:
+    """MoE rows predicted by the profile that scores the dense rows (in-sample), and each
+    MoE row's source left out: predicted by a profile fitted on the dense rows of every other
+    source (the fit never sees an MoE row)."""
+    from costmodels.fit import PUBLISHED_FIXED, PUBLISHED_PRIORS, _subset, fit_throughput
+    from costmodels.profile import Profile
+    from planner.runs_table import cases_from_runs
+
+    cases, used, _, _ = cases_from_runs(df)
+    sub = df.iloc[used]
+    meas = sub["measured_tokens_per_sec_per_gpu"].to_numpy(dtype=float)
+    kind = sub["model_type"].fillna("dense").to_numpy()
+    moe = np.flatnonzero((kind == "moe") & np.isfinite(meas) & (meas > 0))
+    dense = np.flatnonzero((kind == "dense") & np.isfinite(meas) & (meas > 0))
+    if not len(moe):
+        return {}
+    ins = evaluate(_subset(cases, moe), prof)["tokens_per_sec_per_gpu"]
+    src = sub["source_id"].to_numpy()
+    loso = np.full(len(moe), np.nan)
+    for s_id in np.unique(src[moe]):
+        train = dense[src[dense] != s_id]
+        fr = fit_throughput(_subset(cases, train), meas[train], Profile().with_(**PUBLISHED_PRIORS), PUBLISHED_FIXED)
+        test = np.flatnonzero(src[moe] == s_id)
+        loso[test] = evaluate(_subset(cases, moe[test]), fr.profile)["tokens_per_sec_per_gpu"]
+    return {"n": len(moe), "in_sample": float(np.mean(np.abs(ins / meas[moe] - 1)) * 100),
+            "loso": float(np.mean(np.abs(loso / meas[moe] - 1)) * 100),
+            "sources": sorted(set(src[moe]))}
 
 
 def uncertainty_from(df, prof) -> dict:
@@ -172,6 +201,11 @@ def main() -> int:
     print(f"leave-one-source-out (fit on the other sources, dense rows): MAPE={loso['mape']:.2f}% "
           f"median={loso['median']:.2f}% worst source={loso['by_source']['mape_pct'].max():.2f}%")
     print(loso["by_source"].to_string(index=False))
+    moe = moe_scores(df, prof)
+    if moe:
+        print(f"MoE rows ({moe['n']}, sources {', '.join(moe['sources'])}): MAPE={moe['in_sample']:.2f}% "
+              f"with the shipped profile; leave-one-source-out (fit on the other sources' dense "
+              f"rows): MAPE={moe['loso']:.2f}%")
     print("leave-one-source-out error by regime:")
     for table in regimes(loso["rows"], loso["ape"]):
         print(table.to_string(index=False))

@@ -21,10 +21,12 @@ ArrayLike = float | np.ndarray
 
 def matmul_params_per_layer(
     hidden: ArrayLike, ffn: ArrayLike, kv_dim: ArrayLike, mlp_matrices: ArrayLike,
-    active_experts: ArrayLike = 1,
+    active_experts: ArrayLike = 1, q_dim: ArrayLike | None = None,
 ) -> ArrayLike:
-    """Weights that take part in a GEMM per token in one layer (norms and biases excluded)."""
-    attn = 2 * hidden * hidden + 2 * hidden * kv_dim  # wq, wo + wk, wv (GQA)
+    """Weights that take part in a GEMM per token in one layer (norms and biases excluded).
+    `q_dim`: heads x head_dim when it differs from hidden (Qwen3)."""
+    q = hidden if q_dim is None else q_dim
+    attn = 2 * hidden * q + 2 * hidden * kv_dim  # wq, wo + wk, wv (GQA)
     mlp = mlp_matrices * hidden * ffn * active_experts
     return attn + mlp
 
@@ -45,11 +47,15 @@ def model_flops_per_token(
     layers: ArrayLike, hidden: ArrayLike, ffn: ArrayLike, kv_dim: ArrayLike,
     mlp_matrices: ArrayLike, vocab: ArrayLike, seq: ArrayLike,
     active_experts: ArrayLike = 1, causal: bool | np.ndarray = True,
+    q_dim: ArrayLike | None = None,
 ) -> ArrayLike:
     """Training FLOPs per token: 3 x (2 x GEMM weights + attention + logits) (Kaplan 2020 Table 1
-    generalised; equals 6N + attention for dense models)."""
-    per_layer = 2 * matmul_params_per_layer(hidden, ffn, kv_dim, mlp_matrices, active_experts)
-    per_layer = per_layer + attention_flops_per_token_fwd(seq, hidden, causal)
+    generalised; equals 6N + attention for dense models). MoE: `ffn` x `active_experts` is the
+    MLP width each token's GEMMs see (top-k routed experts + shared ones; the router's
+    hidden x experts GEMM is left out, as Megatron-Core's count does)."""
+    q = hidden if q_dim is None else q_dim
+    per_layer = 2 * matmul_params_per_layer(hidden, ffn, kv_dim, mlp_matrices, active_experts, q)
+    per_layer = per_layer + attention_flops_per_token_fwd(seq, q, causal)
     logits = 2 * hidden * vocab
     return 3.0 * (layers * per_layer + logits)
 
@@ -70,12 +76,20 @@ def recompute_extra_flops_per_token(
     return np.where(recompute == 2, full, np.where(recompute == 1, selective, 0.0))
 
 
+def active_mlp_width(model: ModelSpec) -> float:
+    """MLP width a token's GEMMs see, averaged over layers: an MoE layer's top-k routed
+    experts plus its shared experts, a dense layer's MLP."""
+    if not model.is_moe:
+        return float(model.ffn_hidden)
+    moe = model.experts_topk * model.expert_ffn + model.shared_ffn
+    return (model.moe_layers * moe + (model.layers - model.moe_layers) * model.ffn_hidden) / model.layers
+
+
 def model_flops_per_token_spec(model: ModelSpec, seq: int | None = None, causal: bool = True) -> float:
     return float(
         model_flops_per_token(
-            model.layers, model.hidden, model.expert_ffn if model.is_moe else model.ffn_hidden,
-            model.kv_dim, model.mlp_matrices, model.vocab, seq or model.seq_len,
-            model.experts_topk if model.is_moe else 1, causal,
+            model.layers, model.hidden, active_mlp_width(model), model.kv_dim, model.mlp_matrices,
+            model.vocab, seq or model.seq_len, 1, causal, q_dim=model.q_dim,
         )
     )
 

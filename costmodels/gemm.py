@@ -24,14 +24,14 @@ ArrayLike = float | np.ndarray
 TILE_M, TILE_N = 128.0, 256.0
 
 
-def wave_efficiency(m: ArrayLike, n: ArrayLike, sms: ArrayLike) -> ArrayLike:
-    """Useful share of the tiles an (m x n) output launches on `sms` SMs (1 where sms = 0,
-    e.g. a CPU)."""
+def wave_efficiency(m: ArrayLike, n: ArrayLike, sms: ArrayLike, groups: ArrayLike = 1.0) -> ArrayLike:
+    """Useful share of the tiles `groups` (m x n) outputs launch together on `sms` SMs (1
+    where sms = 0, e.g. a CPU)."""
     sms = np.asarray(sms, dtype=np.float64)
     safe = np.maximum(sms, 1.0)
-    tiles = np.ceil(m / TILE_M) * np.ceil(n / TILE_N)
+    tiles = groups * np.ceil(m / TILE_M) * np.ceil(n / TILE_N)
     waves = np.ceil(tiles / safe)
-    eff = (np.asarray(m, dtype=np.float64) * n) / (waves * safe * TILE_M * TILE_N)
+    eff = (groups * np.asarray(m, dtype=np.float64) * n) / np.maximum(waves * safe * TILE_M * TILE_N, 1.0)
     return np.where(sms > 0, np.minimum(eff, 1.0), 1.0)
 
 
@@ -51,3 +51,18 @@ def gemm_time(
     compute = 2.0 * mp * np_ * kp / rate
     traffic = elem_bytes * (m * k + k * n) + 2.0 * m * n  # 16-bit output
     return np.maximum(compute, traffic / hbm_bw)
+
+
+def grouped_gemm_time(
+    groups: ArrayLike, m: ArrayLike, n: ArrayLike, k: ArrayLike, peak: ArrayLike, eff: ArrayLike,
+    hbm_bw: ArrayLike, elem_bytes: ArrayLike, sms: ArrayLike, pad_to: ArrayLike = 1.0,
+) -> ArrayLike:
+    """Seconds for `groups` GEMMs (m x k) @ (k x n) with their own weights in one grouped
+    kernel (MoE experts: CUTLASS grouped GEMM, Megatron-Core's --moe-grouped-gemm,
+    torch._grouped_mm): the tiles of every group share the waves, and each group reads its
+    own weights, so few tokens per expert make the kernel weight-bandwidth bound."""
+    mp, np_, kp = pad(m, pad_to), pad(n, pad_to), pad(k, pad_to)
+    rate = peak * eff * wave_efficiency(mp, np_, sms, groups)
+    compute = 2.0 * groups * mp * np_ * kp / rate
+    traffic = groups * (elem_bytes * (m * k + k * n) + 2.0 * m * n)
+    return np.where(groups * m > 0, np.maximum(compute, traffic / hbm_bw), 0.0)

@@ -67,6 +67,12 @@ class Profile:
     # per machine by `meshplan calibrate` (5.8-6.7 ms here); on an accelerator the host
     # queues kernels ahead and this is hidden, so it applies to CPU runs only.
     cpu_sync_call_s: float = 0.0
+    # MoE: the share of the dense GEMM rate a grouped expert GEMM sustains at the same
+    # shapes (scheduling of unequal groups, the permutation kernels' launch), and the load
+    # imbalance, max / mean tokens per expert (1.0: balanced, as vendor benchmarks force;
+    # the executor logs it per step as moe_imbalance, which `meshplan calibrate` reads).
+    grouped_gemm_eff: float = 1.0
+    moe_imbalance: float = 1.0
     # Memory: allocator fragmentation and workspace, as a factor on tensor bytes, plus a
     # constant (CUDA context is outside max_memory_allocated; cuBLAS/NCCL workspaces are in).
     memory_factor: float = 1.1

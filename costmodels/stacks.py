@@ -74,6 +74,11 @@ class Stack:
     # reduction, not the MLP's. Megatron's reentrant CheckpointFunction re-runs the whole
     # forward, both reductions.
     recompute_early_stop: bool = False
+    # MoE layers under TP: each TP rank routes and all-to-alls its sequence shard, and the
+    # expert-TP group all-gathers the dispatched tokens before the experts and
+    # reduce-scatters their outputs (Megatron-Core's alltoall dispatcher with expert TP =
+    # TP), instead of routing the whole gathered token set on every TP rank (meshplan).
+    moe_dispatch_sp: bool = False
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_IMPLS:
@@ -88,8 +93,9 @@ STACKS: dict[str, Stack] = {
         # Megatron-Core with Transformer Engine (cuDNN attention), as NeMo and the Megatron
         # README benchmarks run it: TP comm overlap, overlapped grad reduce and param gather,
         # distributed optimizer with fp32 main grads (Megatron-Core docs, "distributed optimizer").
-        Stack("megatron-core", attention="flash3", fusion="fused", tp_comm_overlap=True),
-        Stack("nemo", attention="flash3", fusion="fused", tp_comm_overlap=True),
+        Stack("megatron-core", attention="flash3", fusion="fused", tp_comm_overlap=True,
+              moe_dispatch_sp=True),
+        Stack("nemo", attention="flash3", fusion="fused", tp_comm_overlap=True, moe_dispatch_sp=True),
         # Megatron-LM as of Narayanan et al. 2021: fused scale-mask-softmax over materialised
         # scores, dropout on, TP collectives and the DP all-reduce not overlapped.
         Stack("megatron-lm-2021", attention="math", fusion="fused", dropout=True,
@@ -165,4 +171,5 @@ def stack_columns(stack: Stack) -> dict[str, float]:
         "ce_bytes_per_logit": stack.ce_bytes_per_logit,
         "fsdp_unsharded_with_pp": stack.fsdp_unsharded_with_pp,
         "recompute_early_stop": stack.recompute_early_stop,
+        "moe_dispatch_sp": stack.moe_dispatch_sp,
     }

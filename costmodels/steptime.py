@@ -28,7 +28,7 @@ import numpy as np
 from costmodels import comm, layer_ops, memory, pipeline
 from costmodels.cases import GEN_ORDER, Cases
 from costmodels.flops import attention_flops_per_token_fwd, model_flops_per_token
-from costmodels.gemm import gemm_time
+from costmodels.gemm import gemm_time, grouped_gemm_time
 from costmodels.profile import Profile
 from costmodels.stacks import ATTENTION_IMPLS, ATTENTION_UTILISATION
 
@@ -49,6 +49,9 @@ MATH_SCORE_BYTES_FWD = 4 * 2.0
 MATH_DROPOUT_BYTES_FWD = 2 * 2.0 + 1.0
 TP_OVERLAP_CHUNKS = 4.0  # Transformer Engine userbuffers' default split of a pipelined collective
 PAD_ELEMENTS = {"fp8": 16.0, "fp4": 32.0}  # cuBLASLt FP8 / NVFP4 dimension multiples
+# Synchronising calls per MoE layer and micro-batch under expert parallelism: the token
+# counts exchange, dispatch and combine forward, their two adjoints backward.
+MOE_A2A_CALLS = 5.0
 
 
 def _attention_utilisation(attn_impl: np.ndarray, gen_idx: np.ndarray) -> np.ndarray:
@@ -72,7 +75,11 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     """Predict step-time breakdown, throughput, MFU and memory breakdown for every case."""
     f64 = lambda k: np.asarray(c[k], dtype=np.float64)  # noqa: E731
     tp, pp, dp, cp, vpp = f64("tp"), f64("pp"), f64("dp"), f64("cp"), f64("vpp")
-    ep = f64("ep") if "ep" in c else np.ones_like(tp)
+
+    def col(k: str, default: float | np.ndarray) -> np.ndarray:
+        return f64(k) if k in c else np.broadcast_to(np.asarray(default, dtype=np.float64), tp.shape)
+
+    ep = col("ep", 1.0)
     micro, gbs, seq = f64("micro"), f64("gbs"), f64("seq")
     h, ffn, kv, vocab, layers = f64("hidden"), f64("ffn"), f64("kv_dim"), f64("vocab"), f64("layers")
     heads, mats, act_exp = f64("heads"), f64("mlp_mats"), f64("active_experts")
@@ -118,11 +125,19 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     def fwd_bwd(mm, nn, kk):
         return gemm(mm, nn, kk) + gemm(mm, kk, nn) + gemm(kk, nn, mm)
 
-    qkv_n, o_k = (h + 2 * kv) / tp, h / tp
-    up_n, down_k = (mats - 1) * ffn / tp, ffn / tp
-    # MoE: each token visits top-k experts of `ffn` width (Fedus et al. 2022): k x the FLOPs.
-    t_gemm_fwd = gemm(tok, qkv_n, h) + gemm(tok, h, o_k) + gemm(tok * act_exp, up_n, h) + gemm(tok * act_exp, h, down_k)
-    t_gemm = fwd_bwd(tok, qkv_n, h) + fwd_bwd(tok, h, o_k) + fwd_bwd(tok * act_exp, up_n, h) + fwd_bwd(tok * act_exp, h, down_k)
+    qd = col("q_dim", h)
+    qkv_n, o_k = (qd + 2 * kv) / tp, qd / tp
+    t_attn_gemm_fwd = gemm(tok, qkv_n, h) + gemm(tok, h, o_k)
+    t_attn_gemm = fwd_bwd(tok, qkv_n, h) + fwd_bwd(tok, h, o_k)
+    # MLP of a dense layer (also the dense layers of an MoE model).
+    dense_ffn = col("dense_ffn", ffn)
+    t_dense_fwd = gemm(tok, (mats - 1) * dense_ffn / tp, h) + gemm(tok, h, dense_ffn / tp)
+    t_dense = fwd_bwd(tok, (mats - 1) * dense_ffn / tp, h) + fwd_bwd(tok, h, dense_ffn / tp)
+    moe = _moe_layer(c, prof, tok, h, ffn, mats, tp, ep, experts, act_exp, gemm, fwd_bwd, peak_gemm,
+                     gen_eff, hbm_bw, gemm_bytes, sms, pad_to, ab, elem_bw_eff(elem_bw, on_cpu, prof))
+    moe_frac = col("moe_frac", 0.0)
+    t_gemm_fwd = t_attn_gemm_fwd + moe_frac * moe["gemm_fwd"] + (1 - moe_frac) * t_dense_fwd
+    t_gemm = t_attn_gemm + moe_frac * moe["gemm"] + (1 - moe_frac) * t_dense
 
     # Attention as the stack runs it.
     attn_impl = stack["attn_impl"].astype(int)
@@ -140,10 +155,15 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     t_attn = (1 + FLASH_BWD_OVER_FWD) * t_attn_fwd
 
     # Elementwise kernels (and FP8 casts) as HBM traffic, forward + backward.
-    elems = layer_ops.elementwise_elements_fwd(h, kv, ffn * act_exp, swiglu, tp, sp, stack["fused"], stack["dropout"])
+    ffn_active = col("ffn_active", ffn * act_exp)  # MLP width a token's elementwise ops see
+    elems = layer_ops.elementwise_elements_fwd(h, kv, ffn_active, swiglu, tp, sp, stack["fused"], stack["dropout"])
     elem_fwd_bytes = tok * elems * ab
-    fp8_bytes = np.where(low_prec, tok * layer_ops.fp8_cast_bytes_fwd(h, kv, ffn * act_exp, mats, tp)
-                         + layer_ops.fp8_weight_cast_bytes(f64("params_layer_dense"), tp), 0.0)
+    # (an MoE layer quantises its routed copies, k per token, at the experts' inputs and
+    # output gradients, and the weights of its local experts)
+    routed_extra_h = moe_frac * (act_exp - 1) * 2 * h
+    fp8_bytes = np.where(low_prec, tok * (layer_ops.fp8_cast_bytes_fwd(h, kv, ffn_active, mats, tp)
+                                          + 3.0 * routed_extra_h)
+                         + layer_ops.fp8_weight_cast_bytes(f64("params_layer_dense") + col("params_layer_expert", 0.0) / ep, tp), 0.0)
     bw_elem = elem_bw_eff(elem_bw, on_cpu, prof)
     t_elem_fwd = elem_fwd_bytes / bw_elem
     t_elem = (1 + layer_ops.BACKWARD_OVER_FORWARD) * t_elem_fwd + fp8_bytes / bw_elem
@@ -201,7 +221,11 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     ce_passes = np.where(tp > 1, VOCAB_PARALLEL_CE_PASSES, 1.0)
     t_logits = t_logits + 2 * ce_passes * memory.logits_bytes(tok, vocab, tp) / bw_elem
 
-    stage_mb = layers_stage * (t_layer + t_tp + t_cp) + t_logits
+    # MoE layers' token exchange (and, for stacks that dispatch sequence shards, the expert
+    # TP group's gathers of the dispatched tokens), re-run by full recompute; exposed: the
+    # experts need the tokens they exchange.
+    moe_comm = moe_frac * (moe["a2a"] * (1 + np.where(recompute == 2, 0.5 * rc_frac, 0.0)) + moe["tp"])
+    stage_mb = layers_stage * (t_layer + t_tp + t_cp + moe_comm) + t_logits
     # Host-bound regime: when the host dispatches slower than the GPU computes, the GPU waits
     # for it (small models, small micro-batches, many ranks per host).
     # On a CPU host the host is the device: dispatch and compute take turns, so they add.
@@ -228,32 +252,41 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     dp_lat = f64("dp_lat")
     sh_bw, sh_lat = f64("shard_bw") * prof.link_eff, f64("shard_lat")
     rep_bw, rep_lat = f64("rep_bw") * prof.link_eff, f64("rep_lat")
-    grad_bytes = params_local * grad_comm_bytes
-    # Collectives are issued per bucket (DDP / Megatron buffers) or per layer (FSDP units),
-    # so the alpha term is paid per message: time = n_msgs x collective(bytes / n_msgs).
-    n_bkt = np.maximum(1.0, np.ceil(grad_bytes / DP_BUCKET_BYTES))
     n_lay = np.maximum(layers_stage, 1.0)
 
     def per_msg(fn, nbytes, n, bw, lat, msgs):
         return msgs * fn(nbytes / msgs, n, bw, lat)
 
-    # HSDP: the shard of gradients is all-reduced across replicas once per step.
-    t_rep = np.where(rep_n > 1, per_msg(comm.allreduce_time, grad_bytes / shard_n, rep_n, rep_bw, rep_lat, n_bkt), 0.0)
-    t_plain = per_msg(comm.allreduce_time, grad_bytes, replicas, dp_bw, dp_lat, n_bkt)
     ag_bw, ag_lat = _op_link(c, "allgather", sh_bw, sh_lat)
     rs_bw, rs_lat = _op_link(c, "reduce_scatter", sh_bw, sh_lat)
-    t_sharded_step = (
-        per_msg(comm.reduce_scatter_time, grad_bytes, shard_n, rs_bw, rs_lat, n_bkt)
-        + per_msg(comm.allgather_time, params_local * ab, shard_n, ag_bw, ag_lat, n_bkt) + t_rep
-    )
-    t_dp_step = np.where((sharding >= 2) | ((sharding == 1) & (rep_n > 1)), t_sharded_step, t_plain)
-    # ZeRO-3: all-gather each layer's weights in forward and again in backward, reduce-scatter
-    # its grads, every micro-batch (Rajbhandari et al. 2020, Sec. 7.2.2: 1.5x DP volume).
-    t_z3 = m * (
-        2 * per_msg(comm.allgather_time, params_local * ab, shard_n, ag_bw, ag_lat, n_lay)
-        + per_msg(comm.reduce_scatter_time, grad_bytes, shard_n, rs_bw, rs_lat, n_lay)
-    ) + t_rep
-    t_dp = np.where(replicas > 1, np.where(sharding == 3, t_z3, t_dp_step), 0.0)
+
+    def dp_time(params, group, shards, reps):
+        """Gradient sync of `params` over `group` replicas, ZeRO-sharded over `shards` of
+        them (HSDP: all-reduced across the `reps` groups of shards)."""
+        grad_bytes = params * grad_comm_bytes
+        # Collectives are issued per bucket (DDP / Megatron buffers) or per layer (FSDP
+        # units), so the alpha term is paid per message: n_msgs x collective(bytes / n_msgs).
+        n_bkt = np.maximum(1.0, np.ceil(grad_bytes / DP_BUCKET_BYTES))
+        t_rep = np.where(reps > 1, per_msg(comm.allreduce_time, grad_bytes / shards, reps, rep_bw, rep_lat, n_bkt), 0.0)
+        t_plain = per_msg(comm.allreduce_time, grad_bytes, group, dp_bw, dp_lat, n_bkt)
+        t_sharded_step = (
+            per_msg(comm.reduce_scatter_time, grad_bytes, shards, rs_bw, rs_lat, n_bkt)
+            + per_msg(comm.allgather_time, params * ab, shards, ag_bw, ag_lat, n_bkt) + t_rep
+        )
+        t_step = np.where((sharding >= 2) | ((sharding == 1) & (reps > 1)), t_sharded_step, t_plain)
+        # ZeRO-3: all-gather each layer's weights in forward and again in backward,
+        # reduce-scatter its grads, every micro-batch (Rajbhandari et al. 2020, Sec. 7.2.2).
+        t_z3 = m * (
+            2 * per_msg(comm.allgather_time, params * ab, shards, ag_bw, ag_lat, n_lay)
+            + per_msg(comm.reduce_scatter_time, grad_bytes, shards, rs_bw, rs_lat, n_lay)
+        ) + t_rep
+        return np.where(group > 1, np.where(sharding == 3, t_z3, t_step), 0.0)
+
+    # Experts are replicated over dp x cp / ep ranks (expert data parallelism) and their
+    # ZeRO states sharded over those (Megatron-Core's expert distributed optimizer).
+    edp = np.maximum(replicas / ep, 1.0)
+    t_dp = dp_time(params_local - expert_local, replicas, shard_n, rep_n) \
+        + np.where(expert_local > 0, dp_time(expert_local, edp, edp, np.ones_like(edp)), 0.0)
     # Overlap window: ZeRO-3 gathers ahead of every layer (all compute); otherwise the
     # gradient reduce runs under the last micro-batch's backward and the parameter
     # all-gather of a sharded optimizer under the next step's first forward.
@@ -265,10 +298,11 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
 
     # ---- optimizer step over the local shard
     opt_shard = np.where(sharding >= 1, shard_n, 1.0)
+    exp_shard = np.where(sharding >= 1, edp, 1.0)
     # Adam streams its states like any elementwise kernel (on a CPU host at the rate the bench
     # measured for out-of-place elementwise ops: its unfused per-tensor steps allocate
     # temporaries).
-    t_opt = ADAM_BYTES_PER_PARAM * params_local / opt_shard / bw_elem
+    t_opt = ADAM_BYTES_PER_PARAM * ((params_local - expert_local) / opt_shard + expert_local / exp_shard) / bw_elem
 
     # On a CPU host every collective is a meeting point of ranks that time-share the cores:
     # the first to arrive waits for the last, and gloo does its work on a compute core. A
@@ -277,10 +311,12 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     # ZeRO-3: 2 gathers + 1 reduce-scatter per layer per micro-batch; ZeRO-1/2: a gather and a
     # reduce-scatter per layer; DDP: one all-reduce per bucket; PP: a send and a receive per
     # micro-batch at each stage boundary).
+    n_bkt = np.maximum(1.0, np.ceil(params_local * grad_comm_bytes / DP_BUCKET_BYTES))
     calls = np.where(tp > 1, m * layers_stage * n_tp * np.where(sp, 2.0, 1.0), 0.0)
     calls = calls + np.where(replicas > 1, np.where(
         sharding == 3, 3 * m * n_lay, np.where(sharding >= 1, 2 * n_lay, n_bkt)), 0.0)
     calls = calls + np.where(pp > 1, 2 * m, 0.0)
+    calls = calls + np.where(ep > 1, m * layers_stage * moe_frac * MOE_A2A_CALLS, 0.0)
     t_sync_calls = np.where(on_cpu, calls * prof.cpu_sync_call_s, 0.0)
     step = compute + bubble + t_p2p + dp_exposed + t_opt + np.where(on_cpu, prof.step_overhead_s, 0.0) + t_sync_calls
     # Synchronous steps wait for the slowest node: with per-node jitter of relative size
@@ -292,14 +328,15 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     tokens_step = gbs * seq
     tps_gpu = tokens_step / step / world
 
-    fpt = model_flops_per_token(layers, h, ffn, kv, mats, vocab, seq, act_exp, True)
+    fpt = model_flops_per_token(layers, h, ffn_active, kv, mats, vocab, seq, 1.0, True, q_dim=qd)
     mfu = fpt * tps_gpu / f64("peak_mfu")
 
-    mem = memory_breakdown(c, prof, params_local, m, shard_n, layers_stage, rc_frac)
+    mem = memory_breakdown(c, prof, params_local, m, shard_n, layers_stage, rc_frac, expert_local, exp_shard)
     out = {
         "step_time_s": step,
         "compute_s": m * layers_stage * t_layer + m * t_logits,
         "tp_comm_s": m * layers_stage * t_tp,
+        "moe_comm_s": m * layers_stage * moe_comm,
         "cp_comm_s": m * layers_stage * t_cp,
         "pp_bubble_s": bubble,
         "pp_p2p_s": t_p2p,
@@ -316,6 +353,63 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     }
     out.update(mem)
     return out
+
+
+def _moe_layer(c: Cases, prof: Profile, tok, h, ffn, mats, tp, ep, experts, k, gemm, fwd_bwd,
+               peak, eff, hbm_bw, gemm_bytes, sms, pad_to, ab, bw_elem) -> dict[str, np.ndarray]:
+    """One MoE layer per micro-batch on one rank: GEMM time forward (`gemm_fwd`) and forward +
+    backward (`gemm`: router, routed experts, shared experts, token permutation), and the
+    exposed token exchange (`a2a`) and expert-TP gathers (`tp`)."""
+    n = np.shape(tok)
+    col = lambda key, d: np.asarray(c[key], dtype=np.float64) if key in c else np.full(n, d)  # noqa: E731
+    shared = col("shared_ffn", 0.0)
+    imb = np.maximum(col("moe_imbalance", prof.moe_imbalance), 1.0)
+    sp_dispatch = np.asarray(c.get("moe_dispatch_sp", np.zeros(n)), dtype=bool) & np.asarray(c["sp"], dtype=bool) & (tp > 1)
+    # Routed experts: a rank's tok x k slots spread evenly over the E experts arrive
+    # ep x tok x k / E at each of its E / ep experts (every TP rank holds a column slice of
+    # each), the busiest rank `imb` times the mean: synchronous all-to-alls wait for it.
+    local = experts / ep
+    m_e = imb * tok * k * ep / experts
+    up_n, down_k = (mats - 1) * ffn / tp, ffn / tp
+
+    def grouped(mm, nn, kk):
+        return grouped_gemm_time(local, mm, nn, kk, peak, eff * prof.grouped_gemm_eff, hbm_bw,
+                                 gemm_bytes, sms, pad_to)
+
+    routed_fwd = grouped(m_e, up_n, h) + grouped(m_e, h, down_k)
+    # backward: dX = dY W^T and dW = X^T dY per expert (Narayanan et al. 2021, Sec. 5.1)
+    routed = routed_fwd + grouped(m_e, h, up_n) + grouped(h, up_n, m_e) + grouped(m_e, down_k, h) + grouped(down_k, h, m_e)
+    # the router runs on the tokens a rank routes (its sequence shard under SP dispatch)
+    tok_route = np.where(sp_dispatch, tok / tp, tok)
+    router_fwd = gemm(tok_route, experts, h)
+    router = fwd_bwd(tok_route, experts, h)
+    has_shared = shared > 0
+    sh_up, sh_down = (mats - 1) * np.maximum(shared, 1.0) / tp, np.maximum(shared, 1.0) / tp
+    shared_fwd = np.where(has_shared, gemm(tok, sh_up, h) + gemm(tok, h, sh_down), 0.0)
+    shared_t = np.where(has_shared, fwd_bwd(tok, sh_up, h) + fwd_bwd(tok, h, sh_down), 0.0)
+    # Permutation: gather each token's k copies in expert order and scatter-add them back
+    # weighted, forward (read h, write k h; read k h, write h) and the same backward.
+    perm_fwd = (2 + 2 * k) * tok_route * h * ab / bw_elem
+    gemm_fwd = routed_fwd + router_fwd + shared_fwd + perm_fwd
+    total = routed + router + shared_t + 2 * perm_fwd
+    # Dispatch + combine forward and their adjoints backward: 4 all-to-alls of the routed
+    # copies over the ep group; each rank sends (n - 1) / n of its buffer, to its domain's
+    # members over the scale-up fabric and to the rest through its own NIC, at once.
+    payload = tok_route * k * h * ab
+    n_ep = np.maximum(ep, 1.0)
+    near = col("ep_local", 1.0)
+    up_bw = col("ep_up_bw", np.inf) * 1e9 * prof.link_eff
+    out_bw = col("ep_out_bw", np.inf) * 1e9 * prof.link_eff
+    one = (n_ep - 1) * col("ep_lat", 0.0) + np.maximum((near - 1) / n_ep * payload / up_bw,
+                                                       (n_ep - near) / n_ep * payload / out_bw)
+    a2a = np.where(ep > 1, 4 * imb * one, 0.0)
+    # SP dispatch: the expert-TP group gathers the dispatched copies before the experts and
+    # reduce-scatters their outputs, forward and backward.
+    tp_bw = col("tp_bw", np.inf) * prof.link_eff
+    gathered = imb * tok * k * h * ab
+    moe_tp = np.where(sp_dispatch, 2 * (comm.allgather_time(gathered, tp, tp_bw, col("tp_lat", 0.0))
+                                        + comm.reduce_scatter_time(gathered, tp, tp_bw, col("tp_lat", 0.0))), 0.0)
+    return {"gemm_fwd": gemm_fwd, "gemm": total, "a2a": a2a, "tp": moe_tp}
 
 
 def elem_bw_eff(elem_bw: np.ndarray, on_cpu: np.ndarray, prof: Profile) -> np.ndarray:
@@ -345,9 +439,11 @@ def _recompute_fraction(c: Cases, layers_stage: np.ndarray) -> np.ndarray:
 
 def memory_breakdown(
     c: Cases, prof: Profile, params_local: np.ndarray, m: np.ndarray, shard_n: np.ndarray,
-    layers_stage: np.ndarray, rc_frac: np.ndarray,
+    layers_stage: np.ndarray, rc_frac: np.ndarray, expert_local: np.ndarray | float = 0.0,
+    expert_shard: np.ndarray | float = 1.0,
 ) -> dict[str, np.ndarray]:
-    """Peak bytes per GPU on the busier of the first and last pipeline stage."""
+    """Peak bytes per GPU on the busier of the first and last pipeline stage (MoE experts'
+    states sharded over their own replicas, `expert_shard`)."""
     f64 = lambda k: np.asarray(c[k], dtype=np.float64)  # noqa: E731
     tp, pp, dp, cp, vpp = f64("tp"), f64("pp"), f64("dp"), f64("cp"), f64("vpp")
     micro, seq, h = f64("micro"), f64("seq"), f64("hidden")
@@ -363,12 +459,15 @@ def memory_breakdown(
     wb = np.where(fp32, 4.0, stack["state_weight_bytes"])
     gbytes = np.where(fp32, 4.0, stack["state_grad_bytes"])
     ob = np.where(fp32, 8.0, stack["state_optim_bytes"])
-    states = memory.model_state_bytes(params_local, shard_n, sharding, wb, gbytes, ob)
+    dense_states = memory.model_state_bytes(params_local - expert_local, shard_n, sharding, wb, gbytes, ob)
+    expert_states = memory.model_state_bytes(expert_local, expert_shard, sharding, wb, gbytes, ob)
+    states = {k: dense_states[k] + expert_states[k] for k in dense_states}
     states["gradients"] = states["gradients"] + np.where(fp32, 0.0, stack["grad_copy_bytes"]) * params_local / np.where(sharding >= 2, shard_n, 1.0)
     unsharded = stack["fsdp_unsharded_with_pp"] & (sharding == 3) & (pp > 1)
     states["weights"] = states["weights"] + np.where(unsharded, 2.0 * params_local, 0.0)
     states["gradients"] = states["gradients"] + np.where(unsharded, 4.0 * params_local, 0.0)
-    act_args = (seq, micro, h, f64("heads"), f64("kv_dim"), f64("ffn") * f64("active_experts"),
+    ffn_active = f64("ffn_active") if "ffn_active" in c else f64("ffn") * f64("active_experts")
+    act_args = (seq, micro, h, f64("heads"), f64("kv_dim"), ffn_active,
                 np.asarray(c["swiglu"], dtype=bool), tp, cp, sp)
     flash = stack["attn_impl"] != ATTENTION_IMPLS.index("math")  # math attention stores its scores
     act_layer = memory.layer_activation_bytes(*act_args, recompute, flash=flash, act_bytes=ab,
@@ -376,7 +475,7 @@ def memory_breakdown(
     act_none = memory.layer_activation_bytes(*act_args, 0, flash=flash, act_bytes=ab, dropout=stack["dropout"])
     # Eager stacks also keep what a fused kernel recomputes or never writes: both norms'
     # outputs (the next matmul's saved input) and the activation's output (SiLU / GELU).
-    eager_extra = memory.eager_extra_activation_bytes(seq, micro, h, f64("ffn") * f64("active_experts"), tp, cp, sp, ab)
+    eager_extra = memory.eager_extra_activation_bytes(seq, micro, h, ffn_active, tp, cp, sp, ab)
     eager = ~stack["fused"]
     act_none = act_none + np.where(eager, eager_extra, 0.0)
     act_layer = act_layer + np.where(eager & (recompute == 0), eager_extra, 0.0)

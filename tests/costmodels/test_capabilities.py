@@ -15,6 +15,7 @@ from costmodels.specs import RECOMPUTES, SHARDINGS, ClusterSpec, Layout
 from planner.search import SearchSpace, enumerate_layouts, row_to_layout, search
 
 TINY = PRESETS["tiny"]  # 4 layers, 4 heads, 2 KV heads
+MOE = TINY.with_(num_experts=8, experts_topk=2, expert_ffn_hidden=256)
 
 
 @pytest.mark.parametrize("layout", [
@@ -30,7 +31,15 @@ def test_supported_layouts(layout):
     assert unsupported(TINY, layout) is None
 
 
-MOE = TINY.with_(num_experts=8, experts_topk=2, expert_ffn_hidden=256)
+@pytest.mark.parametrize("layout", [
+    Layout(ep=2, dp=2, global_batch=2),
+    Layout(ep=2, tp=2, dp=2, sequence_parallel=True, global_batch=2),
+    Layout(ep=4, pp=2, dp=2, cp=2, sharding="zero3", global_batch=4),
+])
+def test_supported_expert_parallel_layouts(layout):
+    assert unsupported(MOE, layout) is None
+
+
 GQA12 = TINY.with_(hidden=768, heads=12, kv_heads=4)
 REFUSALS = [
     (Layout(tp=3), TINY, "layout.tp=3"),
@@ -46,8 +55,12 @@ REFUSALS = [
     (Layout(pp=2, recompute="full", recompute_layers=3, global_batch=2), TINY, "layout.recompute_layers=3"),
     (Layout(recompute="selective", recompute_layers=1), TINY, "layout.recompute_layers=1"),
     (Layout(pp=2, global_batch=2), TINY.with_(tied_embeddings=True), "tied"),
-    (Layout(), MOE, "mixture-of-experts"),
+    (Layout(), MOE.with_(bias=True), "model.bias=true"),
+    (Layout(engine="deepspeed", dp=2, global_batch=2), MOE, "layout.engine=deepspeed"),
+    (Layout(ep=2, dp=2, sharding="zero1", global_batch=2), MOE, "layout.sharding=zero1"),
+    (Layout(ep=2, dp=4, dp_shard=2, sharding="zero3", global_batch=4), MOE, "layout.dp_shard=2"),
     (Layout(ep=2, dp=2, global_batch=2), TINY, "layout.ep=2"),
+    (Layout(ep=3, dp=3, global_batch=3), MOE, "layout.ep=3"),
     (Layout(pp=2, vpp=2, recompute="full", recompute_layers=1, global_batch=2), TINY, "multiple of vpp=2"),
     (Layout(dp=4, dp_shard=1, sharding="zero2", global_batch=4), TINY, "layout.dp_shard=1"),
     (Layout(pp=2, schedule="interleaved", global_batch=2), TINY, "layout.schedule=interleaved"),
