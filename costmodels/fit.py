@@ -25,6 +25,7 @@ SCALAR_PARAMS: tuple[tuple[str, float, float], ...] = (
     ("layer_overhead_s", 0.0, 5e-2),
     ("step_overhead_s", 0.0, 2.0),
     ("cpu_sync_call_s", 0.0, 0.05),
+    ("grouped_gemm_eff", 0.2, 1.5),
 )
 # Not fitted: sourced priors the published runs cannot identify (they are GPU-bound and
 # short of stragglers): kernel_gap_s, host_op_s, sync_jitter. `meshplan calibrate` users can
@@ -65,6 +66,8 @@ def identifiable(c: Cases) -> set[str]:
         out |= {"layer_overhead_s", "step_overhead_s"}
     if (cpu & multi).any():
         out.add("cpu_sync_call_s")
+    if (np.asarray(c.get("moe_frac", np.zeros(len(tp))), dtype=float) > 0).any():
+        out.add("grouped_gemm_eff")  # only MoE runs run expert GEMMs
     return out
 
 

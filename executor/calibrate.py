@@ -37,6 +37,7 @@ class MeasuredRun:
     steps_used: int
     peak_memory_gb: float | None
     cpu_threads: int | None = None  # threads per rank the run used (CPU runs)
+    moe_imbalance: float | None = None  # median logged max / mean expert load (MoE runs)
 
     @property
     def tokens_per_sec_per_gpu(self) -> float:
@@ -65,6 +66,7 @@ def load_run(path: str | Path) -> MeasuredRun:
     if not metrics.is_file():
         raise MeshplanError(f"{p}: no metrics.jsonl (the run never logged a step)")
     times: list[float] = []
+    imbalance: list[float] = []
     for i, line in enumerate(metrics.read_text().splitlines()):
         if not line.strip():
             continue
@@ -77,6 +79,9 @@ def load_run(path: str | Path) -> MeasuredRun:
         t = rec.get("step_time_s")
         if isinstance(t, int | float) and t > 0:
             times.append(float(t))
+        imb = rec.get("moe_imbalance")
+        if isinstance(imb, int | float) and imb >= 1.0:
+            imbalance.append(float(imb))
     if len(times) < 2:
         raise MeshplanError(f"{p}: fewer than 2 steady-state steps after warm-up to measure")
     peak, threads = None, None
@@ -90,7 +95,8 @@ def load_run(path: str | Path) -> MeasuredRun:
                 threads = s["cpu_threads"]
         except (json.JSONDecodeError, TypeError, ValueError, AttributeError):
             peak, threads = None, None
-    return MeasuredRun(p.name, p, plan, statistics.median(times), len(times), peak, threads)
+    return MeasuredRun(p.name, p, plan, statistics.median(times), len(times), peak, threads,
+                       statistics.median(imbalance) if imbalance else None)
 
 
 def run_cases(runs: list[MeasuredRun], profile: Profile) -> Cases:
@@ -101,10 +107,13 @@ def run_cases(runs: list[MeasuredRun], profile: Profile) -> Cases:
         hw = dict(profile.hardware.get(c.accelerator, {}))
         if c.accelerator == "cpu" and r.cpu_threads:
             hw["threads_per_rank"] = float(r.cpu_threads)  # what the run used, not the default
-        parts.append(build_cases(
+        case = build_cases(
             r.plan.model_spec(), cluster, layout_columns([r.plan.layout_spec()]),
             r.plan.train.precision, hardware=hw,
-        ))
+        )
+        # an MoE run is priced at the load imbalance it measured, not the profile's default
+        case["moe_imbalance"] = np.full(1, r.moe_imbalance or profile.moe_imbalance)
+        parts.append(case)
     return concat_cases(parts)
 
 
@@ -147,7 +156,11 @@ def calibrate_runs(
     if len(runs) >= 3:
         loro_tps = cross_validate(cases, meas_tps, np.arange(len(runs)), base, fixed)
         loro = meas_tps / loro_tps * np.array([r.step_time_s for r in runs])
-    cal = Calibration(fit.profile, unusable=unusable, params=fit.params)
+    profile = fit.profile
+    measured = [r.moe_imbalance for r in runs if r.moe_imbalance is not None]
+    if measured:  # the default for layouts not run yet: what this user's routing does
+        profile = profile.with_(moe_imbalance=float(np.median(measured)))
+    cal = Calibration(profile, unusable=unusable, params=fit.params)
     for i, r in enumerate(runs):
         cal.rows.append({
             "run": r.name, "layout": r.layout_label(), "measured_step_time_s": r.step_time_s,

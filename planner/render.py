@@ -20,7 +20,7 @@ def print_prediction(r: dict[str, Any]) -> None:
     lay = r["layout"]
     console.print(
         f"[bold]{r['model']}[/] ({r['params'] / 1e9:.2f} B params) on {r['gpus']} x {r['accelerator']}: "
-        f"tp={lay['tp']} pp={lay['pp']} dp={lay['dp']} cp={lay['cp']} vpp={lay['vpp']} "
+        f"tp={lay['tp']} pp={lay['pp']} dp={lay['dp']} cp={lay['cp']} ep={lay['ep']} vpp={lay['vpp']} "
         f"{lay['sharding']} mbs={lay['micro_batch']} gbs={lay['global_batch']} recompute={lay['recompute']}"
         f"{' sp' if lay['sequence_parallel'] else ''} {lay['precision']}"
     )

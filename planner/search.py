@@ -21,7 +21,7 @@ from costmodels.steptime import evaluate
 from costmodels.uncertainty import interval
 
 BREAKDOWN = (
-    "compute_s", "tp_comm_s", "cp_comm_s", "pp_bubble_s", "pp_p2p_s", "dp_exposed_s", "optimizer_s", "sync_s",
+    "compute_s", "tp_comm_s", "moe_comm_s", "cp_comm_s", "pp_bubble_s", "pp_p2p_s", "dp_exposed_s", "optimizer_s", "sync_s",
 )
 CP_AUTO_MIN_SEQ = 16384
 RANK_KEYS = {
@@ -157,7 +157,23 @@ def enumerate_layouts(model: ModelSpec, cluster: ClusterSpec, global_batch: int,
         "recompute_layers": np.where(frac < 1.0, np.maximum(1, np.round(frac * layers_stage / cols["vpp"]))
                                      * cols["vpp"], 0).astype(np.int64),
     })
-    return cols
+    return _expand_expert_parallel(model, cols)
+
+
+def _expand_expert_parallel(model: ModelSpec, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """MoE models: each row once per expert-parallel degree, the divisors of the expert
+    count that divide dp x cp (the ranks EP is carved from, Megatron-Core's convention)."""
+    if not model.is_moe:
+        return cols
+    replicas = cols["dp"] * cols["cp"]
+    parts = []
+    for e in _divisors(model.num_experts):
+        idx = np.flatnonzero(replicas % e == 0)
+        if len(idx):
+            part = {k: v[idx] for k, v in cols.items()}
+            part["ep"] = np.full(len(idx), e, dtype=np.int64)
+            parts.append(part)
+    return {k: np.concatenate([p[k] for p in parts]) for k in cols}
 
 
 def search(
@@ -175,6 +191,24 @@ def search(
             f"no layout divides {cluster.num_gpus} GPUs with a global batch of {global_batch} sequences; "
             "make the global batch a multiple of the GPU count (or of a divisor of it)"
         )
+    contract_cols = {**cols, "precision": np.full(n, space.precision), "engine": np.full(n, space.engine)}
+    refused = refused_mask(model, contract_cols)
+    if space.executor_only and refused.all():
+        # the rule refusing the most candidates, in the words of the first one it refuses
+        counts = {r.name: np.asarray(r.refused(model, contract_cols), dtype=bool) for r in RULES}
+        name = max(counts, key=lambda k: int(counts[k].sum()))
+        i = int(np.flatnonzero(counts[name])[0])
+        rule = next(r for r in RULES if r.name == name)
+        row = {k: v[i] for k, v in cols.items()}
+        row.update(sharding=SHARDINGS[row["sharding"]], recompute=RECOMPUTES[row["recompute"]],
+                   schedule=SCHEDULES[row["schedule"]])
+        why = rule.message(model, row_to_layout(pd.Series(row), global_batch, space.precision))
+        hint = "" if "--any-framework" in why else "; or pass --any-framework to plan for another stack"
+        raise MeshplanError(f"no layout meshplan's executor can run: {why}{hint}")
+    n_refused = int(refused.sum())
+    if space.executor_only:  # only what the executor runs is evaluated and ranked
+        keep = np.flatnonzero(~refused)
+        cols, refused = {k: v[keep] for k, v in cols.items()}, refused[keep]
     cases = build_cases(model, cluster, cols, space.precision, hardware=profile.hardware.get(cluster.accelerator),
                         framework=space.framework)
     pred = evaluate(cases, profile)
@@ -182,20 +216,10 @@ def search(
     pred["tokens_per_sec_per_gpu_low"], pred["tokens_per_sec_per_gpu_high"] = lo, hi
     elapsed_eval = time.perf_counter() - t0
     mem = pred["peak_memory_gb"]
-    contract_cols = {**cols, "precision": np.full(n, space.precision), "engine": np.full(n, space.engine)}
-    refused = refused_mask(model, contract_cols)
     pred["runnable"] = ~refused
-    if space.executor_only and refused.all():
-        # the rule refusing the most candidates, in the words of the first one it refuses
-        counts = {r.name: np.asarray(r.refused(model, contract_cols), dtype=bool) for r in RULES}
-        name = max(counts, key=lambda k: int(counts[k].sum()))
-        i = int(np.flatnonzero(counts[name])[0])
-        rule = next(r for r in RULES if r.name == name)
-        why = rule.message(model, row_to_layout(_frame(cols, pred, np.array([i])).iloc[0],
-                                                global_batch, space.precision))
-        hint = "" if "--any-framework" in why else "; or pass --any-framework to plan for another stack"
-        raise MeshplanError(f"no layout meshplan's executor can run: {why}{hint}")
-    allowed = ~refused if space.executor_only else np.ones(n, dtype=bool)
+    allowed = ~refused
+    if not space.executor_only:
+        allowed = np.ones(len(refused), dtype=bool)
     fits = np.flatnonzero((mem <= pred["hbm_gb"] * (1 - space.memory_headroom)) & allowed)
     if fits.size == 0:
         cand = np.flatnonzero(allowed)
@@ -220,9 +244,9 @@ def search(
     elapsed = time.perf_counter() - t0
     res = SearchResult(model, cluster, global_batch, table, n, elapsed, ranked.reset_index(drop=True),
                        _frame(cols, pred, front).reset_index(drop=True))
-    res.notes.append(f"{n} candidates evaluated in {elapsed_eval:.3f} s; {fits.size} fit in memory"
-                     + (f" and run on meshplan's executor ({int(refused.sum())} refused by its "
-                        "capability contract)" if space.executor_only else ""))
+    res.notes.append(f"{n} candidates, {len(refused)} evaluated in {elapsed_eval:.3f} s; {fits.size} fit in memory"
+                     + (f" and run on meshplan's executor ({n_refused} refused by its "
+                        "capability contract first)" if space.executor_only else ""))
     return res
 
 
@@ -238,7 +262,7 @@ def _frame(cols: dict[str, np.ndarray], pred: dict[str, np.ndarray], idx: np.nda
 
 def row_to_layout(row: pd.Series, global_batch: int, precision: str) -> Layout:
     return Layout(
-        tp=int(row["tp"]), pp=int(row["pp"]), dp=int(row["dp"]), cp=int(row["cp"]), ep=1,
+        tp=int(row["tp"]), pp=int(row["pp"]), dp=int(row["dp"]), cp=int(row["cp"]), ep=int(row.get("ep", 1)),
         vpp=int(row["vpp"]), sharding=str(row["sharding"]), micro_batch=int(row["micro"]),
         global_batch=global_batch, recompute=str(row["recompute"]), sequence_parallel=bool(row["sp"]),
         precision=precision, schedule=str(row["schedule"]), dp_shard=int(row["dp_shard"]),
@@ -255,7 +279,7 @@ def top_json(result: SearchResult) -> list[dict[str, Any]]:
     best_low = float(result.ranked.loc[fastest, "tokens_per_sec_per_gpu_low"]) if fastest is not None else 0.0
     for _, r in result.ranked.iterrows():
         out.append({
-            "tp": int(r.tp), "pp": int(r.pp), "dp": int(r.dp), "cp": int(r.cp), "vpp": int(r.vpp),
+            "tp": int(r.tp), "pp": int(r.pp), "dp": int(r.dp), "cp": int(r.cp), "ep": int(r.ep), "vpp": int(r.vpp),
             "sharding": str(r.sharding), "micro_batch_size": int(r.micro), "recompute": str(r.recompute),
             "sequence_parallel": bool(r.sp), "schedule": str(r.schedule),
             "dp_shard": int(r.dp_shard), "recompute_layers": int(r.recompute_layers),
@@ -279,7 +303,7 @@ def trial_runs(result: SearchResult, plan_path: str = "PLAN") -> list[str]:
     top = top_json(result)
     if not top:
         return []
-    fields = ("tp", "pp", "dp", "cp", "vpp", "sharding", "micro_batch_size", "recompute",
+    fields = ("tp", "pp", "dp", "cp", "ep", "vpp", "sharding", "micro_batch_size", "recompute",
               "sequence_parallel", "schedule", "dp_shard", "recompute_layers")
     cmds = []
     close = [(i, t) for i, t in enumerate(top) if t["within_uncertainty_of_best"]][:4]
@@ -301,7 +325,7 @@ def explain_runner_ups(result: SearchResult, k: int = 4) -> list[str]:
         deltas = sorted(((float(r[c] - w[c]), c) for c in BREAKDOWN), reverse=True)
         worse = [f"+{d:.3g}s {c.removesuffix('_s')}" for d, c in deltas if d > 1e-9][:2]
         better = [f"{d:.3g}s {c.removesuffix('_s')}" for d, c in deltas[::-1] if d < -1e-9][:1]
-        desc = f"tp={r.tp} pp={r.pp} dp={r.dp} cp={r.cp} vpp={r.vpp} {r.sharding} mbs={r.micro} rc={r.recompute}"
+        desc = f"tp={r.tp} pp={r.pp} dp={r.dp} cp={r.cp} ep={r.ep} vpp={r.vpp} {r.sharding} mbs={r.micro} rc={r.recompute}"
         gap = (r.step_time_s / w.step_time_s - 1) * 100
         lines.append(f"#{i + 1} {desc}: {gap:.1f}% slower ({', '.join(worse) or 'ties'}"
                      + (f"; gains {', '.join(better)}" if better else "") + ")")

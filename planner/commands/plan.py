@@ -297,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
         "search_seconds": round(res.search_seconds, 4),
         "top": top_json(res),
         "pareto": [
-            {"tp": int(r.tp), "pp": int(r.pp), "dp": int(r.dp), "cp": int(r.cp), "vpp": int(r.vpp),
+            {"tp": int(r.tp), "pp": int(r.pp), "dp": int(r.dp), "cp": int(r.cp), "ep": int(r.ep), "vpp": int(r.vpp),
              "sharding": r.sharding, "micro_batch_size": int(r.micro), "recompute": r.recompute,
              "predicted_peak_memory_gb": round(float(r.peak_memory_gb), 3),
              "predicted_tokens_per_sec_per_gpu": round(float(r.tokens_per_sec_per_gpu), 3)}
@@ -333,12 +333,12 @@ def _print(out: dict[str, Any]) -> None:
         f"in {out['search_seconds']:.3f} s"
     )
     t = Table(title="Ranked layouts")
-    for col in ("#", "tp", "pp", "dp", "cp", "vpp", "ZeRO", "shard", "mbs", "recompute", "sp",
+    for col in ("#", "tp", "pp", "dp", "cp", "ep", "vpp", "ZeRO", "shard", "mbs", "recompute", "sp",
                 "tokens/s/GPU", "MFU %", "mem GB", "step s"):
         t.add_column(col, justify="right")
     for i, r in enumerate(out["top"], 1):
         rc = r["recompute"] + (f" ({r['recompute_layers']})" if r["recompute_layers"] else "")
-        t.add_row(str(i), str(r["tp"]), str(r["pp"]), str(r["dp"]), str(r["cp"]), str(r["vpp"]),
+        t.add_row(str(i), str(r["tp"]), str(r["pp"]), str(r["dp"]), str(r["cp"]), str(r.get("ep", 1)), str(r["vpp"]),
                   r["sharding"], str(r["dp_shard"] or "all"), str(r["micro_batch_size"]), rc,
                   "y" if r["sequence_parallel"] else "", f"{r['predicted_tokens_per_sec_per_gpu']:.1f}",
                   f"{r['predicted_mfu_pct']:.1f}", f"{r['predicted_peak_memory_gb']:.1f}",

@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any
 
+import numpy as np
+
 from costmodels.cases import single_case
 from costmodels.errors import MeshplanError
 from costmodels.profile import load_profile
@@ -41,13 +43,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_framework_arg(p)
     p.add_argument("--config", help="YAML with model / cluster / layout sections (flags override)")
     p.add_argument("--profile", help="calibration profile YAML (default: the shipped one)")
+    p.add_argument("--moe-imbalance", type=float, default=None,
+                   help="MoE load imbalance, max / mean tokens per expert (1.0: balanced; "
+                        "default: the profile's, measured by `meshplan calibrate` on your runs)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
 
-def predict_dict(model, layout: Layout, cluster, profile, framework: str | None = None) -> dict[str, Any]:
+def predict_dict(model, layout: Layout, cluster, profile, framework: str | None = None,
+                 moe_imbalance: float | None = None) -> dict[str, Any]:
     layout.check_against(model, cluster.num_gpus)
-    out = evaluate(single_case(model, layout, cluster, profile.hardware.get(cluster.accelerator), framework), profile)
+    cases = single_case(model, layout, cluster, profile.hardware.get(cluster.accelerator), framework)
+    if moe_imbalance is not None:
+        if not moe_imbalance >= 1.0:
+            raise MeshplanError(f"--moe-imbalance={moe_imbalance}: max / mean expert load is >= 1.0 "
+                                "(1.0 = balanced)")
+        cases["moe_imbalance"] = np.full(1, float(moe_imbalance))
+    out = evaluate(cases, profile)
     v = {k: float(x[0]) for k, x in out.items()}
     unc = profile.uncertainty
     tps_lo, tps_hi = interval(out["tokens_per_sec_per_gpu"], unc.get("throughput"), model.param_count())
@@ -55,7 +67,8 @@ def predict_dict(model, layout: Layout, cluster, profile, framework: str | None 
     tokens_step = layout.global_batch * model.seq_len
     world = cluster.num_gpus
     return {
-        "model": model.name, "params": model.param_count(), "accelerator": cluster.accelerator,
+        "model": model.name, "params": model.param_count(),
+        "active_params": model.param_count(active_only=True), "accelerator": cluster.accelerator,
         "gpus": cluster.num_gpus, "layout": layout.to_dict(),
         "memory_gb": {
             "weights": v["mem_weights_gb"], "gradients": v["mem_gradients_gb"],
@@ -64,7 +77,8 @@ def predict_dict(model, layout: Layout, cluster, profile, framework: str | None 
             "total": v["peak_memory_gb"], "capacity": v["hbm_gb"],
         },
         "step_time_s": {
-            "compute": v["compute_s"], "tp_comm": v["tp_comm_s"], "cp_comm": v["cp_comm_s"],
+            "compute": v["compute_s"], "tp_comm": v["tp_comm_s"], "moe_comm": v["moe_comm_s"],
+            "cp_comm": v["cp_comm_s"],
             "pp_bubble": v["pp_bubble_s"], "pp_p2p": v["pp_p2p_s"],
             "dp_comm_total": v["dp_comm_s"], "dp_comm_exposed": v["dp_exposed_s"],
             "optimizer": v["optimizer_s"], "straggler_sync": v["sync_s"], "total": v["step_time_s"],
@@ -117,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
         layout = Layout.from_dict(lay)
     except TypeError as exc:
         raise MeshplanError(f"layout: {exc}") from None
-    result = predict_dict(model, layout, cluster, load_profile(args.profile), args.framework)
+    result = predict_dict(model, layout, cluster, load_profile(args.profile), args.framework,
+                          args.moe_imbalance)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

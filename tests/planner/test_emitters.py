@@ -285,11 +285,16 @@ def _megatron_parser() -> argparse.ArgumentParser:
                  "--train-iters", "--lr-warmup-iters", "--lr-decay-iters", "--lr-wsd-decay-iters",
                  "--seed", "--log-interval", "--save-interval", "--num-experts",
                  "--moe-router-topk", "--expert-model-parallel-size", "--moe-ffn-hidden-size",
-                 "--rotary-base"):
+                 "--rotary-base", "--moe-shared-expert-intermediate-size", "--kv-channels"):
         p.add_argument(flag, type=int)
     for flag in ("--lr", "--min-lr", "--weight-decay", "--adam-beta1", "--adam-beta2",
-                 "--adam-eps", "--clip-grad", "--norm-epsilon"):
+                 "--adam-eps", "--clip-grad", "--norm-epsilon", "--moe-aux-loss-coeff",
+                 "--moe-z-loss-coeff", "--moe-expert-capacity-factor"):
         p.add_argument(flag, type=float)
+    p.add_argument("--moe-token-dispatcher-type", choices=["allgather", "alltoall", "flex"])
+    p.add_argument("--moe-router-score-function", choices=["softmax", "sigmoid"])
+    p.add_argument("--moe-token-drop-policy", choices=["probs", "position"])
+    p.add_argument("--moe-layer-freq", type=lambda s: eval(s, {}))  # Megatron evaluates the list
     p.add_argument("--recompute-granularity", choices=["full", "selective"])
     p.add_argument("--recompute-method", choices=["uniform", "block"])
     p.add_argument("--lr-decay-style",
@@ -300,7 +305,9 @@ def _megatron_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8-format", choices=["e4m3", "hybrid"])
     for flag in ("--sequence-parallel", "--use-distributed-optimizer", "--use-torch-fsdp2",
                  "--group-query-attention", "--swiglu", "--bf16", "--fp16",
-                 "--untie-embeddings-and-output-weights", "--disable-bias-linear"):
+                 "--untie-embeddings-and-output-weights", "--disable-bias-linear",
+                 "--moe-grouped-gemm", "--moe-router-pre-softmax", "--moe-shared-expert-gate",
+                 "--moe-router-force-load-balancing", "--qk-layernorm", "--add-qkv-bias"):
         p.add_argument(flag, action="store_true")
     return p
 
@@ -351,6 +358,24 @@ def test_megatron_moe_flags():
     p.check()
     ns = _parse_megatron_file(emitters.megatron_args_text(p))
     assert (ns.num_experts, ns.moe_router_topk, ns.expert_model_parallel_size) == (8, 2, 8)
+    assert ns.moe_grouped_gemm and ns.moe_token_dispatcher_type == "alltoall"
+    assert (ns.moe_ffn_hidden_size, ns.moe_router_score_function) == (14336, "softmax")
+
+
+def test_megatron_moe_flags_for_shared_experts_dense_layers_and_qwen3_heads():
+    ds = get_preset("deepseek-v3-style").with_(layers=8, dense_layers=3)
+    p = Plan(model=ds.to_dict(), cluster=dict(accelerator="h100-sxm", num_gpus=16, gpus_per_node=8, num_nodes=2),
+             layout=dict(dp=16, ep=16, micro_batch_size=1, global_batch_size=16),
+             train=dict(moe_force_balance=True, moe_z_loss_coef=1e-3))
+    ns = _parse_megatron_file(emitters.megatron_args_text(p))
+    assert ns.moe_layer_freq == [0, 0, 0, 1, 1, 1, 1, 1]
+    assert ns.moe_shared_expert_intermediate_size == 2048 and ns.moe_router_score_function == "sigmoid"
+    assert ns.moe_router_force_load_balancing and ns.moe_z_loss_coeff == 1e-3
+    q = Plan(model=get_preset("qwen3-30b-a3b").to_dict(),
+             cluster=dict(accelerator="h100-sxm", num_gpus=8, gpus_per_node=8, num_nodes=1),
+             layout=dict(dp=8, ep=8, micro_batch_size=1, global_batch_size=8))
+    nq = _parse_megatron_file(emitters.megatron_args_text(q))
+    assert nq.qk_layernorm and nq.kv_channels == 128 and nq.num_experts == 128
 
 
 # --------------------------------------------------------------------------- writing
