@@ -25,7 +25,8 @@ from planner.validate import breakdown, validate_runs
 TOP_CACHED = 50  # layouts kept per search; the "show top N" slider slices these
 MEMORY_PARTS = ("weights", "gradients", "optimizer", "activations", "buffers", "overhead")
 TIME_PARTS = {  # breakdown column -> label, in the order a step spends it
-    "compute_s": "compute", "tp_comm_s": "exposed TP comm", "cp_comm_s": "exposed CP comm",
+    "compute_s": "compute", "tp_comm_s": "exposed TP comm", "moe_comm_s": "MoE all-to-all",
+    "cp_comm_s": "exposed CP comm",
     "pp_p2p_s": "PP p2p", "pp_bubble_s": "PP bubble", "dp_exposed_s": "exposed DP comm",
     "optimizer_s": "optimizer", "sync_s": "straggler sync",
 }

@@ -28,8 +28,8 @@ experts with `all_to_all_single` (variable splits; Lepikhin et al. 2021 §2.2 di
 combine), the experts run on what they received, and a second all-to-all brings the
 outputs back. Tensor parallelism (expert-tensor-parallel = tp, Megatron-Core's default)
 splits every expert's hidden units across the TP group like a dense MLP; the layer then
-sees the whole token set on every TP rank and its output is a partial sum the TP style
-reduces (`executor.parallel.tp`).
+sees the whole token set on every TP rank and its output is a partial sum the TP hooks
+reduce (`executor.parallel.ep`).
 """
 
 from __future__ import annotations
@@ -81,7 +81,9 @@ def grouped_mm_fallback(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> 
     expert over its rows."""
     outs = [chunk @ w[e] for e, chunk in enumerate(torch.split(x, counts)) if counts[e]]
     if not outs:
-        return x.new_zeros(0, w.shape[-1])
+        # no token for any local expert: a 0-row product keeps x and w in the graph, so this
+        # rank still runs the backward all-to-alls its ep peers wait for and gets zero grads
+        return x @ w[0]
     return torch.cat(outs)
 
 
