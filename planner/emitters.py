@@ -256,6 +256,9 @@ def megatron_unsupported(plan: Plan) -> str | None:
     if lay.pp > 1 and lay.vpp == 1 and lay.schedule == "gpipe":
         return ("layout.schedule=gpipe: Megatron-LM pipelines run 1F1B (or interleaved 1F1B) "
                 "only; plan with schedule 1f1b for Megatron")
+    if plan.model_spec().is_moe and lay.tp > 1 and not lay.sequence_parallel:
+        return ("layout.sequence_parallel=false: Megatron-Core runs MoE layers under tensor "
+                "parallelism only with sequence parallelism; set layout.sequence_parallel=true")
     if lay.recompute == "full" and lay.recompute_layers % lay.vpp:
         return (f"layout.recompute_layers={lay.recompute_layers}: Megatron-LM's "
                 f"--recompute-num-layers counts per virtual chunk; use a multiple of vpp={lay.vpp}")

@@ -354,8 +354,11 @@ def test_megatron_args_small_plan_variants():
 def test_megatron_moe_flags():
     p = Plan(model=get_preset("mixtral-8x7b").to_dict(),
              cluster=dict(accelerator="h100-sxm", num_gpus=64, gpus_per_node=8, num_nodes=8),
-             layout=dict(tp=2, pp=4, dp=8, ep=8, micro_batch_size=1, global_batch_size=64))
+             layout=dict(tp=2, pp=4, dp=8, ep=8, micro_batch_size=1, global_batch_size=64,
+                         sequence_parallel=True))
     p.check()
+    no_sp = p.model_copy(update={"layout": p.layout.model_copy(update={"sequence_parallel": False})})
+    assert "# not emitted: layout.sequence_parallel=false" in emitters.megatron_args_text(no_sp)
     ns = _parse_megatron_file(emitters.megatron_args_text(p))
     assert (ns.num_experts, ns.moe_router_topk, ns.expert_model_parallel_size) == (8, 2, 8)
     assert ns.moe_grouped_gemm and ns.moe_token_dispatcher_type == "alltoall"
