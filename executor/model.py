@@ -189,11 +189,6 @@ class Transformer(nn.Module):
             layer.attention.recompute_core = mode == "selective"
         return min(n_full, len(blocks)) if mode == "full" else (len(blocks) if mode == "selective" else 0)
 
-    def moe_layers(self) -> dict[int, MoEFeedForward]:
-        """This module's MoE feed-forwards by global layer index."""
-        return {int(i): b.feed_forward for i, b in self.layers.items()
-                if isinstance(b.feed_forward, MoEFeedForward)}
-
     def block_calls(self) -> tuple[int, int]:
         """(block forwards, attention-core forwards) executed so far, recomputations included."""
         blocks = list(self.layers.values())

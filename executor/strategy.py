@@ -174,7 +174,14 @@ class Strategy:
         spec = getattr(parts[0], "spec", None)
         if spec is None or not spec.is_moe:
             return {}
-        return stats_metrics(collect_stats(parts, spec.layers, spec.num_experts), spec.num_experts)
+        stats = self.reduce_moe_stats(collect_stats(parts, spec.layers, spec.num_experts))
+        return stats_metrics(stats, spec.num_experts, replicas=self.moe_stat_replicas)
+
+    moe_stat_replicas = 1  # ranks that route the same tokens (the TP group)
+
+    def reduce_moe_stats(self, stats: torch.Tensor) -> torch.Tensor:
+        """Sum the per-rank routing statistics over every rank (one process: as is)."""
+        return stats
 
     def model_parts(self) -> list[nn.Module]:
         """The modules this rank holds (one, or several pipeline chunks)."""

@@ -240,18 +240,13 @@ class DistributedStrategy(Strategy):
             ordered = [p for part in self.model_parts() for p in part.parameters() if id(p) in experts]
             all_reduce_gradients(ordered, edp_group(self.dims, self.plan.layout.ep), self.grad_replicas)
 
-    def moe_metrics(self) -> dict[str, Any]:
-        """Routing statistics of this step summed over every rank (TP ranks route the same
-        tokens: counted once)."""
-        from executor.moe import collect_stats, stats_metrics
+    @property
+    def moe_stat_replicas(self) -> int:  # TP ranks route the same tokens: counted once
+        return self.dims.tp
 
-        parts = self.model_parts()
-        spec = getattr(parts[0], "spec", None)
-        if spec is None or not spec.is_moe:
-            return {}
-        stats = collect_stats(parts, spec.layers, spec.num_experts)
+    def reduce_moe_stats(self, stats: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(stats)
-        return stats_metrics(stats, spec.num_experts, replicas=self.dims.tp)
+        return stats
 
     # ------------------------------------------------------------------ step
     def _sum_loss(self, local: torch.Tensor) -> torch.Tensor:
