@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from costmodels import pipeline
 from costmodels.cases import SCHEDULES as SCHEDULE_NAMES
 from costmodels.specs import RECOMPUTES, SHARDINGS, Layout, ModelSpec, SpecError
 
@@ -100,11 +101,9 @@ RULES: tuple[Rule, ...] = (
     Rule("tied_pp", lambda m, c: _full(m, c, m.tied_embeddings) & (_i(c, "pp") > 1),
          lambda m, lay: "layout.pp > 1 needs untied embeddings (model.tied_embeddings=false)"),
     Rule("pp_microbatches",
-         lambda m, c: (_i(c, "pp") > 1) & (_i(c, "schedule") != SCHEDULE_NAMES.index("gpipe"))
-         & (_grad_accum(c) < _i(c, "pp")),
-         lambda m, lay: f"layout.schedule={lay.effective_schedule}: {lay.grad_accum} micro-batches "
-                        f"per step is fewer than pp={lay.pp} (1F1B needs >= pp); raise "
-                        "global_batch_size, lower micro_batch_size, or use schedule gpipe"),
+         lambda m, c: (_i(c, "pp") > 1) & ~pipeline.microbatches_admitted(c["schedule"], c["pp"], _grad_accum(c)),
+         lambda m, lay: f"{pipeline.microbatch_problem(lay.schedule, lay.pp, lay.vpp, lay.grad_accum)}; "
+                        "raise global_batch_size, lower micro_batch_size, or use schedule gpipe"),
     Rule("recompute_layers_mode",
          lambda m, c: (_i(c, "recompute_layers") > 0) & (_i(c, "recompute") != RECOMPUTES.index("full")),
          lambda m, lay: f"layout.recompute_layers={lay.recompute_layers} applies to full "
@@ -127,7 +126,7 @@ def layout_columns(layout: Layout) -> Cols:
     one = lambda v: np.asarray([v])  # noqa: E731
     return {
         "tp": one(layout.tp), "pp": one(layout.pp), "dp": one(layout.dp), "cp": one(layout.cp),
-        "ep": one(layout.ep), "vpp": one(layout.vpp), "micro": one(layout.micro_batch),
+        "ep": one(layout.ep), "vpp": one(layout.stages_per_rank), "micro": one(layout.micro_batch),
         "gbs": one(layout.global_batch), "sharding": one(SHARDINGS.index(layout.sharding)),
         "recompute": one(RECOMPUTES.index(layout.recompute)), "sp": one(layout.sequence_parallel),
         "schedule": one(SCHEDULE_NAMES.index(layout.effective_schedule)),

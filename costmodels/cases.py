@@ -13,6 +13,7 @@ import numpy as np
 
 from costmodels.comm import group_link
 from costmodels.hardware import cpu_threads_per_rank, get_accelerator
+from costmodels.pipeline import SCHEDULE_NAMES
 from costmodels.profile import GENERATION
 from costmodels.specs import PRECISIONS, RECOMPUTES, SHARDINGS, ClusterSpec, Layout, ModelSpec
 from costmodels.stacks import stack_columns, stack_for
@@ -20,7 +21,7 @@ from costmodels.stacks import stack_columns, stack_for
 Cases = dict[str, np.ndarray]
 
 GEN_ORDER = ("ampere", "hopper", "blackwell", "cdna3", "cpu", "cdna4")
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
+SCHEDULES = SCHEDULE_NAMES
 TP_COLLECTIVE_FALLBACK = {"tp_allgather": "allgather", "tp_reduce_scatter": "reduce_scatter"}
 
 
@@ -143,7 +144,7 @@ def layout_columns(layouts: Iterable[Layout]) -> dict[str, np.ndarray]:
     col = lambda f: np.array([f(r) for r in rows])  # noqa: E731
     return {
         "tp": col(lambda r: r.tp), "pp": col(lambda r: r.pp), "dp": col(lambda r: r.dp),
-        "cp": col(lambda r: r.cp), "ep": col(lambda r: r.ep), "vpp": col(lambda r: r.vpp),
+        "cp": col(lambda r: r.cp), "ep": col(lambda r: r.ep), "vpp": col(lambda r: r.stages_per_rank),
         "sharding": col(lambda r: SHARDINGS.index(r.sharding)),
         "micro": col(lambda r: r.micro_batch), "gbs": col(lambda r: r.global_batch),
         "recompute": col(lambda r: RECOMPUTES.index(r.recompute)),
@@ -189,6 +190,8 @@ def _measured(cluster: ClusterSpec, precision: str, hw: Mapping[str, float]) -> 
         # siblings): the ranks together never exceed the all-core figure `meshplan bench`
         # measured, so each gets at most its share of it.
         share = min(1.0, cores / (ranks * threads))
+        cols["core_share"] = share
+        cols["core_capacity"] = cores / threads  # ranks the host runs at full speed at once
         busy = 1.0 / ranks  # this rank's share of the host's all-core figure
         key = "fp32_tflops" if precision == "fp32" else "bf16_tflops"
         rate = _thread_rate(hw, key, threads, cores)

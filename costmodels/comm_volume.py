@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from costmodels.pipeline import rank_layer_counts
+from costmodels.pipeline import placement, rank_layer_counts
 from costmodels.specs import Layout, ModelSpec
 
 KINDS: tuple[str, ...] = (
@@ -140,12 +140,21 @@ def _padded(shape: tuple[int, ...], shards: int) -> int:
     return math.ceil(shape[0] / shards) * shards * rest
 
 
+def whole_tensor_grad_norm(layout: Layout) -> bool:
+    """Whether every rank holds whole parameter tensors with whole gradients (no TP, ZeRO
+    or expert split; pipeline stages and data-parallel replicas only): the executor then
+    gathers one norm per tensor and clips exactly as one process would."""
+    return (layout.tp == 1 and layout.sharding == "none" and layout.ep == 1
+            and layout.engine == "torch" and layout.world_size > 1)
+
+
 def _recomputed_layers_mean(model: ModelSpec, layout: Layout) -> float:
     """Blocks recomputed per pipeline rank, mean over ranks: every block under selective
     (its core), the first `recompute_layers` of each rank under full (0 = all)."""
     if layout.recompute == "none":
         return 0.0
-    counts = rank_layer_counts(model.layers, layout.pp, layout.vpp)
+    counts = rank_layer_counts(model.layers, layout.pp, layout.stages_per_rank,
+                               placement(layout.effective_schedule))
     if layout.recompute == "full" and layout.recompute_layers:
         counts = [min(layout.recompute_layers, c) for c in counts]
     return sum(counts) / layout.pp
@@ -163,9 +172,15 @@ def comm_volume(model: ModelSpec, layout: Layout) -> CommVolume:
         _deepspeed_terms(vol, model, layout)
         return vol
 
-    # Loss and squared gradient norm: one fp32 scalar all-reduce each over the world.
+    # Loss and gradient norm: an fp32 scalar all-reduce each over the world, or, where every
+    # rank holds whole parameter tensors, one fp32 norm per parameter tensor (the executor
+    # then combines them as torch.nn.utils.clip_grad_norm_ does in one process).
     if layout.world_size > 1:
-        vol.add("all_reduce", 8, "executor: loss sum + global grad-norm^2 (fp32 scalars)")
+        if whole_tensor_grad_norm(layout):
+            vol.add("all_reduce", 4 + 4 * len(param_shapes(model)),
+                    "executor: loss sum + one fp32 grad norm per parameter tensor")
+        else:
+            vol.add("all_reduce", 8, "executor: loss sum + global grad-norm^2 (fp32 scalars)")
 
     # Every term below is per rank of one pipeline stage; the mean over stages divides the
     # model's (tensor-parallel-local) parameters by pp. MoE experts sharded over ep (or on
@@ -272,12 +287,14 @@ def comm_volume(model: ModelSpec, layout: Layout) -> CommVolume:
                 "CP recompute: K / V gathered again when the attention core re-runs")
 
     if layout.pp > 1:
-        stages = layout.pp * layout.vpp
+        stages = layout.pp * layout.stages_per_rank
+        # a V turns on the last rank: stages pp - 1 and pp sit together, nothing is sent
+        crossings = stages - 1 - (placement(layout.effective_schedule) == "v")
         boundary = tokens * h * e_act / (layout.tp if layout.sequence_parallel else 1)
-        vol.add("send_recv", 2 * (stages - 1) * M * boundary / pp,
+        vol.add("send_recv", 2 * crossings * M * boundary / pp,
                 "PP: each micro-batch's activations (this rank's sequence shard under CP / SP) "
-                "cross pp*vpp-1 stage boundaries forward and their grads backward (Narayanan "
-                "et al. 2021 §2); mean over pp ranks")
+                "cross the rank boundaries between its stages forward and their grads "
+                "backward (Narayanan et al. 2021 §2); mean over pp ranks")
     return vol
 
 

@@ -117,22 +117,6 @@ def op_level_sac_activation_bytes(
     return tokens * act_bytes * (2 * h + 0.5 * mm_outputs) / t
 
 
-def inflight_microbatches_first_stage(
-    pp: ArrayLike, vpp: ArrayLike, micro_batches: ArrayLike, gpipe: bool | np.ndarray = False
-) -> ArrayLike:
-    """Micro-batches whose activations the first stage holds at its peak, in units of one
-    micro-batch through all of that stage's layers.
-
-    1F1B: p in flight on stage 1 (Narayanan et al. 2021, Sec. 2.2.1); interleaved with v
-    chunks: p (1 + (p - 1)/(p v)) (Korthikanti et al. 2022, Sec. 4.2.3); GPipe: all m.
-    """
-    m = np.maximum(micro_batches, 1)
-    one_f_one_b = np.minimum(pp, m)
-    interleaved = np.minimum(pp * (1 + (pp - 1) / (pp * vpp)), m * 1.0)
-    steady = np.where(vpp > 1, interleaved, one_f_one_b)
-    return np.where(gpipe, m, steady)
-
-
 def logits_bytes(tokens: ArrayLike, vocab: ArrayLike, t: ArrayLike, bytes_per_logit: ArrayLike = 6.0) -> ArrayLike:
     """Last stage at the loss: bytes per logit element, vocab split across TP. A fused /
     vocab-parallel cross entropy holds the 16-bit logits and one fp32 buffer it computes the

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from costmodels import pipeline
 from costmodels.errors import MeshplanError
 
 MlpKind = Literal["swiglu", "gelu"]
@@ -22,7 +23,7 @@ Sharding = Literal["none", "zero1", "zero2", "zero3"]
 Recompute = Literal["none", "selective", "full"]
 Precision = Literal["bf16", "fp8", "fp16", "fp32"]
 Engine = Literal["torch", "deepspeed"]
-Schedule = Literal["gpipe", "1f1b", "interleaved"]
+Schedule = Literal["gpipe", "1f1b", "interleaved", "zbh1", "interleaved_zb", "zbv", "dualpipev"]
 
 SHARDINGS: tuple[str, ...] = ("none", "zero1", "zero2", "zero3")
 RECOMPUTES: tuple[str, ...] = ("none", "selective", "full")
@@ -357,7 +358,12 @@ class Layout:
         _one_of(self, "recompute", RECOMPUTES)
         _one_of(self, "precision", PRECISIONS)
         _one_of(self, "engine", ("torch", "deepspeed"))
-        _one_of(self, "schedule", ("gpipe", "1f1b", "interleaved"))
+        _one_of(self, "schedule", pipeline.SCHEDULE_NAMES)
+        _require(
+            pipeline.placement(self.schedule) != "v" or self.vpp in (1, 2),
+            f"Layout.vpp={self.vpp}: schedule {self.schedule} holds two stages per rank (a V); "
+            "set vpp=2 (or leave it at 1)",
+        )
         _require(
             self.global_batch % (self.micro_batch * self.dp) == 0,
             f"Layout.global_batch={self.global_batch} must be a multiple of micro_batch x dp "
@@ -387,7 +393,13 @@ class Layout:
 
     @property
     def effective_schedule(self) -> str:
-        return "interleaved" if self.vpp > 1 else self.schedule
+        """The schedule this layout runs (`costmodels.pipeline.effective`)."""
+        return pipeline.effective(self.schedule, self.vpp)
+
+    @property
+    def stages_per_rank(self) -> int:
+        """Pipeline stages each rank holds: vpp, or the two of a V schedule."""
+        return pipeline.stages_per_rank(self.schedule, self.vpp) if self.pp > 1 else 1
 
     def check_against(self, model: ModelSpec, world_size: int | None = None) -> None:
         """Check the layout fits the model (and the GPU count when given)."""
@@ -405,10 +417,12 @@ class Layout:
             model.kv_heads % self.tp == 0 or self.tp % model.kv_heads == 0,
             f"layout.tp={self.tp} must divide or be a multiple of kv_heads={model.kv_heads}",
         )
+        stages = self.pp * self.stages_per_rank
+        what = (f"layout.pp*vpp={stages}" if self.stages_per_rank == self.vpp else
+                f"layout.pp={self.pp} x {self.stages_per_rank} stages per rank ({self.schedule})")
         _require(
-            self.pp * self.vpp <= model.layers,
-            f"layout.pp*vpp={self.pp * self.vpp} exceeds the model's {model.layers} layers; "
-            "use fewer pipeline stages",
+            stages <= model.layers,
+            f"{what} exceeds the model's {model.layers} layers; use fewer pipeline stages",
         )
         _require(
             model.seq_len % (2 * self.cp) == 0 or self.cp == 1,
@@ -425,13 +439,9 @@ class Layout:
                 (self.dp * self.cp) % self.ep == 0,
                 f"layout.ep={self.ep} must divide dp*cp={self.dp * self.cp}",
             )
-        if self.vpp > 1:
-            m = self.grad_accum
-            _require(
-                m % self.pp == 0,
-                f"layout.vpp={self.vpp}: the interleaved schedule needs micro-batches per step "
-                f"({m}) to be a multiple of pp={self.pp}; raise global_batch or lower micro_batch",
-            )
+        if self.pp > 1:
+            problem = pipeline.microbatch_problem(self.schedule, self.pp, self.vpp, self.grad_accum)
+            _require(not problem, f"{problem}; raise global_batch or lower micro_batch")
         # Interleaved chunks may be uneven (Megatron-Core's uneven pipeline split): the slowest
         # stage then holds ceil(layers / (pp * vpp)) layers per chunk.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from costmodels.errors import MeshplanError
+from costmodels.pipeline import SCHEDULE_NAMES
 
 ATTENTION_IMPLS = ("math", "flash2", "flash3")  # codes 0, 1, 2 in the case table
 
@@ -28,6 +29,10 @@ ATTENTION_UTILISATION = {
     "flash2": {"ampere": 0.73, "hopper": 0.35, "blackwell": 0.35, "cdna3": 0.35, "cdna4": 0.35, "cpu": 1.0},
     "flash3": {"ampere": 0.73, "hopper": 0.75, "blackwell": 0.75, "cdna3": 0.75, "cdna4": 0.75, "cpu": 1.0},
 }
+
+
+CLASSIC_SCHEDULES = ("gpipe", "1f1b", "interleaved")
+MEGATRON_SCHEDULES = ("1f1b", "interleaved")
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,9 @@ class Stack:
     # reduce-scatters their outputs (Megatron-Core's alltoall dispatcher with expert TP =
     # TP), instead of routing the whole gathered token set on every TP rank (meshplan).
     moe_dispatch_sp: bool = False
+    # Pipeline schedules it runs (`costmodels.pipeline` names): Megatron-LM 1F1B and its
+    # interleaved form; torchtitan every `torch.distributed.pipelining` schedule.
+    pipeline_schedules: tuple[str, ...] = CLASSIC_SCHEDULES
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_IMPLS:
@@ -94,22 +102,25 @@ STACKS: dict[str, Stack] = {
         # README benchmarks run it: TP comm overlap, overlapped grad reduce and param gather,
         # distributed optimizer with fp32 main grads (Megatron-Core docs, "distributed optimizer").
         Stack("megatron-core", attention="flash3", fusion="fused", tp_comm_overlap=True,
-              moe_dispatch_sp=True),
-        Stack("nemo", attention="flash3", fusion="fused", tp_comm_overlap=True, moe_dispatch_sp=True),
+              moe_dispatch_sp=True, pipeline_schedules=MEGATRON_SCHEDULES),
+        Stack("nemo", attention="flash3", fusion="fused", tp_comm_overlap=True, moe_dispatch_sp=True,
+              pipeline_schedules=MEGATRON_SCHEDULES),
         # Megatron-LM as of Narayanan et al. 2021: fused scale-mask-softmax over materialised
         # scores, dropout on, TP collectives and the DP all-reduce not overlapped.
         Stack("megatron-lm-2021", attention="math", fusion="fused", dropout=True,
-              grad_reduce_overlap=False),
+              grad_reduce_overlap=False, pipeline_schedules=MEGATRON_SCHEDULES),
         # Megatron-DeepSpeed: FlashAttention-2, DeepSpeed ZeRO keeps fp16 grads beside the
         # fp32 partition (Rajbhandari et al. 2020, Sec. 5).
         Stack("megatron-deepspeed", attention="flash2", fusion="fused", grad_bytes=2.0,
-              grad_copy_bytes=4.0),
-        Stack("deepspeed", attention="flash2", fusion="eager", grad_bytes=2.0, grad_copy_bytes=4.0),
+              grad_copy_bytes=4.0, pipeline_schedules=MEGATRON_SCHEDULES),
+        # DeepSpeed's PipelineEngine runs its 1F1B TrainSchedule.
+        Stack("deepspeed", attention="flash2", fusion="eager", grad_bytes=2.0, grad_copy_bytes=4.0,
+              pipeline_schedules=("1f1b",)),
         # torchtitan (2024): SDPA's FlashAttention-2 backend, eager ops, FSDP2 with fp32
         # sharded params cast to bf16 per layer, op-level SAC for "selective".
         Stack("torchtitan", attention="flash2", fusion="eager", weight_bytes=4.0, optim_bytes=8.0,
               op_level_sac=True, ce_bytes_per_logit=12.0, fsdp_unsharded_with_pp=True,
-              recompute_early_stop=True),
+              recompute_early_stop=True, pipeline_schedules=SCHEDULE_NAMES),
         # llm-foundry / Composer: FSDP (1) with fp32 flat params, flash-attn 2.
         Stack("llm-foundry", attention="flash2", fusion="eager", weight_bytes=4.0, optim_bytes=8.0,
               ce_bytes_per_logit=12.0),
@@ -120,7 +131,8 @@ STACKS: dict[str, Stack] = {
         # This project's executor: torch SDPA, eager modules, FSDP2 / DDP; bf16 autocast over
         # fp32 parameters (they are the master: 4 + 4 + 8 bytes); torch.utils.checkpoint.
         Stack("meshplan", attention="flash2", fusion="eager", ce_bytes_per_logit=12.0,
-              weight_bytes=4.0, optim_bytes=8.0, recompute_early_stop=True),
+              weight_bytes=4.0, optim_bytes=8.0, recompute_early_stop=True,
+              pipeline_schedules=SCHEDULE_NAMES),
     )
 }
 DEFAULT_STACK = STACKS["meshplan"]

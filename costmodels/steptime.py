@@ -125,6 +125,9 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     def fwd_bwd(mm, nn, kk):
         return gemm(mm, nn, kk) + gemm(mm, kk, nn) + gemm(kk, nn, mm)
 
+    def wgrad(mm, nn, kk):  # the weight-gradient GEMM of fwd_bwd alone
+        return gemm(kk, nn, mm)
+
     qd = col("q_dim", h)
     qkv_n, o_k = (qd + 2 * kv) / tp, qd / tp
     t_attn_gemm_fwd = gemm(tok, qkv_n, h) + gemm(tok, h, o_k)
@@ -133,11 +136,14 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     dense_ffn = col("dense_ffn", ffn)
     t_dense_fwd = gemm(tok, (mats - 1) * dense_ffn / tp, h) + gemm(tok, h, dense_ffn / tp)
     t_dense = fwd_bwd(tok, (mats - 1) * dense_ffn / tp, h) + fwd_bwd(tok, h, dense_ffn / tp)
-    moe = _moe_layer(c, prof, tok, h, ffn, mats, tp, ep, experts, act_exp, gemm, fwd_bwd, peak_gemm,
+    moe = _moe_layer(c, prof, tok, h, ffn, mats, tp, ep, experts, act_exp, gemm, fwd_bwd, wgrad, peak_gemm,
                      gen_eff, hbm_bw, gemm_bytes, sms, pad_to, ab, elem_bw_eff(elem_bw, on_cpu, prof))
     moe_frac = col("moe_frac", 0.0)
     t_gemm_fwd = t_attn_gemm_fwd + moe_frac * moe["gemm_fwd"] + (1 - moe_frac) * t_dense_fwd
     t_gemm = t_attn_gemm + moe_frac * moe["gemm"] + (1 - moe_frac) * t_dense
+    # Weight-gradient GEMMs alone: what zero-bubble schedules defer into the bubble.
+    t_gemm_w = wgrad(tok, qkv_n, h) + wgrad(tok, h, o_k) + moe_frac * moe["gemm_w"] + (1 - moe_frac) * (
+        wgrad(tok, (mats - 1) * dense_ffn / tp, h) + wgrad(tok, h, dense_ffn / tp))
 
     # Attention as the stack runs it.
     attn_impl = stack["attn_impl"].astype(int)
@@ -180,6 +186,11 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
         np.where(recompute == 1, np.where(stack["op_level_sac"], 0.5 * t_gemm_fwd + t_attn_fwd, t_attn_fwd), 0.0),
     )
     t_layer = t_gemm + t_attn + t_elem + recompute_fwd + t_gaps
+    # Shares of a layer's work in forward and in the weight-gradient step; the rest (input
+    # gradients, recompute) is the input-gradient step (Qi et al. 2023, Sec. 2: F, B, W).
+    work = np.maximum(t_gemm + t_attn + t_elem + recompute_fwd, 1e-30)
+    fwd_share = (t_gemm_fwd + t_attn_fwd + t_elem_fwd) / work
+    wgrad_share = t_gemm_w / work
     t_layer = t_layer + np.where(on_cpu, prof.layer_overhead_s, 0.0) * np.where(recompute == 2, 1 + 0.5 * rc_frac, 1.0)
     # Host time per layer per micro-batch: each kernel is one op the host dispatches
     # (autograd included); CUDA graphs replay without it. The host runs ahead of the GPU, so
@@ -233,13 +244,22 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     compute = m * stage_mb
 
     # ---- pipeline bubble and p2p on the critical path
-    # The critical path of a synchronous pipeline is sum_i t_i + (m - 1) max_i t_i over stage
-    # times t_i: fill and drain run on the other stages, which hold layers but not the output
-    # head, so the bubble is (p - 1) / (v m) of the ideal *without* the logits.
-    bubble = np.where(pp > 1, pipeline.bubble_over_ideal(pp, m, vpp) * (m * (stage_mb - t_logits)), 0.0)
+    # Fill and drain run on the stages that hold layers but not the output head, so the
+    # schedule's bubble (`costmodels.pipeline.bubble_time`) is priced on a rank's micro-batch
+    # time without the logits, split into forward, input-gradient and weight-gradient steps.
+    schedule = np.asarray(c["schedule"])
+    t_stage = stage_mb - t_logits
+    t_f, t_w = fwd_share * t_stage, wgrad_share * t_stage
+    bubble = np.where(pp > 1, pipeline.bubble_time(schedule, pp, vpp, t_f, t_stage - t_f - t_w, t_w), 0.0)
     p2p_bytes = tok * h * ab / np.where(sp, tp, 1.0)
     pp_link = _op_link(c, "p2p", f64("pp_bw") * prof.link_eff, f64("pp_lat"))
-    t_p2p = np.where(pp > 1, 2 * (pp - 1) * comm.p2p_time(p2p_bytes, *pp_link), 0.0)
+    t_p2p = np.where(pp > 1, pipeline.critical_p2p_hops(schedule, pp) * comm.p2p_time(p2p_bytes, *pp_link), 0.0)
+    # What a rank idles in the pipeline per step, mean over ranks (the executor measures it):
+    # the bubble, the sends on the critical path, and the pace of the slowest stage — the
+    # output head on one rank, ceil-split layers on some — that the others wait for.
+    layer_mb = (stage_mb - t_logits) / np.maximum(layers_stage, 1.0)
+    pp_idle = np.where(pp > 1, bubble + t_p2p + m * ((layers_stage - layers / pp) * layer_mb
+                                                     + t_logits * (pp - 1) / pp), 0.0)
 
     # ---- data parallel / ZeRO
     dense_local = f64("params_layer_dense") * layers_stage / tp
@@ -339,6 +359,12 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
         "moe_comm_s": m * layers_stage * moe_comm,
         "cp_comm_s": m * layers_stage * t_cp,
         "pp_bubble_s": bubble,
+        "pp_idle_s": pp_idle,
+        "pp_head_s": t_logits,  # the output head per micro-batch on the last stage
+        # a CPU host's time-sharing: each rank's share of a core (figures above are at it)
+        # and the ranks it runs at full speed at once (`costmodels.pipeline_sim`)
+        "core_share": col("core_share", 1.0), "core_capacity": col("core_capacity", np.inf),
+        "pp_fwd_s": t_f, "pp_bwd_input_s": t_stage - t_f - t_w, "pp_bwd_weight_s": t_w,
         "pp_p2p_s": t_p2p,
         "dp_comm_s": t_dp,
         "dp_exposed_s": dp_exposed,
@@ -355,10 +381,11 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     return out
 
 
-def _moe_layer(c: Cases, prof: Profile, tok, h, ffn, mats, tp, ep, experts, k, gemm, fwd_bwd,
+def _moe_layer(c: Cases, prof: Profile, tok, h, ffn, mats, tp, ep, experts, k, gemm, fwd_bwd, wgrad,
                peak, eff, hbm_bw, gemm_bytes, sms, pad_to, ab, bw_elem) -> dict[str, np.ndarray]:
     """One MoE layer per micro-batch on one rank: GEMM time forward (`gemm_fwd`) and forward +
-    backward (`gemm`: router, routed experts, shared experts, token permutation), and the
+    backward (`gemm`: router, routed experts, shared experts, token permutation), the
+    weight-gradient GEMMs alone (`gemm_w`), and the
     exposed token exchange (`a2a`) and expert-TP gathers (`tp`)."""
     n = np.shape(tok)
     col = lambda key, d: np.asarray(c[key], dtype=np.float64) if key in c else np.full(n, d)  # noqa: E731
@@ -391,6 +418,8 @@ def _moe_layer(c: Cases, prof: Profile, tok, h, ffn, mats, tp, ep, experts, k, g
     # weighted, forward (read h, write k h; read k h, write h) and the same backward.
     perm_fwd = (2 + 2 * k) * tok_route * h * ab / bw_elem
     gemm_fwd = routed_fwd + router_fwd + shared_fwd + perm_fwd
+    gemm_w = grouped(h, up_n, m_e) + grouped(down_k, h, m_e) + wgrad(tok_route, experts, h) + np.where(
+        has_shared, wgrad(tok, sh_up, h) + wgrad(tok, h, sh_down), 0.0)
     total = routed + router + shared_t + 2 * perm_fwd
     # Dispatch + combine forward and their adjoints backward: 4 all-to-alls of the routed
     # copies over the ep group; each rank sends (n - 1) / n of its buffer, to its domain's
@@ -409,7 +438,7 @@ def _moe_layer(c: Cases, prof: Profile, tok, h, ffn, mats, tp, ep, experts, k, g
     gathered = imb * tok * k * h * ab
     moe_tp = np.where(sp_dispatch, 2 * (comm.allgather_time(gathered, tp, tp_bw, col("tp_lat", 0.0))
                                         + comm.reduce_scatter_time(gathered, tp, tp_bw, col("tp_lat", 0.0))), 0.0)
-    return {"gemm_fwd": gemm_fwd, "gemm": total, "a2a": a2a, "tp": moe_tp}
+    return {"gemm_fwd": gemm_fwd, "gemm": total, "gemm_w": gemm_w, "a2a": a2a, "tp": moe_tp}
 
 
 def elem_bw_eff(elem_bw: np.ndarray, on_cpu: np.ndarray, prof: Profile) -> np.ndarray:
@@ -483,19 +512,29 @@ def memory_breakdown(
     act_layer = np.where((recompute == 1) & stack["op_level_sac"], sac, act_layer)
     # Partial full recompute: recomputed layers keep their input only, the rest everything.
     act_layer = np.where(recompute == 2, rc_frac * act_layer + (1 - rc_frac) * act_none, act_layer)
-    inflight = pipeline.activation_multiplier(pp, vpp, m, np.asarray(c["schedule"]))
+    schedule = np.asarray(c["schedule"])
     tok = micro * seq / cp
     logits = memory.logits_bytes(tok, f64("vocab"), tp, stack["ce_bytes_per_logit"])
-    first = act_layer * layers_stage * inflight + memory.embedding_output_bytes(tok, h, tp, sp)
-    last = act_layer * layers_stage + logits
+    # First and last pipeline rank under the schedule (`costmodels.pipeline`); a V placement
+    # holds the embedding and the output head both on the first.
+    v_shape = pipeline.first_rank_holds_last_stage(schedule) & (pp > 1)
+    first = act_layer * layers_stage * pipeline.inflight_microbatches(schedule, pp, vpp, m, "first") \
+        + memory.embedding_output_bytes(tok, h, tp, sp) + np.where(v_shape | (pp == 1), logits, 0.0)
+    last = act_layer * layers_stage * pipeline.inflight_microbatches(schedule, pp, vpp, m, "last") \
+        + np.where(v_shape, 0.0, logits)
     # Full recompute still materialises one layer's full activations during its backward.
     working = np.where(recompute == 2, act_none, 0.0)
-    activations = np.maximum(first, np.where(pp > 1, last, first + logits)) + working
+    first_act, last_act = first + working, np.where(pp > 1, last + working, first + working)
+    activations = np.maximum(first_act, last_act)
     layer_params = params_local / np.maximum(layers_stage, 1)
     gather = np.where(sharding == 3, memory.zero3_gather_bytes(layer_params, 2.0), 0.0)
     buffers = gather + np.where((dp * cp) > 1, 2 * 25e6 * 2, 0.0)  # two 25 MB DDP/NCCL buckets, bf16
     tensors = states["weights"] + states["gradients"] + states["optimizer"] + activations + buffers
     total = tensors * prof.memory_factor + prof.memory_constant_gb * 1e9
+    states_bytes = states["weights"] + states["gradients"] + states["optimizer"] + buffers
+
+    def rank_total(act: np.ndarray) -> np.ndarray:
+        return ((states_bytes + act) * prof.memory_factor + prof.memory_constant_gb * 1e9) / 1e9
     return {
         "mem_weights_gb": states["weights"] / 1e9,
         "mem_gradients_gb": states["gradients"] / 1e9,
@@ -504,5 +543,7 @@ def memory_breakdown(
         "mem_buffers_gb": buffers / 1e9,
         "mem_overhead_gb": (total - tensors) / 1e9,
         "peak_memory_gb": total / 1e9,
+        "mem_first_stage_gb": rank_total(first_act),
+        "mem_last_stage_gb": rank_total(last_act),
         "hbm_gb": f64("hbm_bytes") / 1e9,
     }

@@ -438,6 +438,9 @@ class Trainer:
         comm = getattr(self.strategy, "step_comm_metrics", None)
         if comm is not None:  # distributed: measured vs predicted collective bytes
             rec.update(comm())
+        idle = getattr(self.strategy, "pipeline_idle", None)
+        if idle is not None and (pp := idle()):  # pipelines: measured bubble (idle / step)
+            rec.update(pp, pp_bubble_share=pp["pp_idle_s"] / step_time if step_time > 0 else 0.0)
         rec.update(self.strategy.moe_metrics())  # MoE: tokens per expert, imbalance, losses
         if decision.skip:
             self.state.skipped += 1
@@ -631,6 +634,17 @@ class Trainer:
                 # forgetting (old domains) / adaptation (new): final minus initial loss
                 "eval_loss_change": {d: domain_final[d] - v for d, v in self.init_eval.items()
                                      if d in domain_final},
+            }
+        predict_pipe = getattr(self.strategy, "predicted_pipeline", None)
+        shares = [r["pp_bubble_share"] for r in good[2:] if "pp_bubble_share" in r]
+        if predict_pipe is not None and shares:
+            # measured idle / step (mean over steps after the first two) beside the cost model's
+            out["pipeline"] = {
+                "schedule": self.strategy.applied.get("schedule"),
+                "micro_batches": self.strategy.applied.get("microbatches_per_step"),
+                "measured_bubble_share": float(np.mean(shares)),
+                "measured_idle_s": float(np.mean([r["pp_idle_s"] for r in good[2:] if "pp_idle_s" in r])),
+                **predict_pipe(),
             }
         if isinstance(pred_t, int | float) and pred_t > 0 and mean_t:
             out["measured_over_predicted_step_time"] = mean_t / float(pred_t)

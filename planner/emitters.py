@@ -21,6 +21,7 @@ from typing import Any
 
 from costmodels.errors import MeshplanError
 from costmodels.specs import ModelSpec
+from costmodels.stacks import stack_for
 from planner.planfile import Plan, atomic_write_text
 
 TORCHRUN_FILE = "launch_torchrun.sh"
@@ -253,9 +254,11 @@ def pipeline_layout_string(layers: int, pp: int, vpp: int) -> str:
 def megatron_unsupported(plan: Plan) -> str | None:
     """Why Megatron-LM cannot run this plan exactly, or None."""
     lay = plan.layout
-    if lay.pp > 1 and lay.vpp == 1 and lay.schedule == "gpipe":
-        return ("layout.schedule=gpipe: Megatron-LM pipelines run 1F1B (or interleaved 1F1B) "
-                "only; plan with schedule 1f1b for Megatron")
+    runs = stack_for("megatron-core").pipeline_schedules
+    if lay.pp > 1 and plan.layout_spec().effective_schedule not in runs:
+        return (f"layout.schedule={plan.layout_spec().effective_schedule}: Megatron-LM pipelines run "
+                f"{' / '.join(runs)} only; plan with schedule 1f1b (vpp > 1 for interleaved) "
+                "for Megatron, or launch with meshplan's executor")
     if plan.model_spec().is_moe and lay.tp > 1 and not lay.sequence_parallel:
         return ("layout.sequence_parallel=false: Megatron-Core runs MoE layers under tensor "
                 "parallelism only with sequence parallelism; set layout.sequence_parallel=true")

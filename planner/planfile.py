@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from costmodels.errors import MeshplanError
-from costmodels.specs import Layout, ModelSpec, SpecError
+from costmodels.specs import Layout, ModelSpec, Schedule, SpecError
 
 PLAN_VERSION = 1
 
@@ -50,7 +50,7 @@ class LayoutSection(_Section):
     global_batch_size: int = Field(1, ge=1)
     recompute: Literal["none", "selective", "full"] = "none"
     sequence_parallel: bool = False
-    schedule: Literal["gpipe", "1f1b", "interleaved"] = "1f1b"
+    schedule: Schedule = "1f1b"  # `costmodels.pipeline.SCHEDULE_NAMES`
     dp_shard: int = Field(0, ge=0)  # HSDP sharding-group size; 0 = all of dp
     recompute_layers: int = Field(0, ge=0)  # with recompute=full: layers per pipeline rank; 0 = all
 

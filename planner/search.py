@@ -15,6 +15,7 @@ import pandas as pd
 from costmodels.capabilities import RULES, refused_mask
 from costmodels.cases import SCHEDULES, build_cases
 from costmodels.errors import MeshplanError
+from costmodels.pipeline import microbatches_admitted
 from costmodels.profile import Profile
 from costmodels.specs import PRECISIONS, RECOMPUTES, SHARDINGS, ClusterSpec, Layout, ModelSpec
 from costmodels.steptime import evaluate
@@ -44,7 +45,9 @@ class SearchSpace:
     micro_batches: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32)
     shardings: tuple[str, ...] = SHARDINGS
     recomputes: tuple[str, ...] = RECOMPUTES
-    schedules: tuple[str, ...] = ("1f1b", "gpipe")
+    # Pipeline schedules at one stage per rank; with vpp > 1 1f1b runs interleaved and zbh1
+    # interleaved_zb; zbv and dualpipev hold two stages per rank (`costmodels.pipeline`).
+    schedules: tuple[str, ...] = ("1f1b", "gpipe", "zbh1", "zbv", "dualpipev")
     hsdp: bool = True  # also search sharding-group sizes (HSDP / MiCS / dist-opt instances)
     # Share of each stage's layers that full recompute applies to, in eighths.
     recompute_fractions: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
@@ -68,6 +71,8 @@ class SearchResult:
     ranked: pd.DataFrame  # fitting candidates, best first
     pareto: pd.DataFrame
     notes: list[str] = field(default_factory=list)
+    # pipeline schedule -> candidates evaluated under it
+    schedules_evaluated: dict[str, int] = field(default_factory=dict)
 
     def layout(self, i: int = 0) -> Layout:
         return row_to_layout(self.ranked.iloc[i], self.global_batch, self.table.attrs["precision"])
@@ -99,7 +104,8 @@ def enumerate_layouts(model: ModelSpec, cluster: ClusterSpec, global_batch: int,
     vpps = list(range(1, space.max_vpp + 1))
     shard = [SHARDINGS.index(s) for s in space.shardings]
     rec = [RECOMPUTES.index(r) for r in space.recomputes]
-    sched = [SCHEDULES.index(s) for s in space.schedules if s != "interleaved"]
+    single = {"interleaved": "1f1b", "interleaved_zb": "zbh1"}
+    sched = sorted({SCHEDULES.index(single.get(s, s)) for s in space.schedules})
     axes = [tps, pps, cps, vpps, list(space.micro_batches), shard, rec, [0, 1], sched]
     if not tps:
         raise MeshplanError(
@@ -115,19 +121,23 @@ def enumerate_layouts(model: ModelSpec, cluster: ClusterSpec, global_batch: int,
     # Interleaving needs PP; chunks may be uneven (the slowest stage gets ceil(L/(p v)) layers
     # per chunk, as Megatron-Core's uneven pipeline split does), but every chunk needs a layer.
     ok &= (vpp == 1) | (pp > 1)
-    ok &= (vpp == 1) | (sc == SCHEDULES.index("1f1b"))  # interleaving is a 1F1B variant
-    ok &= (sc == SCHEDULES.index("1f1b")) | (pp > 1)  # GPipe only differs under PP
+    code = {name: SCHEDULES.index(name) for name in SCHEDULES}
+    # interleaving: 1F1B -> interleaved 1F1B, ZB-H1 -> interleaved zero bubble
+    ok &= (vpp == 1) | (sc == code["1f1b"]) | (sc == code["zbh1"])
+    ok &= (sc == code["1f1b"]) | (pp > 1)  # the other schedules only differ under PP
     ok &= (sh == 0) | (dp * cp > 1)  # ZeRO needs replicas to shard over
+    v_shape = (sc == code["zbv"]) | (sc == code["dualpipev"])
+    vpp = np.where(v_shape, 2, vpp)  # a V holds two stages per rank (enumerated once, at vpp=1)
+    ok &= ~v_shape | (mesh[3].reshape(-1) == 1)
     ok &= pp * vpp <= model.layers
     m = global_batch // np.maximum(mb * dp, 1)
     ok &= (pp == 1) | (m >= 1)
-    # Interleaved 1F1B needs the micro-batch count to be a multiple of the stage count
-    # (Narayanan et al. 2021, Sec. 2.2.2; Megatron-LM enforces it).
-    ok &= (vpp == 1) | (m % np.maximum(pp, 1) == 0)
+    eff = np.where((vpp > 1) & (sc == code["1f1b"]), code["interleaved"],
+                   np.where((vpp > 1) & (sc == code["zbh1"]), code["interleaved_zb"], sc))
+    ok &= microbatches_admitted(eff, pp, m)  # the schedule's micro-batch rules
     base = {
         "tp": tp[ok], "pp": pp[ok], "dp": dp[ok], "cp": cp[ok], "vpp": vpp[ok], "micro": mb[ok],
-        "sharding": sh[ok], "recompute": rc[ok], "sp": sp[ok].astype(bool),
-        "schedule": np.where(vpp[ok] > 1, SCHEDULES.index("interleaved"), sc[ok]),
+        "sharding": sh[ok], "recompute": rc[ok], "sp": sp[ok].astype(bool), "schedule": eff[ok],
     }
     # Expand each row over its sharding-group sizes (powers of two dividing dp, below dp;
     # 0 = all of dp) and, for full recompute, the recomputed share of each stage's layers.
@@ -242,8 +252,11 @@ def search(
     table = _frame(cols, pred, fits)
     table.attrs["precision"] = space.precision
     elapsed = time.perf_counter() - t0
+    per_schedule = np.bincount(np.asarray(cols["schedule"], dtype=np.int64)[np.asarray(cols["pp"]) > 1],
+                               minlength=len(SCHEDULES))
     res = SearchResult(model, cluster, global_batch, table, n, elapsed, ranked.reset_index(drop=True),
-                       _frame(cols, pred, front).reset_index(drop=True))
+                       _frame(cols, pred, front).reset_index(drop=True),
+                       schedules_evaluated={name: int(k) for name, k in zip(SCHEDULES, per_schedule, strict=True) if k})
     res.notes.append(f"{n} candidates, {len(refused)} evaluated in {elapsed_eval:.3f} s; {fits.size} fit in memory"
                      + (f" and run on meshplan's executor ({n_refused} refused by its "
                         "capability contract first)" if space.executor_only else ""))

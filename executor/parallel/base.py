@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from costmodels.comm_volume import whole_tensor_grad_norm
 from costmodels.errors import MeshplanError
 from executor.applied import applied_layout, check_applied
 from executor.data.batch import Batch
@@ -33,6 +34,17 @@ from executor.parallel.zero1 import Zero1Partition
 from executor.strategy import Strategy, autocast_dtype, build_optimizer, token_loss_sum
 
 __all__ = ["DistributedStrategy", "token_loss_sum"]
+
+
+WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+def _plain_name(name: str) -> str:
+    """A parameter's name in the one-process model: wrapper segments (activation
+    checkpointing, torch.compile, FSDP1) and DDP's `module.` prefix removed."""
+    for seg in WRAPPER_SEGMENTS:
+        name = name.replace(seg, "")
+    return name.removeprefix("module.")
 
 
 def _is_dtensor(t: Any) -> bool:
@@ -77,6 +89,7 @@ class DistributedStrategy(Strategy):
         self.grad_replicas = self.dims.size("dp_cp")
         self.grad_sync = "none"
         self.applied: dict[str, Any] = {}
+        self._param_index: dict[str, int] = {}  # see remember_parameter_order
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -112,6 +125,10 @@ class DistributedStrategy(Strategy):
         dist.all_reduce(vals)
         keys = [*KINDS, "comm_wait_s", "pipeline_wait_s"]
         return {k: float(v) / self.world_size for k, v in zip(keys, vals.tolist(), strict=True)}
+
+    def pipeline_idle(self) -> dict[str, float]:
+        """Pipeline strategies: the step's idle time in the schedule (`pp_idle_s`)."""
+        return {}
 
     def predicted_comm(self) -> dict[str, float]:
         from costmodels.comm_volume import comm_volume
@@ -306,9 +323,39 @@ class DistributedStrategy(Strategy):
                     out.append(local_tensor(p.grad))
         return out
 
+    def remember_parameter_order(self, model: nn.Module) -> None:
+        """The one-process model's parameter order, before stages are cut or wrapped: where
+        every rank holds whole tensors (`costmodels.comm_volume.whole_tensor_grad_norm`) the
+        clip combines per-tensor norms in this order, as one process does."""
+        if whole_tensor_grad_norm(self.plan.layout_spec()):
+            self._param_index = {_plain_name(n): i for i, (n, _) in enumerate(model.named_parameters())}
+
+    def _whole_tensor_clip(self, max_norm: float) -> float:
+        """torch.nn.utils.clip_grad_norm_(foreach=True) over the whole model, bit for bit:
+        each tensor's norm by `torch._foreach_norm`, one owner rank per tensor (data-parallel
+        rank 0 of its stage), summed into the one-process order (x + 0 is exact), the norm
+        of the norms, and the clamped fp32 coefficient applied to every gradient."""
+        named = [(n, p.grad) for part in self.model_parts() for n, p in part.named_parameters()
+                 if p.grad is not None]
+        norms = torch.zeros(len(self._param_index), dtype=torch.float32, device=self.device)
+        if named and self.dp_rank == 0 and self.cp_rank == 0:
+            local = torch._foreach_norm([g for _, g in named], 2)
+            idx = torch.tensor([self._param_index[_plain_name(n)] for n, _ in named], device=self.device)
+            norms[idx] = torch.stack(local).to(torch.float32)
+        with self.counting():
+            dist.all_reduce(norms)
+        total = torch.linalg.vector_norm(norms, 2)
+        if max_norm > 0 and bool(torch.isfinite(total)):
+            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+            with torch.no_grad():
+                torch._foreach_mul_([g for _, g in named], coef)
+        return float(total)
+
     def clip_grad_norm(self, max_norm: float) -> float:
         """Global L2 norm of the gradient; scale by max_norm / (norm + 1e-6) when above
         (the rule of torch.nn.utils.clip_grad_norm_, Pascanu et al. 2013 §3.2)."""
+        if self._param_index:
+            return self._whole_tensor_clip(max_norm)
         with self.counting():
             sq = self.grad_norm_sq_local().float().reshape(1)
             dist.all_reduce(sq)

@@ -46,6 +46,7 @@ class SPMDStrategy(DistributedStrategy):
     def setup(self, model: nn.Module, plan: Any) -> None:
         model.attention_backend = resolve_backend(plan.train.attention_backend, self.device)
         model.to(self.device)
+        self.remember_parameter_order(model)
         self._inner = model
         self.set_recompute([model])
         parallelize_chunk(model, self.dims, self.mesh, plan.layout, self.precision)

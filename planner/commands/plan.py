@@ -12,8 +12,10 @@ from pydantic import ValidationError
 from rich.table import Table
 
 from costmodels.errors import MeshplanError
+from costmodels.pipeline import SCHEDULE_NAMES
 from costmodels.profile import load_profile
 from costmodels.specs import RECOMPUTES, SHARDINGS
+from costmodels.stacks import stack_for
 from planner import datamix
 from planner.emitters import write_launch_files
 from planner.model_args import (
@@ -26,6 +28,7 @@ from planner.model_args import (
 from planner.planfile import ContinualSection, Plan, plan_from_dict, save_plan
 from planner.render import console
 from planner.schedule_advice import parse_count, recommend_lr, steps_for_tokens
+from planner.schedule_choice import compare_schedules, why_schedule
 from planner.search import (
     SearchResult,
     SearchSpace,
@@ -283,12 +286,15 @@ def run(args: argparse.Namespace) -> int:
         recomputes=_csv_choice(args.recompute, RECOMPUTES, "--recompute"),
         hsdp=not args.no_hsdp, precision=args.precision, memory_headroom=args.headroom,
         framework=args.framework, engine=args.engine,
-        # Megatron-LM / NeMo pipelines run 1F1B (interleaved) only (`emitters.megatron_unsupported`)
-        schedules=("1f1b",) if args.framework.startswith(("megatron", "nemo")) else SearchSpace.schedules,
+        # the schedules the target stack runs (`costmodels.stacks`; Megatron-LM: 1F1B, interleaved)
+        schedules=tuple(stack_for(args.framework).pipeline_schedules),
         executor_only=not args.any_framework and args.framework == "meshplan",
     )
-    res = search(model, cluster, gbs, load_profile(args.profile), space, args.top, args.rank_by)
+    profile = load_profile(args.profile)
+    res = search(model, cluster, gbs, profile, space, args.top, args.rank_by)
     notes = ([batch_note] if batch_note else []) + res.notes
+    winner = res.layout(0)
+    by_schedule = compare_schedules(model, winner, cluster, profile, args.framework, space.executor_only)
     out: dict[str, Any] = {
         "model": model.name, "params": model.param_count(), "accelerator": cluster.accelerator,
         "gpus": cluster.num_gpus, "seq_len": model.seq_len, "global_batch_size": gbs,
@@ -296,6 +302,12 @@ def run(args: argparse.Namespace) -> int:
         "candidates_evaluated": res.candidates_evaluated,
         "search_seconds": round(res.search_seconds, 4),
         "top": top_json(res),
+        "schedules_evaluated": sorted(res.schedules_evaluated, key=SCHEDULE_NAMES.index),
+        "schedule_candidates": res.schedules_evaluated,
+        # the winner under each pipeline schedule, the rest of its layout held fixed
+        "winner_schedules": by_schedule,
+        "schedule_choice": why_schedule(by_schedule, winner.effective_schedule) if by_schedule
+        else "the winner has no pipeline (pp=1): the schedule does not apply",
         "pareto": [
             {"tp": int(r.tp), "pp": int(r.pp), "dp": int(r.dp), "cp": int(r.cp), "ep": int(r.ep), "vpp": int(r.vpp),
              "sharding": r.sharding, "micro_batch_size": int(r.micro), "recompute": r.recompute,
@@ -349,6 +361,7 @@ def _print(out: dict[str, Any]) -> None:
         f"{k} {v:.3g}s" for k, v in w["breakdown_s"].items() if v > 0))
     for line in out["why_not_runner_ups"]:
         console.print("  " + line)
+    console.print(f"pipeline schedule: {out['schedule_choice']}")
     console.print(f"memory/throughput Pareto front: {len(out['pareto'])} layouts")
     for n in out["notes"]:
         console.print(f"[dim]{n}[/]")

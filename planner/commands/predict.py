@@ -10,6 +10,7 @@ import numpy as np
 
 from costmodels.cases import single_case
 from costmodels.errors import MeshplanError
+from costmodels.pipeline import SCHEDULE_NAMES
 from costmodels.profile import load_profile
 from costmodels.specs import Layout
 from costmodels.stacks import stack_for
@@ -24,6 +25,7 @@ from planner.model_args import (
     model_from_args,
 )
 from planner.render import print_prediction
+from planner.schedule_choice import compare_schedules
 
 LAYOUT_FLAGS = ("tp", "pp", "dp", "cp", "ep", "vpp", "micro_batch", "global_batch")
 
@@ -39,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--recompute", choices=["none", "selective", "full"], default=None)
     g.add_argument("--sequence-parallel", action="store_true", default=None)
     g.add_argument("--precision", choices=["bf16", "fp8", "fp16", "fp32", "fp4"], default=None)
-    g.add_argument("--schedule", choices=["gpipe", "1f1b", "interleaved"], default=None)
+    g.add_argument("--schedule", choices=SCHEDULE_NAMES, default=None,
+                   help="pipeline schedule (costmodels.pipeline); zbv / dualpipev hold two stages per rank")
     add_framework_arg(p)
     p.add_argument("--config", help="YAML with model / cluster / layout sections (flags override)")
     p.add_argument("--profile", help="calibration profile YAML (default: the shipped one)")
@@ -75,6 +78,7 @@ def predict_dict(model, layout: Layout, cluster, profile, framework: str | None 
             "optimizer": v["mem_optimizer_gb"], "activations": v["mem_activations_gb"],
             "buffers": v["mem_buffers_gb"], "overhead": v["mem_overhead_gb"],
             "total": v["peak_memory_gb"], "capacity": v["hbm_gb"],
+            "first_stage": v["mem_first_stage_gb"], "last_stage": v["mem_last_stage_gb"],
         },
         "step_time_s": {
             "compute": v["compute_s"], "tp_comm": v["tp_comm_s"], "moe_comm": v["moe_comm_s"],
@@ -94,6 +98,10 @@ def predict_dict(model, layout: Layout, cluster, profile, framework: str | None 
         "flops_per_token": v["flops_per_token"],
         "fits_in_memory": v["peak_memory_gb"] <= v["hbm_gb"],
         "profile": profile.source,
+        # this layout under every pipeline schedule: step time, bubble, memory on the first
+        # and the last pipeline rank (`planner.schedule_choice`)
+        "schedules": compare_schedules(model, layout, cluster, profile, framework,
+                                       executor_only=stack_for(framework).name == "meshplan"),
     }
 
 

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 from costmodels.memory import (
-    inflight_microbatches_first_stage,
     korthikanti_layer_activation_bytes,
     layer_activation_bytes,
     model_state_bytes,
 )
+from costmodels.pipeline import CODE, inflight_microbatches
 
 GB = 1e9
 
@@ -61,8 +61,9 @@ def test_context_parallel_divides_tokens():
 
 def test_inflight_microbatches():
     # 1F1B: p in flight on stage 1; interleaved: p (1 + (p-1)/(p v)); GPipe: m.
-    assert inflight_microbatches_first_stage(8, 1, 32) == 8
-    assert inflight_microbatches_first_stage(8, 2, 32) == pytest.approx(8 * (1 + 7 / 16))
-    assert inflight_microbatches_first_stage(8, 1, 32, gpipe=True) == 32
-    assert inflight_microbatches_first_stage(8, 1, 4) == 4  # never more than m
-    assert np.allclose(inflight_microbatches_first_stage(np.array([1, 4]), 1, 16), [1, 4])
+    one_f_one_b, interleaved, gpipe = (CODE[n] for n in ("1f1b", "interleaved", "gpipe"))
+    assert inflight_microbatches(one_f_one_b, 8, 1, 32) == 8
+    assert inflight_microbatches(interleaved, 8, 2, 32) == pytest.approx(8 * (1 + 7 / 16))
+    assert inflight_microbatches(gpipe, 8, 1, 32) == 32
+    assert inflight_microbatches(one_f_one_b, 8, 1, 4) == 4  # never more than m
+    assert np.allclose(inflight_microbatches(one_f_one_b, np.array([1, 4]), 1, 16), [1, 4])

@@ -46,10 +46,13 @@ def test_module_names_follow_torchtitan_convention() -> None:
         assert n in names, n
 
 
-def test_moe_is_refused() -> None:
-    with pytest.raises(MeshplanError, match="MoE"):
-        build_model(PRESETS["mixtral-8x7b"].with_(layers=1, hidden=64, ffn_hidden=64, heads=4,
-                                                   kv_heads=4, vocab=64))
+def test_moe_spec_builds_expert_layers() -> None:
+    spec = PRESETS["mixtral-8x7b"].with_(layers=1, hidden=64, ffn_hidden=64, heads=4, kv_heads=4,
+                                         vocab=64)
+    model = build_model(spec)
+    names = dict(model.named_parameters())
+    assert names["layers.0.feed_forward.experts.w1"].shape[0] == spec.num_experts
+    assert count_params(model) == spec.param_count()
 
 
 def _doc_ids() -> torch.Tensor:
