@@ -52,22 +52,25 @@ class Schedule:
     splits_backward: bool  # runs input- and weight-gradient steps apart
     torch_class: str  # the `torch.distributed.pipelining` class the executor builds
     interleaved_form: str = ""  # what the schedule becomes with vpp > 1 stages per rank
+    needs: str = "pp > 1"  # what a layout needs to run it (for reports)
 
 
 SCHEDULES: tuple[Schedule, ...] = (
     Schedule("gpipe", "Huang et al. 2019 (GPipe)", "looped", 1, False, False, "ScheduleGPipe",
              "interleaved"),
     Schedule("1f1b", "Narayanan et al. 2021, Sec. 2.1 (PipeDream-Flush)", "looped", 1, False, False,
-             "Schedule1F1B", "interleaved"),
+             "Schedule1F1B", "interleaved", "pp > 1 and >= pp micro-batches per step"),
     Schedule("interleaved", "Narayanan et al. 2021, Sec. 2.2", "looped", 0, True, False,
-             "ScheduleInterleaved1F1B"),
+             "ScheduleInterleaved1F1B", "", "vpp > 1 and micro-batches per step a multiple of pp"),
     Schedule("zbh1", "Qi et al. 2023, Sec. 3.1 (ZB-H1)", "looped", 1, False, True,
-             "ScheduleInterleavedZeroBubble", "interleaved_zb"),
+             "ScheduleInterleavedZeroBubble", "interleaved_zb", "pp > 1 and >= pp micro-batches per step"),
     Schedule("interleaved_zb", "Qi et al. 2023, Sec. 3-4 (ZB1P) on interleaved chunks", "looped", 0,
-             True, True, "ScheduleInterleavedZeroBubble"),
-    Schedule("zbv", "Qi et al. 2023, Sec. 6 (ZB-V)", "v", 2, False, True, "ScheduleZBVZeroBubble"),
+             True, True, "ScheduleInterleavedZeroBubble", "",
+             ">= pp micro-batches per step, a multiple of max(1, m // pp)"),
+    Schedule("zbv", "Qi et al. 2023, Sec. 6 (ZB-V)", "v", 2, False, True, "ScheduleZBVZeroBubble", "",
+             "2 x pp layers and >= pp micro-batches per step"),
     Schedule("dualpipev", "DeepSeek-V3 report, Sec. 3.2.1 (DualPipe, V variant)", "v", 2, False, True,
-             "ScheduleDualPipeV"),
+             "ScheduleDualPipeV", "", "2 x pp layers and >= 2 x pp micro-batches per step"),
 )
 SCHEDULE_NAMES: tuple[str, ...] = tuple(s.name for s in SCHEDULES)
 BY_NAME = {s.name: s for s in SCHEDULES}
@@ -133,8 +136,8 @@ def microbatch_problem(name: str, pp: int, vpp: int, m: int) -> str:
         return ""
     need = int(min_microbatches(code, pp))
     if m < need:
-        why = "one per stage" if eff == "dualpipev" else "one per pipeline rank"
-        return f"layout.schedule={eff}: {m} micro-batches per step is fewer than {need} ({why})"
+        what = f"2 x pp = {need} (one per stage)" if eff == "dualpipev" else f"pp={pp} (one per pipeline rank)"
+        return f"layout.schedule={eff}: {m} micro-batches per step is fewer than {what}"
     step = pp if eff == "interleaved" else max(1, m // pp)
     return f"layout.schedule={eff}: {m} micro-batches per step is not a multiple of {step}"
 
@@ -146,7 +149,10 @@ def _codes(schedule: ArrayLike) -> np.ndarray:
 
 
 def _is(code: np.ndarray, *names: str) -> np.ndarray:
-    return np.isin(code, [CODE[n] for n in names])
+    out = code == CODE[names[0]]
+    for n in names[1:]:
+        out = out | (code == CODE[n])
+    return out
 
 
 def bubble_time(schedule: ArrayLike, pp: ArrayLike, vpp: ArrayLike, t_f: ArrayLike, t_b: ArrayLike,

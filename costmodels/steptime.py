@@ -73,6 +73,19 @@ def _op_link(c: Cases, op: str, bw: np.ndarray, lat: np.ndarray) -> tuple[np.nda
 
 def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     """Predict step-time breakdown, throughput, MFU and memory breakdown for every case."""
+    return _with_schedule(_schedule_free(c, prof), np.asarray(c["schedule"]))
+
+
+def evaluate_schedules(c: Cases, prof: Profile, rows: np.ndarray, schedule: np.ndarray) -> dict[str, np.ndarray]:
+    """`evaluate` of case `rows[i]` under pipeline schedule `schedule[i]` (effective codes,
+    `costmodels.pipeline`): the schedule-free terms are computed once per case, so a search
+    trying several schedules per layout pays for its GEMM model once."""
+    free = _schedule_free(c, prof)
+    return _with_schedule({k: v[rows] for k, v in free.items()}, np.asarray(schedule))
+
+
+def _schedule_free(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
+    """Every term that does not depend on the pipeline schedule, per case."""
     f64 = lambda k: np.asarray(c[k], dtype=np.float64)  # noqa: E731
     tp, pp, dp, cp, vpp = f64("tp"), f64("pp"), f64("dp"), f64("cp"), f64("vpp")
 
@@ -243,23 +256,11 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     stage_mb = np.where(on_cpu, stage_mb + layers_stage * host_layer, np.maximum(stage_mb, layers_stage * host_layer))
     compute = m * stage_mb
 
-    # ---- pipeline bubble and p2p on the critical path
-    # Fill and drain run on the stages that hold layers but not the output head, so the
-    # schedule's bubble (`costmodels.pipeline.bubble_time`) is priced on a rank's micro-batch
-    # time without the logits, split into forward, input-gradient and weight-gradient steps.
-    schedule = np.asarray(c["schedule"])
-    t_stage = stage_mb - t_logits
-    t_f, t_w = fwd_share * t_stage, wgrad_share * t_stage
-    bubble = np.where(pp > 1, pipeline.bubble_time(schedule, pp, vpp, t_f, t_stage - t_f - t_w, t_w), 0.0)
+    # ---- pipeline: the p2p send of one micro-batch's boundary activations (the schedule's
+    # bubble, critical-path hops and idle follow in `_with_schedule`)
     p2p_bytes = tok * h * ab / np.where(sp, tp, 1.0)
     pp_link = _op_link(c, "p2p", f64("pp_bw") * prof.link_eff, f64("pp_lat"))
-    t_p2p = np.where(pp > 1, pipeline.critical_p2p_hops(schedule, pp) * comm.p2p_time(p2p_bytes, *pp_link), 0.0)
-    # What a rank idles in the pipeline per step, mean over ranks (the executor measures it):
-    # the bubble, the sends on the critical path, and the pace of the slowest stage — the
-    # output head on one rank, ceil-split layers on some — that the others wait for.
-    layer_mb = (stage_mb - t_logits) / np.maximum(layers_stage, 1.0)
-    pp_idle = np.where(pp > 1, bubble + t_p2p + m * ((layers_stage - layers / pp) * layer_mb
-                                                     + t_logits * (pp - 1) / pp), 0.0)
+    p2p_one = comm.p2p_time(p2p_bytes, *pp_link)
 
     # ---- data parallel / ZeRO
     dense_local = f64("params_layer_dense") * layers_stage / tp
@@ -338,46 +339,73 @@ def evaluate(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     calls = calls + np.where(pp > 1, 2 * m, 0.0)
     calls = calls + np.where(ep > 1, m * layers_stage * moe_frac * MOE_A2A_CALLS, 0.0)
     t_sync_calls = np.where(on_cpu, calls * prof.cpu_sync_call_s, 0.0)
-    step = compute + bubble + t_p2p + dp_exposed + t_opt + np.where(on_cpu, prof.step_overhead_s, 0.0) + t_sync_calls
-    # Synchronous steps wait for the slowest node: with per-node jitter of relative size
-    # sigma, the expected maximum over N nodes is ~ sigma sqrt(2 ln N) (Gumbel / extreme
-    # value of Gaussians; the straggler effect of Dubey et al. 2024, Sec. 3.3.4).
-    nodes = np.maximum(world / np.maximum(f64("gpus_per_node"), 1.0), 1.0)
-    t_sync = step * prof.sync_jitter * np.sqrt(2 * np.log(nodes))
-    step = step + t_sync
-    tokens_step = gbs * seq
-    tps_gpu = tokens_step / step / world
-
     fpt = model_flops_per_token(layers, h, ffn_active, kv, mats, vocab, seq, 1.0, True, q_dim=qd)
-    mfu = fpt * tps_gpu / f64("peak_mfu")
-
-    mem = memory_breakdown(c, prof, params_local, m, shard_n, layers_stage, rc_frac, expert_local, exp_shard)
-    out = {
-        "step_time_s": step,
+    mem = memory_terms(c, prof, params_local, shard_n, layers_stage, rc_frac, expert_local, exp_shard)
+    t_stage = stage_mb - t_logits
+    return {
+        # carried to `_with_schedule`
+        "pp": pp, "vpp": vpp, "m": m, "layers_stage": layers_stage, "layers": layers,
+        "compute": compute, "p2p_one": p2p_one, "t_logits": t_logits,
+        "t_f": fwd_share * t_stage, "t_w": wgrad_share * t_stage, "t_stage": t_stage,
+        "rest": dp_exposed + t_opt + np.where(on_cpu, prof.step_overhead_s, 0.0) + t_sync_calls,
+        # Synchronous steps wait for the slowest node: with per-node jitter of relative size
+        # sigma, the expected maximum over N nodes is ~ sigma sqrt(2 ln N) (Gumbel / extreme
+        # value of Gaussians; the straggler effect of Dubey et al. 2024, Sec. 3.3.4).
+        "jitter": prof.sync_jitter * np.sqrt(2 * np.log(np.maximum(world / np.maximum(f64("gpus_per_node"), 1.0), 1.0))),
+        "tokens_gpu": gbs * seq / world, "flops_gpu": fpt / f64("peak_mfu"),
+        **mem,
+        # reported as they are
         "compute_s": m * layers_stage * t_layer + m * t_logits,
         "tp_comm_s": m * layers_stage * t_tp,
         "moe_comm_s": m * layers_stage * moe_comm,
         "cp_comm_s": m * layers_stage * t_cp,
-        "pp_bubble_s": bubble,
-        "pp_idle_s": pp_idle,
         "pp_head_s": t_logits,  # the output head per micro-batch on the last stage
         # a CPU host's time-sharing: each rank's share of a core (figures above are at it)
         # and the ranks it runs at full speed at once (`costmodels.pipeline_sim`)
         "core_share": col("core_share", 1.0), "core_capacity": col("core_capacity", np.inf),
-        "pp_fwd_s": t_f, "pp_bwd_input_s": t_stage - t_f - t_w, "pp_bwd_weight_s": t_w,
-        "pp_p2p_s": t_p2p,
         "dp_comm_s": t_dp,
         "dp_exposed_s": dp_exposed,
         "optimizer_s": t_opt,
-        "sync_s": t_sync,
-        "tokens_per_sec_per_gpu": tps_gpu,
-        "mfu": mfu,
         "flops_per_token": fpt,
         "micro_batches": m,
         "params_local": params_local,
         "experts_per_rank": experts / ep,
     }
-    out.update(mem)
+
+
+CARRIED = ("pp", "vpp", "m", "layers_stage", "layers", "compute", "p2p_one", "t_logits", "t_f", "t_w",
+           "t_stage", "rest", "jitter", "tokens_gpu", "flops_gpu")
+
+
+def _with_schedule(free: dict[str, np.ndarray], schedule: np.ndarray) -> dict[str, np.ndarray]:
+    """The schedule's terms on top of the schedule-free ones: the pipeline bubble, the p2p
+    sends on the critical path, the idle a run measures, the step, and memory per rank."""
+    f = free
+    pp, vpp, m, layers_stage = f["pp"], f["vpp"], f["m"], f["layers_stage"]
+    # Fill and drain run on the stages that hold layers but not the output head, so the
+    # schedule's bubble (`costmodels.pipeline.bubble_time`) is priced on a rank's micro-batch
+    # time without the logits, split into forward, input-gradient and weight-gradient steps.
+    t_f, t_w, t_stage, t_logits = f["t_f"], f["t_w"], f["t_stage"], f["t_logits"]
+    t_b = t_stage - t_f - t_w
+    bubble = np.where(pp > 1, pipeline.bubble_time(schedule, pp, vpp, t_f, t_b, t_w), 0.0)
+    t_p2p = np.where(pp > 1, pipeline.critical_p2p_hops(schedule, pp) * f["p2p_one"], 0.0)
+    # What a rank idles in the pipeline per step, mean over ranks (the executor measures it):
+    # the bubble, the sends on the critical path, and the pace of the slowest stage — the
+    # output head on one rank, ceil-split layers on some — that the others wait for.
+    layer_mb = t_stage / np.maximum(layers_stage, 1.0)
+    pp_idle = np.where(pp > 1, bubble + t_p2p + m * ((layers_stage - f["layers"] / pp) * layer_mb
+                                                     + t_logits * (pp - 1) / pp), 0.0)
+    step = f["compute"] + bubble + t_p2p + f["rest"]
+    t_sync = step * f["jitter"]
+    step = step + t_sync
+    tps_gpu = f["tokens_gpu"] / step
+    out = {k: v for k, v in free.items() if k not in CARRIED and not k.startswith("_mem_")}
+    out.update({
+        "step_time_s": step, "pp_bubble_s": bubble, "pp_idle_s": pp_idle, "pp_p2p_s": t_p2p,
+        "pp_fwd_s": t_f, "pp_bwd_input_s": t_b, "pp_bwd_weight_s": t_w, "sync_s": t_sync,
+        "tokens_per_sec_per_gpu": tps_gpu, "mfu": f["flops_gpu"] * tps_gpu,
+    })
+    out.update(memory_totals(free, schedule))
     return out
 
 
@@ -466,15 +494,16 @@ def _recompute_fraction(c: Cases, layers_stage: np.ndarray) -> np.ndarray:
     return np.where(rl > 0, np.minimum(rl / layers_stage, 1.0), 1.0)
 
 
-def memory_breakdown(
-    c: Cases, prof: Profile, params_local: np.ndarray, m: np.ndarray, shard_n: np.ndarray,
+def memory_terms(
+    c: Cases, prof: Profile, params_local: np.ndarray, shard_n: np.ndarray,
     layers_stage: np.ndarray, rc_frac: np.ndarray, expert_local: np.ndarray | float = 0.0,
     expert_shard: np.ndarray | float = 1.0,
 ) -> dict[str, np.ndarray]:
-    """Peak bytes per GPU on the busier of the first and last pipeline stage (MoE experts'
-    states sharded over their own replicas, `expert_shard`)."""
+    """The schedule-free memory terms per GPU (MoE experts' states sharded over their own
+    replicas, `expert_shard`): model states, a layer's activations, the embedding output,
+    the logits and buffers; `memory_totals` adds the schedule's in-flight micro-batches."""
     f64 = lambda k: np.asarray(c[k], dtype=np.float64)  # noqa: E731
-    tp, pp, dp, cp, vpp = f64("tp"), f64("pp"), f64("dp"), f64("cp"), f64("vpp")
+    tp, pp, dp, cp = f64("tp"), f64("pp"), f64("dp"), f64("cp")
     micro, seq, h = f64("micro"), f64("seq"), f64("hidden")
     ab = f64("act_bytes")
     fp32 = ab > 2
@@ -512,38 +541,53 @@ def memory_breakdown(
     act_layer = np.where((recompute == 1) & stack["op_level_sac"], sac, act_layer)
     # Partial full recompute: recomputed layers keep their input only, the rest everything.
     act_layer = np.where(recompute == 2, rc_frac * act_layer + (1 - rc_frac) * act_none, act_layer)
-    schedule = np.asarray(c["schedule"])
     tok = micro * seq / cp
-    logits = memory.logits_bytes(tok, f64("vocab"), tp, stack["ce_bytes_per_logit"])
-    # First and last pipeline rank under the schedule (`costmodels.pipeline`); a V placement
-    # holds the embedding and the output head both on the first.
-    v_shape = pipeline.first_rank_holds_last_stage(schedule) & (pp > 1)
-    first = act_layer * layers_stage * pipeline.inflight_microbatches(schedule, pp, vpp, m, "first") \
-        + memory.embedding_output_bytes(tok, h, tp, sp) + np.where(v_shape | (pp == 1), logits, 0.0)
-    last = act_layer * layers_stage * pipeline.inflight_microbatches(schedule, pp, vpp, m, "last") \
-        + np.where(v_shape, 0.0, logits)
-    # Full recompute still materialises one layer's full activations during its backward.
-    working = np.where(recompute == 2, act_none, 0.0)
-    first_act, last_act = first + working, np.where(pp > 1, last + working, first + working)
-    activations = np.maximum(first_act, last_act)
     layer_params = params_local / np.maximum(layers_stage, 1)
     gather = np.where(sharding == 3, memory.zero3_gather_bytes(layer_params, 2.0), 0.0)
     buffers = gather + np.where((dp * cp) > 1, 2 * 25e6 * 2, 0.0)  # two 25 MB DDP/NCCL buckets, bf16
-    tensors = states["weights"] + states["gradients"] + states["optimizer"] + activations + buffers
-    total = tensors * prof.memory_factor + prof.memory_constant_gb * 1e9
-    states_bytes = states["weights"] + states["gradients"] + states["optimizer"] + buffers
+    return {
+        "_mem_weights": states["weights"], "_mem_gradients": states["gradients"],
+        "_mem_optimizer": states["optimizer"], "_mem_buffers": buffers,
+        "_mem_layer_act": act_layer * layers_stage,
+        # Full recompute still materialises one layer's full activations during its backward.
+        "_mem_working": np.where(recompute == 2, act_none, 0.0),
+        "_mem_embed": memory.embedding_output_bytes(tok, h, tp, sp),
+        "_mem_logits": memory.logits_bytes(tok, f64("vocab"), tp, stack["ce_bytes_per_logit"]),
+        "_mem_factor": np.full(len(tp), prof.memory_factor),
+        "_mem_constant": np.full(len(tp), prof.memory_constant_gb * 1e9),
+        "hbm_gb": f64("hbm_bytes") / 1e9,
+    }
+
+
+def memory_totals(terms: dict[str, np.ndarray], schedule: np.ndarray) -> dict[str, np.ndarray]:
+    """Peak bytes per GPU on the busier of the first and the last pipeline rank under the
+    schedule's in-flight micro-batches (`costmodels.pipeline`); a V placement holds the
+    embedding and the output head both on the first rank."""
+    t = terms
+    pp, vpp, m = t["pp"], t["vpp"], t["m"]
+    logits, per_mb = t["_mem_logits"], t["_mem_layer_act"]
+    v_shape = pipeline.first_rank_holds_last_stage(schedule) & (pp > 1)
+    first = per_mb * pipeline.inflight_microbatches(schedule, pp, vpp, m, "first") \
+        + t["_mem_embed"] + np.where(v_shape | (pp == 1), logits, 0.0)
+    last = per_mb * pipeline.inflight_microbatches(schedule, pp, vpp, m, "last") + np.where(v_shape, 0.0, logits)
+    first_act = first + t["_mem_working"]
+    last_act = np.where(pp > 1, last + t["_mem_working"], first_act)
+    activations = np.maximum(first_act, last_act)
+    states = t["_mem_weights"] + t["_mem_gradients"] + t["_mem_optimizer"] + t["_mem_buffers"]
+    tensors = states + activations
+    total = tensors * t["_mem_factor"] + t["_mem_constant"]
 
     def rank_total(act: np.ndarray) -> np.ndarray:
-        return ((states_bytes + act) * prof.memory_factor + prof.memory_constant_gb * 1e9) / 1e9
+        return ((states + act) * t["_mem_factor"] + t["_mem_constant"]) / 1e9
+
     return {
-        "mem_weights_gb": states["weights"] / 1e9,
-        "mem_gradients_gb": states["gradients"] / 1e9,
-        "mem_optimizer_gb": states["optimizer"] / 1e9,
+        "mem_weights_gb": t["_mem_weights"] / 1e9,
+        "mem_gradients_gb": t["_mem_gradients"] / 1e9,
+        "mem_optimizer_gb": t["_mem_optimizer"] / 1e9,
         "mem_activations_gb": activations / 1e9,
-        "mem_buffers_gb": buffers / 1e9,
+        "mem_buffers_gb": t["_mem_buffers"] / 1e9,
         "mem_overhead_gb": (total - tensors) / 1e9,
         "peak_memory_gb": total / 1e9,
         "mem_first_stage_gb": rank_total(first_act),
         "mem_last_stage_gb": rank_total(last_act),
-        "hbm_gb": f64("hbm_bytes") / 1e9,
     }

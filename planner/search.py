@@ -15,10 +15,10 @@ import pandas as pd
 from costmodels.capabilities import RULES, refused_mask
 from costmodels.cases import SCHEDULES, build_cases
 from costmodels.errors import MeshplanError
-from costmodels.pipeline import microbatches_admitted
+from costmodels.pipeline import effective, microbatches_admitted
 from costmodels.profile import Profile
 from costmodels.specs import PRECISIONS, RECOMPUTES, SHARDINGS, ClusterSpec, Layout, ModelSpec
-from costmodels.steptime import evaluate
+from costmodels.steptime import evaluate_schedules
 from costmodels.uncertainty import interval
 
 BREAKDOWN = (
@@ -219,9 +219,18 @@ def search(
     if space.executor_only:  # only what the executor runs is evaluated and ranked
         keep = np.flatnonzero(~refused)
         cols, refused = {k: v[keep] for k, v in cols.items()}, refused[keep]
-    cases = build_cases(model, cluster, cols, space.precision, hardware=profile.hardware.get(cluster.accelerator),
+    # Rows that differ only in their pipeline schedule are adjacent (the schedule is the
+    # enumeration's innermost axis): their schedule-free terms are evaluated once.
+    n_rows = len(cols["tp"])
+    same = np.ones(max(n_rows - 1, 0), dtype=bool)
+    for k, v in cols.items():
+        if k != "schedule":
+            same &= v[1:] == v[:-1]
+    new_run = np.r_[True, ~same] if n_rows else np.zeros(0, dtype=bool)
+    base = {k: v[new_run] for k, v in cols.items()}
+    cases = build_cases(model, cluster, base, space.precision, hardware=profile.hardware.get(cluster.accelerator),
                         framework=space.framework)
-    pred = evaluate(cases, profile)
+    pred = evaluate_schedules(cases, profile, np.cumsum(new_run) - 1, cols["schedule"])
     lo, hi = interval(pred["tokens_per_sec_per_gpu"], profile.uncertainty.get("throughput"), model.param_count())
     pred["tokens_per_sec_per_gpu_low"], pred["tokens_per_sec_per_gpu_high"] = lo, hi
     elapsed_eval = time.perf_counter() - t0
@@ -254,9 +263,12 @@ def search(
     elapsed = time.perf_counter() - t0
     per_schedule = np.bincount(np.asarray(cols["schedule"], dtype=np.int64)[np.asarray(cols["pp"]) > 1],
                                minlength=len(SCHEDULES))
+    # every schedule the space tries, with the pipelined candidates evaluated under it
+    tried = {effective(name, v) for name in space.schedules for v in (1, 2)}
     res = SearchResult(model, cluster, global_batch, table, n, elapsed, ranked.reset_index(drop=True),
                        _frame(cols, pred, front).reset_index(drop=True),
-                       schedules_evaluated={name: int(k) for name, k in zip(SCHEDULES, per_schedule, strict=True) if k})
+                       schedules_evaluated={name: int(k) for name, k in zip(SCHEDULES, per_schedule, strict=True)
+                                            if name in tried})
     res.notes.append(f"{n} candidates, {len(refused)} evaluated in {elapsed_eval:.3f} s; {fits.size} fit in memory"
                      + (f" and run on meshplan's executor ({n_refused} refused by its "
                         "capability contract first)" if space.executor_only else ""))

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from rich.table import Table
 
 from costmodels.errors import MeshplanError
-from costmodels.pipeline import SCHEDULE_NAMES
+from costmodels.pipeline import BY_NAME, SCHEDULE_NAMES
 from costmodels.profile import load_profile
 from costmodels.specs import RECOMPUTES, SHARDINGS
 from costmodels.stacks import stack_for
@@ -304,6 +304,8 @@ def run(args: argparse.Namespace) -> int:
         "top": top_json(res),
         "schedules_evaluated": sorted(res.schedules_evaluated, key=SCHEDULE_NAMES.index),
         "schedule_candidates": res.schedules_evaluated,
+        "schedules_not_admitted": {name: f"no candidate layout has {BY_NAME[name].needs}"
+                                   for name, n in res.schedules_evaluated.items() if n == 0},
         # the winner under each pipeline schedule, the rest of its layout held fixed
         "winner_schedules": by_schedule,
         "schedule_choice": why_schedule(by_schedule, winner.effective_schedule) if by_schedule

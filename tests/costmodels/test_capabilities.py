@@ -73,19 +73,22 @@ def test_refusals_name_the_field_in_one_line(layout, model, field):
     assert reason is not None and field in reason and "\n" not in reason, reason
 
 
-def test_vectorised_rules_agree_with_the_scalar_contract():
+@pytest.mark.parametrize("model", [TINY, TINY.with_(tied_embeddings=True)], ids=["untied", "tied"])
+def test_vectorised_rules_agree_with_the_scalar_contract(model):
     cluster = ClusterSpec("cpu", 8)
-    cols = enumerate_layouts(TINY, cluster, 16, SearchSpace(allow_cp=True))
+    cols = enumerate_layouts(model, cluster, 16, SearchSpace(allow_cp=True))
     n = len(cols["tp"])
     full = {**cols, "precision": np.full(n, "fp32"), "engine": np.full(n, "torch")}
-    mask = refused_mask(TINY, full)
-    assert 0 < mask.sum() < n
+    mask = refused_mask(model, full)
+    # (the search enumerates only micro-batch counts the schedules admit; tied embeddings
+    # refuse every pipeline)
+    assert mask.sum() < n and (mask.sum() > 0) == model.tied_embeddings
     names = {"sharding": SHARDINGS, "recompute": RECOMPUTES, "schedule": SCHEDULES}
     for i in np.random.default_rng(0).choice(n, 300, replace=False):
         row = pd.Series({k: (names[k][v[i]] if k in names else v[i]) for k, v in cols.items()})
         lay = row_to_layout(row, 16, "fp32")
-        assert (unsupported(TINY, lay) is not None) == bool(mask[i]), (lay, unsupported(TINY, lay))
-        one = refused_mask(TINY, layout_columns(lay))
+        assert (unsupported(model, lay) is not None) == bool(mask[i]), (lay, unsupported(model, lay))
+        one = refused_mask(model, layout_columns(lay))
         assert bool(one[0]) == bool(mask[i])
 
 
@@ -98,9 +101,10 @@ def test_search_ranks_only_runnable_layouts_unless_any_framework():
     for i in range(len(res.ranked)):
         assert unsupported(TINY, res.layout(i)) is None
     assert res.table["runnable"].all()
-    free = search(TINY, cluster, 16, prof, SearchSpace(precision="fp32", allow_cp=True,
-                                                      executor_only=False), top=50)
-    assert (~free.table["runnable"]).any()  # other stacks' layouts stay searchable
+    # other stacks' layouts stay searchable (tied embeddings: pipelines the executor refuses)
+    free = search(TINY.with_(tied_embeddings=True), cluster, 16, prof,
+                  SearchSpace(precision="fp32", allow_cp=True, executor_only=False), top=50)
+    assert (~free.table["runnable"]).any()
 
 
 def test_every_rule_is_exercised():
