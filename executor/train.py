@@ -644,8 +644,11 @@ class Trainer:
                 "micro_batches": self.strategy.applied.get("microbatches_per_step"),
                 "measured_bubble_share": float(np.mean(shares)),
                 "measured_idle_s": float(np.mean([r["pp_idle_s"] for r in good[2:] if "pp_idle_s" in r])),
-                **predict_pipe(),
             }
+            try:
+                out["pipeline"].update(predict_pipe())
+            except MeshplanError as exc:  # e.g. an unreadable machine profile: keep the run's record
+                out["pipeline"]["predicted_error"] = str(exc)
         if isinstance(pred_t, int | float) and pred_t > 0 and mean_t:
             out["measured_over_predicted_step_time"] = mean_t / float(pred_t)
         return out

@@ -5,6 +5,8 @@ whole-tensor gradient clip combines norms as one process does), with the collect
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from distutil import run_distributed
 from test_layouts import STEPS, _check
@@ -37,3 +39,26 @@ PP4 = [
 def test_v_schedules_four_ranks():
     res = run_distributed(compare_worker, 4, PP4, STEPS, "tiny-mha", 8, timeout=400)
     _check(PP4, res[0])
+
+
+@pytest.mark.timeout(300)
+def test_run_records_measured_and_predicted_bubble(tmp_path):
+    """`meshplan run` of a ZB-V plan: every step logs its idle share and the summary puts
+    the mean beside the cost model's prediction for this host."""
+    from workers import make_plan
+
+    from planner.planfile import plan_from_dict, save_plan
+    from tests.conftest import run_cli
+
+    plan = make_plan({"pp": 2, "schedule": "zbv"}, layers=4)
+    data = plan.model_dump()
+    data["train"].update(max_steps=6)
+    data["checkpoint"]["every"] = 0
+    path = save_plan(plan_from_dict(data), tmp_path / "plan.yaml")
+    proc = run_cli("run", str(path), "--out", str(tmp_path / "run"), "--no-progress", timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < r["pp_bubble_share"] < 1 and r["pp_idle_s"] <= r["pp_span_s"] for r in recs)
+    pipe = json.loads((tmp_path / "run" / "summary.json").read_text())["pipeline"]
+    assert pipe["schedule"] == "zbv" and pipe["micro_batches"] == 4
+    assert 0 < pipe["measured_bubble_share"] < 1 and 0 < pipe["predicted_bubble_share"] < 1
