@@ -53,6 +53,13 @@ def _min_stage_layers(model: ModelSpec, cols: Cols) -> np.ndarray:
     return (model.layers // np.maximum(_i(cols, "pp") * _i(cols, "vpp"), 1)) * _i(cols, "vpp")
 
 
+def _splits_backward(schedule: Any) -> np.ndarray:
+    """Rows whose (effective) schedule runs input- and weight-gradient steps apart."""
+    codes = np.asarray(schedule, dtype=np.int64)
+    split = np.array([s.splits_backward for s in pipeline.SCHEDULES])
+    return split[codes]
+
+
 def _full(model: ModelSpec, cols: Cols, value: bool) -> np.ndarray:
     return np.full(len(np.asarray(cols["tp"])), bool(value))
 
@@ -104,6 +111,12 @@ RULES: tuple[Rule, ...] = (
          lambda m, c: (_i(c, "pp") > 1) & ~pipeline.microbatches_admitted(c["schedule"], c["pp"], _grad_accum(c)),
          lambda m, lay: f"{pipeline.microbatch_problem(lay.schedule, lay.pp, lay.vpp, lay.grad_accum)}; "
                         "raise global_batch_size, lower micro_batch_size, or use schedule gpipe"),
+    Rule("split_backward_zero3",
+         lambda m, c: (_i(c, "pp") > 1) & (_i(c, "sharding") == SHARDINGS.index("zero3"))
+         & _splits_backward(c["schedule"]),
+         lambda m, lay: f"layout.schedule={lay.effective_schedule} with layout.sharding=zero3: FSDP2 "
+                        "reshards each stage after its input-gradient step, before the deferred "
+                        "weight-gradient step; use sharding zero2 / zero1 or schedule 1f1b / interleaved"),
     Rule("recompute_layers_mode",
          lambda m, c: (_i(c, "recompute_layers") > 0) & (_i(c, "recompute") != RECOMPUTES.index("full")),
          lambda m, lay: f"layout.recompute_layers={lay.recompute_layers} applies to full "

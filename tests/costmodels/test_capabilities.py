@@ -64,6 +64,7 @@ REFUSALS = [
     (Layout(pp=2, vpp=2, recompute="full", recompute_layers=1, global_batch=2), TINY, "multiple of vpp=2"),
     (Layout(dp=4, dp_shard=1, sharding="zero2", global_batch=4), TINY, "layout.dp_shard=1"),
     (Layout(pp=2, schedule="interleaved", global_batch=2), TINY, "layout.schedule=interleaved"),
+    (Layout(pp=2, dp=2, sharding="zero3", schedule="zbv", global_batch=8), TINY, "zbv with layout.sharding=zero3"),
 ]
 
 
@@ -80,9 +81,7 @@ def test_vectorised_rules_agree_with_the_scalar_contract(model):
     n = len(cols["tp"])
     full = {**cols, "precision": np.full(n, "fp32"), "engine": np.full(n, "torch")}
     mask = refused_mask(model, full)
-    # (the search enumerates only micro-batch counts the schedules admit; tied embeddings
-    # refuse every pipeline)
-    assert mask.sum() < n and (mask.sum() > 0) == model.tied_embeddings
+    assert 0 < mask.sum() < n  # e.g. zero-bubble schedules under zero3; tied-embedding pipelines
     names = {"sharding": SHARDINGS, "recompute": RECOMPUTES, "schedule": SCHEDULES}
     for i in np.random.default_rng(0).choice(n, 300, replace=False):
         row = pd.Series({k: (names[k][v[i]] if k in names else v[i]) for k, v in cols.items()})

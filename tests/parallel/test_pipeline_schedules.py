@@ -29,16 +29,20 @@ def test_zero_bubble_and_dualpipev_two_ranks():
         assert r["losses"] == r["reference"], r["name"]  # the clip's exact path
 
 
-PP4 = [
+FOUR_RANKS = [
     {"pp": 4, "schedule": "zbv"},
     {"pp": 4, "schedule": "dualpipev", "micro_batch_size": 1},  # 2 x pp micro-batches
+    # composed through the same path as 1F1B: FSDP2 zero2 over dp, TP + SP inside stages
+    {"pp": 2, "dp": 2, "schedule": "zbv", "sharding": "zero2"},
+    {"pp": 2, "tp": 2, "schedule": "interleaved_zb", "sequence_parallel": True},
 ]
 
 
 @pytest.mark.timeout(420)
-def test_v_schedules_four_ranks():
-    res = run_distributed(compare_worker, 4, PP4, STEPS, "tiny-mha", 8, timeout=400)
-    _check(PP4, res[0])
+def test_v_schedules_on_four_ranks_and_composed_with_fsdp_and_tp():
+    res = run_distributed(compare_worker, 4, FOUR_RANKS, STEPS, "tiny-mha", 8, timeout=400)
+    _check(FOUR_RANKS, res[0])
+    assert [r["name"] for r in res[0]][2:] == ["pp2-zbv+fsdp2-zero2", "pp2-interleaved_zb+tp2"]
 
 
 @pytest.mark.timeout(300)
