@@ -124,7 +124,7 @@ RULES: tuple[Rule, ...] = (
     Rule("recompute_layers_vpp",
          lambda m, c: (_i(c, "recompute_layers") % np.maximum(_i(c, "vpp"), 1)) != 0,
          lambda m, lay: f"layout.recompute_layers={lay.recompute_layers} must be a multiple of "
-                        f"vpp={lay.vpp}: each of a rank's virtual stages recomputes the same "
+                        f"the {lay.stages_per_rank} stages per rank: each of a rank's stages recomputes the same "
                         "number of its first blocks (Megatron's --recompute-num-layers per chunk)"),
     Rule("recompute_layers_count",
          lambda m, c: _i(c, "recompute_layers") > _min_stage_layers(m, c),

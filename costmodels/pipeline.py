@@ -26,9 +26,11 @@ pair F&B that DeepSeek's kernels run; torch's DualPipeV runs the pair back to ba
 In-flight activations at the peak, in micro-batches through all of a rank's layers:
   gpipe m; 1f1b min(p, m) on the first rank, 1 on the last (Narayanan et al. 2021, Sec. 2.2.1);
   interleaved (v p + p - 1 - 2 r) / v on rank r (Korthikanti et al. 2022, Sec. 4.2.3 for r = 0);
-  zbh1, interleaved_zb, zbv min(p, m) on every rank (the weight gradients they defer keep
-  their micro-batch's saved tensors, Qi et al. Sec. 3.1 and 6); dualpipev (2 p + 1) / 2
-  (DeepSeek-V3 report Table 2: PP + 1 chunks with PP = 2p).
+  zbh1 and interleaved_zb ((v - 1) m' + p) / v with m' = m // max(1, m // p) (p when m is a
+  multiple of p), zbv p (min(p, (m + 1) / 2) on the first rank below 2p - 1 micro-batches) on
+  every rank (the weight gradients they defer keep their micro-batch's saved tensors, Qi et al.
+  Sec. 3.1 and 6); dualpipev (2 p + 1) / 2 (DeepSeek-V3 report Table 2: PP + 1 chunks with
+  PP = 2p). All counted from torch's orders in the tests.
 """
 
 from __future__ import annotations
@@ -156,18 +158,25 @@ def _is(code: np.ndarray, *names: str) -> np.ndarray:
 
 
 def bubble_time(schedule: ArrayLike, pp: ArrayLike, vpp: ArrayLike, t_f: ArrayLike, t_b: ArrayLike,
-                t_w: ArrayLike) -> np.ndarray:
+                t_w: ArrayLike, micro_batches: ArrayLike = np.inf) -> np.ndarray:
     """Idle seconds per step on each rank (see the module docstring), from one micro-batch's
     forward, input-gradient and weight-gradient time through a rank's layers."""
     code = _codes(schedule)
     p1 = np.asarray(pp, dtype=np.float64) - 1
     v = np.maximum(np.asarray(vpp, dtype=np.float64), 1.0)
+    m = np.asarray(micro_batches, dtype=np.float64)
     full = t_f + t_b + t_w
     zb = t_f + t_b - np.minimum(np.minimum(t_f, t_b), t_w)
+    # ZB-V with fewer than 2p - 1 micro-batches (torch pads its order to 2p - 1): the drain is
+    # (p - 1) max(F, B) with nothing to fill it at m = p, less one W per micro-batch beyond p
+    # (fitted to nothing: read off the event simulation of torch's order, which it matches
+    # for p = 2-8 and F : B : W = 1 : 1-2 : 0.5-1).
+    short_v = np.maximum(p1 * np.maximum(t_f, t_b) - np.maximum(m - p1 - 1, 0.0) * t_w, p1 * zb / 2)
+    zbv = np.where(m < 2 * p1 + 1, short_v, p1 * zb / 2)
     out = np.select(
         [_is(code, "gpipe", "1f1b"), _is(code, "interleaved"), _is(code, "zbh1"),
-         _is(code, "interleaved_zb"), _is(code, "zbv", "dualpipev")],
-        [p1 * full, p1 * full / v, p1 * zb, p1 * zb / v, p1 * zb / 2],
+         _is(code, "interleaved_zb"), _is(code, "zbv"), _is(code, "dualpipev")],
+        [p1 * full, p1 * full / v, p1 * zb, p1 * zb / v, zbv, p1 * zb / 2],
         default=p1 * full,
     )
     return np.where(p1 > 0, out, 0.0)
@@ -196,13 +205,39 @@ def inflight_microbatches(schedule: ArrayLike, pp: ArrayLike, vpp: ArrayLike, mi
     r = 0.0 if rank == "first" else p - 1
     one_f_one_b = np.minimum(p, m) if rank == "first" else np.ones_like(p * m)
     interleaved = np.minimum((v * p + p - 1 - 2 * r) / v, m)
+    # torch's zero-bubble looped order runs rounds of m // rounds micro-batches
+    per_round = np.floor(m / np.maximum(1.0, np.floor(m / p)))
+    looped_zb = np.minimum(((v - 1) * per_round + p) / v, m)
     out = np.select(
         [_is(code, "gpipe"), _is(code, "1f1b"), _is(code, "interleaved"),
-         _is(code, "zbh1", "interleaved_zb", "zbv"), _is(code, "dualpipev")],
-        [m, one_f_one_b, interleaved, np.minimum(p, m), np.minimum((2 * p + 1) / 2, m)],
+         _is(code, "zbh1", "interleaved_zb"), _is(code, "zbv"), _is(code, "dualpipev")],
+        [m, one_f_one_b, interleaved, looped_zb,
+         np.minimum(p, (m + 1) / 2 if rank == "first" else m), np.minimum((2 * p + 1) / 2, m)],
         default=one_f_one_b,
     )
     return np.where(p > 1, out, np.minimum(m, 1.0))
+
+
+def pending_weight_grads(schedule: ArrayLike, pp: ArrayLike, vpp: ArrayLike, micro_batches: ArrayLike,
+                         rank: str = "first") -> np.ndarray:
+    """Micro-batches (in whole-rank units) whose input-gradient step has run and whose
+    weight-gradient step has not, at the peak, on the first or the last rank: under full
+    recompute each keeps the activations its input-gradient step rebuilt (counted from
+    torch's orders: ZB-H1 1 and p, interleaved zero bubble 1/v and p/v, ZB-V 1/2 and
+    p - 1/2, DualPipe-V 1/2 and p/2)."""
+    code = _codes(schedule)
+    p = np.asarray(pp, dtype=np.float64)
+    v = np.maximum(np.asarray(vpp, dtype=np.float64), 1.0)
+    m = np.maximum(np.asarray(micro_batches, dtype=np.float64), 1.0)
+    first = rank == "first"
+    out = np.select(
+        [_is(code, "zbh1", "interleaved_zb"), _is(code, "zbv"), _is(code, "dualpipev")],
+        [(1.0 if first else p) / v,
+         np.full_like(p * m, 0.5) if first else np.minimum(p - 0.5, np.maximum(0.5, m - p + 0.5)),
+         np.full_like(p * m, 0.5) if first else p / 2],
+        default=0.0,
+    )
+    return np.where(p > 1, out, 0.0)
 
 
 def first_rank_holds_last_stage(schedule: ArrayLike) -> np.ndarray:

@@ -441,7 +441,7 @@ class Layout:
             )
         if self.pp > 1:
             problem = pipeline.microbatch_problem(self.schedule, self.pp, self.vpp, self.grad_accum)
-            _require(not problem, f"{problem}; raise global_batch or lower micro_batch")
+            _require(not problem, f"{problem}; raise the global batch size or lower the micro-batch size")
         # Interleaved chunks may be uneven (Megatron-Core's uneven pipeline split): the slowest
         # stage then holds ceil(layers / (pp * vpp)) layers per chunk.
 

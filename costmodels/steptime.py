@@ -265,95 +265,105 @@ def _schedule_free(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     # ---- data parallel / ZeRO
     dense_local = f64("params_layer_dense") * layers_stage / tp
     expert_local = f64("params_layer_expert") * layers_stage / (tp * ep)
-    embed_local = (f64("params_embed") + f64("params_output")) / tp / np.where(pp > 1, 2.0, 1.0)
-    params_local = dense_local + expert_local + embed_local  # the heavier of first/last stage
-    replicas = dp * cp
-    grad_comm_bytes = np.where(ab > 2, 4.0, 2.0)  # gradients reduced in the compute dtype
-    dp_bw = np.minimum(f64("dp_bw"), np.where(cp > 1, f64("cp_bw"), np.inf)) * prof.link_eff
-    dp_lat = f64("dp_lat")
-    sh_bw, sh_lat = f64("shard_bw") * prof.link_eff, f64("shard_lat")
-    rep_bw, rep_lat = f64("rep_bw") * prof.link_eff, f64("rep_lat")
-    n_lay = np.maximum(layers_stage, 1.0)
+    embed_all = (f64("params_embed") + f64("params_output")) / tp
 
-    def per_msg(fn, nbytes, n, bw, lat, msgs):
-        return msgs * fn(nbytes / msgs, n, bw, lat)
+    def states_terms(params_local: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Gradient sync, optimizer and model-state memory of a rank holding `params_local`."""
+        replicas = dp * cp
+        grad_comm_bytes = np.where(ab > 2, 4.0, 2.0)  # gradients reduced in the compute dtype
+        dp_bw = np.minimum(f64("dp_bw"), np.where(cp > 1, f64("cp_bw"), np.inf)) * prof.link_eff
+        dp_lat = f64("dp_lat")
+        sh_bw, sh_lat = f64("shard_bw") * prof.link_eff, f64("shard_lat")
+        rep_bw, rep_lat = f64("rep_bw") * prof.link_eff, f64("rep_lat")
+        n_lay = np.maximum(layers_stage, 1.0)
 
-    ag_bw, ag_lat = _op_link(c, "allgather", sh_bw, sh_lat)
-    rs_bw, rs_lat = _op_link(c, "reduce_scatter", sh_bw, sh_lat)
+        def per_msg(fn, nbytes, n, bw, lat, msgs):
+            return msgs * fn(nbytes / msgs, n, bw, lat)
 
-    def dp_time(params, group, shards, reps):
-        """Gradient sync of `params` over `group` replicas, ZeRO-sharded over `shards` of
-        them (HSDP: all-reduced across the `reps` groups of shards)."""
-        grad_bytes = params * grad_comm_bytes
-        # Collectives are issued per bucket (DDP / Megatron buffers) or per layer (FSDP
-        # units), so the alpha term is paid per message: n_msgs x collective(bytes / n_msgs).
-        n_bkt = np.maximum(1.0, np.ceil(grad_bytes / DP_BUCKET_BYTES))
-        t_rep = np.where(reps > 1, per_msg(comm.allreduce_time, grad_bytes / shards, reps, rep_bw, rep_lat, n_bkt), 0.0)
-        t_plain = per_msg(comm.allreduce_time, grad_bytes, group, dp_bw, dp_lat, n_bkt)
-        t_sharded_step = (
-            per_msg(comm.reduce_scatter_time, grad_bytes, shards, rs_bw, rs_lat, n_bkt)
-            + per_msg(comm.allgather_time, params * ab, shards, ag_bw, ag_lat, n_bkt) + t_rep
-        )
-        t_step = np.where((sharding >= 2) | ((sharding == 1) & (reps > 1)), t_sharded_step, t_plain)
-        # ZeRO-3: all-gather each layer's weights in forward and again in backward,
-        # reduce-scatter its grads, every micro-batch (Rajbhandari et al. 2020, Sec. 7.2.2).
-        t_z3 = m * (
-            2 * per_msg(comm.allgather_time, params * ab, shards, ag_bw, ag_lat, n_lay)
-            + per_msg(comm.reduce_scatter_time, grad_bytes, shards, rs_bw, rs_lat, n_lay)
-        ) + t_rep
-        return np.where(group > 1, np.where(sharding == 3, t_z3, t_step), 0.0)
+        ag_bw, ag_lat = _op_link(c, "allgather", sh_bw, sh_lat)
+        rs_bw, rs_lat = _op_link(c, "reduce_scatter", sh_bw, sh_lat)
 
-    # Experts are replicated over dp x cp / ep ranks (expert data parallelism) and their
-    # ZeRO states sharded over those (Megatron-Core's expert distributed optimizer).
-    edp = np.maximum(replicas / ep, 1.0)
-    t_dp = dp_time(params_local - expert_local, replicas, shard_n, rep_n) \
-        + np.where(expert_local > 0, dp_time(expert_local, edp, edp, np.ones_like(edp)), 0.0)
-    # Overlap window: ZeRO-3 gathers ahead of every layer (all compute); otherwise the
-    # gradient reduce runs under the last micro-batch's backward and the parameter
-    # all-gather of a sharded optimizer under the next step's first forward.
-    window = np.where(sharding == 3, compute, stage_mb)
-    window = np.where(stack["grad_overlap"], window, 0.0)
-    first_bucket = t_dp / np.maximum(layers_stage * np.where(sharding == 3, 3 * m, 1), 1)
-    dp_exposed = np.maximum(0.0, t_dp - dp_overlap * window) + np.where(replicas > 1, first_bucket, 0.0)
-    dp_exposed = np.minimum(dp_exposed, t_dp)
+        def dp_time(params, group, shards, reps):
+            """Gradient sync of `params` over `group` replicas, ZeRO-sharded over `shards` of
+            them (HSDP: all-reduced across the `reps` groups of shards)."""
+            grad_bytes = params * grad_comm_bytes
+            # Collectives are issued per bucket (DDP / Megatron buffers) or per layer (FSDP
+            # units), so the alpha term is paid per message: n_msgs x collective(bytes / n_msgs).
+            n_bkt = np.maximum(1.0, np.ceil(grad_bytes / DP_BUCKET_BYTES))
+            t_rep = np.where(reps > 1, per_msg(comm.allreduce_time, grad_bytes / shards, reps, rep_bw, rep_lat, n_bkt), 0.0)
+            t_plain = per_msg(comm.allreduce_time, grad_bytes, group, dp_bw, dp_lat, n_bkt)
+            t_sharded_step = (
+                per_msg(comm.reduce_scatter_time, grad_bytes, shards, rs_bw, rs_lat, n_bkt)
+                + per_msg(comm.allgather_time, params * ab, shards, ag_bw, ag_lat, n_bkt) + t_rep
+            )
+            t_step = np.where((sharding >= 2) | ((sharding == 1) & (reps > 1)), t_sharded_step, t_plain)
+            # ZeRO-3: all-gather each layer's weights in forward and again in backward,
+            # reduce-scatter its grads, every micro-batch (Rajbhandari et al. 2020, Sec. 7.2.2).
+            t_z3 = m * (
+                2 * per_msg(comm.allgather_time, params * ab, shards, ag_bw, ag_lat, n_lay)
+                + per_msg(comm.reduce_scatter_time, grad_bytes, shards, rs_bw, rs_lat, n_lay)
+            ) + t_rep
+            return np.where(group > 1, np.where(sharding == 3, t_z3, t_step), 0.0)
 
-    # ---- optimizer step over the local shard
-    opt_shard = np.where(sharding >= 1, shard_n, 1.0)
-    exp_shard = np.where(sharding >= 1, edp, 1.0)
-    # Adam streams its states like any elementwise kernel (on a CPU host at the rate the bench
-    # measured for out-of-place elementwise ops: its unfused per-tensor steps allocate
-    # temporaries).
-    t_opt = ADAM_BYTES_PER_PARAM * ((params_local - expert_local) / opt_shard + expert_local / exp_shard) / bw_elem
+        # Experts are replicated over dp x cp / ep ranks (expert data parallelism) and their
+        # ZeRO states sharded over those (Megatron-Core's expert distributed optimizer).
+        edp = np.maximum(replicas / ep, 1.0)
+        t_dp = dp_time(params_local - expert_local, replicas, shard_n, rep_n) \
+            + np.where(expert_local > 0, dp_time(expert_local, edp, edp, np.ones_like(edp)), 0.0)
+        # Overlap window: ZeRO-3 gathers ahead of every layer (all compute); otherwise the
+        # gradient reduce runs under the last micro-batch's backward and the parameter
+        # all-gather of a sharded optimizer under the next step's first forward.
+        window = np.where(sharding == 3, compute, stage_mb)
+        window = np.where(stack["grad_overlap"], window, 0.0)
+        first_bucket = t_dp / np.maximum(layers_stage * np.where(sharding == 3, 3 * m, 1), 1)
+        dp_exposed = np.maximum(0.0, t_dp - dp_overlap * window) + np.where(replicas > 1, first_bucket, 0.0)
+        dp_exposed = np.minimum(dp_exposed, t_dp)
 
-    # On a CPU host every collective is a meeting point of ranks that time-share the cores:
-    # the first to arrive waits for the last, and gloo does its work on a compute core. A
-    # fitted cost per synchronising call, charged per call each layout issues per step
-    # (TP: n_tp per layer per micro-batch, x2 for SP's all-gather + reduce-scatter pairs;
-    # ZeRO-3: 2 gathers + 1 reduce-scatter per layer per micro-batch; ZeRO-1/2: a gather and a
-    # reduce-scatter per layer; DDP: one all-reduce per bucket; PP: a send and a receive per
-    # micro-batch at each stage boundary).
-    n_bkt = np.maximum(1.0, np.ceil(params_local * grad_comm_bytes / DP_BUCKET_BYTES))
-    calls = np.where(tp > 1, m * layers_stage * n_tp * np.where(sp, 2.0, 1.0), 0.0)
-    calls = calls + np.where(replicas > 1, np.where(
-        sharding == 3, 3 * m * n_lay, np.where(sharding >= 1, 2 * n_lay, n_bkt)), 0.0)
-    calls = calls + np.where(pp > 1, 2 * m, 0.0)
-    calls = calls + np.where(ep > 1, m * layers_stage * moe_frac * MOE_A2A_CALLS, 0.0)
-    t_sync_calls = np.where(on_cpu, calls * prof.cpu_sync_call_s, 0.0)
+        # ---- optimizer step over the local shard
+        opt_shard = np.where(sharding >= 1, shard_n, 1.0)
+        exp_shard = np.where(sharding >= 1, edp, 1.0)
+        # Adam streams its states like any elementwise kernel (on a CPU host at the rate the bench
+        # measured for out-of-place elementwise ops: its unfused per-tensor steps allocate
+        # temporaries).
+        t_opt = ADAM_BYTES_PER_PARAM * ((params_local - expert_local) / opt_shard + expert_local / exp_shard) / bw_elem
+
+        # On a CPU host every collective is a meeting point of ranks that time-share the cores:
+        # the first to arrive waits for the last, and gloo does its work on a compute core. A
+        # fitted cost per synchronising call, charged per call each layout issues per step
+        # (TP: n_tp per layer per micro-batch, x2 for SP's all-gather + reduce-scatter pairs;
+        # ZeRO-3: 2 gathers + 1 reduce-scatter per layer per micro-batch; ZeRO-1/2: a gather and a
+        # reduce-scatter per layer; DDP: one all-reduce per bucket; PP: a send and a receive per
+        # micro-batch at each stage boundary).
+        n_bkt = np.maximum(1.0, np.ceil(params_local * grad_comm_bytes / DP_BUCKET_BYTES))
+        calls = np.where(tp > 1, m * layers_stage * n_tp * np.where(sp, 2.0, 1.0), 0.0)
+        calls = calls + np.where(replicas > 1, np.where(
+            sharding == 3, 3 * m * n_lay, np.where(sharding >= 1, 2 * n_lay, n_bkt)), 0.0)
+        calls = calls + np.where(pp > 1, 2 * m, 0.0)
+        calls = calls + np.where(ep > 1, m * layers_stage * moe_frac * MOE_A2A_CALLS, 0.0)
+        t_sync_calls = np.where(on_cpu, calls * prof.cpu_sync_call_s, 0.0)
+        mem = memory_terms(c, prof, params_local, shard_n, layers_stage, rc_frac, expert_local, exp_shard)
+        return {"rest": dp_exposed + t_opt + np.where(on_cpu, prof.step_overhead_s, 0.0) + t_sync_calls,
+                "dp_comm_s": t_dp, "dp_exposed_s": dp_exposed, "optimizer_s": t_opt,
+                "params_local": params_local, **{k: mem[k] for k in STATE_KEYS}}, mem
+
+    # A pipeline's first and last stage each hold one of the embedding and the output head
+    # (the heavier stage sets the pace); a V placement holds both on its first rank.
+    states, mem = states_terms(dense_local + expert_local + embed_all / np.where(pp > 1, 2.0, 1.0))
+    states_v, _ = states_terms(dense_local + expert_local + embed_all)
     fpt = model_flops_per_token(layers, h, ffn_active, kv, mats, vocab, seq, 1.0, True, q_dim=qd)
-    mem = memory_terms(c, prof, params_local, shard_n, layers_stage, rc_frac, expert_local, exp_shard)
     t_stage = stage_mb - t_logits
     return {
         # carried to `_with_schedule`
         "pp": pp, "vpp": vpp, "m": m, "layers_stage": layers_stage, "layers": layers,
         "compute": compute, "p2p_one": p2p_one, "t_logits": t_logits,
         "t_f": fwd_share * t_stage, "t_w": wgrad_share * t_stage, "t_stage": t_stage,
-        "rest": dp_exposed + t_opt + np.where(on_cpu, prof.step_overhead_s, 0.0) + t_sync_calls,
+        **states, **{k + V_SUFFIX: v for k, v in states_v.items()},
         # Synchronous steps wait for the slowest node: with per-node jitter of relative size
         # sigma, the expected maximum over N nodes is ~ sigma sqrt(2 ln N) (Gumbel / extreme
         # value of Gaussians; the straggler effect of Dubey et al. 2024, Sec. 3.3.4).
         "jitter": prof.sync_jitter * np.sqrt(2 * np.log(np.maximum(world / np.maximum(f64("gpus_per_node"), 1.0), 1.0))),
         "tokens_gpu": gbs * seq / world, "flops_gpu": fpt / f64("peak_mfu"),
-        **mem,
+        **{k: v for k, v in mem.items() if k not in STATE_KEYS},
         # reported as they are
         "compute_s": m * layers_stage * t_layer + m * t_logits,
         "tp_comm_s": m * layers_stage * t_tp,
@@ -363,31 +373,33 @@ def _schedule_free(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
         # a CPU host's time-sharing: each rank's share of a core (figures above are at it)
         # and the ranks it runs at full speed at once (`costmodels.pipeline_sim`)
         "core_share": col("core_share", 1.0), "core_capacity": col("core_capacity", np.inf),
-        "dp_comm_s": t_dp,
-        "dp_exposed_s": dp_exposed,
-        "optimizer_s": t_opt,
         "flops_per_token": fpt,
         "micro_batches": m,
-        "params_local": params_local,
         "experts_per_rank": experts / ep,
     }
 
 
 CARRIED = ("pp", "vpp", "m", "layers_stage", "layers", "compute", "p2p_one", "t_logits", "t_f", "t_w",
            "t_stage", "rest", "jitter", "tokens_gpu", "flops_gpu")
+# Terms of the rank holding the model's parameters, under the looped placement and (suffix) a V
+STATE_KEYS = ("_mem_weights", "_mem_gradients", "_mem_optimizer", "_mem_buffers")
+V_SUFFIX = "@v"
+PLACED = ("rest", "dp_comm_s", "dp_exposed_s", "optimizer_s", "params_local", *STATE_KEYS)
 
 
 def _with_schedule(free: dict[str, np.ndarray], schedule: np.ndarray) -> dict[str, np.ndarray]:
     """The schedule's terms on top of the schedule-free ones: the pipeline bubble, the p2p
     sends on the critical path, the idle a run measures, the step, and memory per rank."""
-    f = free
-    pp, vpp, m, layers_stage = f["pp"], f["vpp"], f["m"], f["layers_stage"]
+    pp, vpp, m, layers_stage = free["pp"], free["vpp"], free["m"], free["layers_stage"]
+    v_shape = pipeline.first_rank_holds_last_stage(schedule) & (pp > 1)
+    f = {k: v for k, v in free.items() if not k.endswith(V_SUFFIX)}
+    f.update({k: np.where(v_shape, free[k + V_SUFFIX], free[k]) for k in PLACED})
     # Fill and drain run on the stages that hold layers but not the output head, so the
     # schedule's bubble (`costmodels.pipeline.bubble_time`) is priced on a rank's micro-batch
     # time without the logits, split into forward, input-gradient and weight-gradient steps.
     t_f, t_w, t_stage, t_logits = f["t_f"], f["t_w"], f["t_stage"], f["t_logits"]
     t_b = t_stage - t_f - t_w
-    bubble = np.where(pp > 1, pipeline.bubble_time(schedule, pp, vpp, t_f, t_b, t_w), 0.0)
+    bubble = np.where(pp > 1, pipeline.bubble_time(schedule, pp, vpp, t_f, t_b, t_w, m), 0.0)
     t_p2p = np.where(pp > 1, pipeline.critical_p2p_hops(schedule, pp) * f["p2p_one"], 0.0)
     # What a rank idles in the pipeline per step, mean over ranks (the executor measures it):
     # the bubble, the sends on the critical path, and the pace of the slowest stage — the
@@ -399,13 +411,17 @@ def _with_schedule(free: dict[str, np.ndarray], schedule: np.ndarray) -> dict[st
     t_sync = step * f["jitter"]
     step = step + t_sync
     tps_gpu = f["tokens_gpu"] / step
-    out = {k: v for k, v in free.items() if k not in CARRIED and not k.startswith("_mem_")}
+    out = {k: v for k, v in f.items() if k not in CARRIED and not k.startswith("_mem_")}
+    out["non_pipeline_s"], out["straggler_factor"] = f["rest"], f["jitter"]  # `predicted_pipeline`
     out.update({
         "step_time_s": step, "pp_bubble_s": bubble, "pp_idle_s": pp_idle, "pp_p2p_s": t_p2p,
         "pp_fwd_s": t_f, "pp_bwd_input_s": t_b, "pp_bwd_weight_s": t_w, "sync_s": t_sync,
         "tokens_per_sec_per_gpu": tps_gpu, "mfu": f["flops_gpu"] * tps_gpu,
     })
-    out.update(memory_totals(free, schedule))
+    # the last rank of a V holds neither the embedding nor the head: states are affine in the
+    # parameters held, so theirs are 2 x (half of both) - (both)
+    last_states = {k: np.where(v_shape, 2 * free[k] - free[k + V_SUFFIX], free[k]) for k in STATE_KEYS}
+    out.update(memory_totals(f, schedule, last_states))
     return out
 
 
@@ -549,6 +565,8 @@ def memory_terms(
         "_mem_weights": states["weights"], "_mem_gradients": states["gradients"],
         "_mem_optimizer": states["optimizer"], "_mem_buffers": buffers,
         "_mem_layer_act": act_layer * layers_stage,
+        # what full recompute rebuilds for one micro-batch through the rank's layers
+        "_mem_rebuilt": np.where(recompute == 2, (act_none - act_layer) * layers_stage, 0.0),
         # Full recompute still materialises one layer's full activations during its backward.
         "_mem_working": np.where(recompute == 2, act_none, 0.0),
         "_mem_embed": memory.embedding_output_bytes(tok, h, tp, sp),
@@ -559,10 +577,12 @@ def memory_terms(
     }
 
 
-def memory_totals(terms: dict[str, np.ndarray], schedule: np.ndarray) -> dict[str, np.ndarray]:
+def memory_totals(terms: dict[str, np.ndarray], schedule: np.ndarray,
+                  last_states: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Peak bytes per GPU on the busier of the first and the last pipeline rank under the
     schedule's in-flight micro-batches (`costmodels.pipeline`); a V placement holds the
-    embedding and the output head both on the first rank."""
+    embedding and the output head both on the first rank. `last_states`: the last rank's
+    model-state terms where they differ from `terms`' (the heavier rank's)."""
     t = terms
     pp, vpp, m = t["pp"], t["vpp"], t["m"]
     logits, per_mb = t["_mem_logits"], t["_mem_layer_act"]
@@ -570,24 +590,34 @@ def memory_totals(terms: dict[str, np.ndarray], schedule: np.ndarray) -> dict[st
     first = per_mb * pipeline.inflight_microbatches(schedule, pp, vpp, m, "first") \
         + t["_mem_embed"] + np.where(v_shape | (pp == 1), logits, 0.0)
     last = per_mb * pipeline.inflight_microbatches(schedule, pp, vpp, m, "last") + np.where(v_shape, 0.0, logits)
+    # Zero-bubble schedules under full recompute: a micro-batch between its input- and its
+    # weight-gradient step keeps what the recompute rebuilt until the weight step runs.
+    rebuilt = t["_mem_rebuilt"]
+    first = first + rebuilt * pipeline.pending_weight_grads(schedule, pp, vpp, m, "first")
+    last = last + rebuilt * pipeline.pending_weight_grads(schedule, pp, vpp, m, "last")
     first_act = first + t["_mem_working"]
     last_act = np.where(pp > 1, last + t["_mem_working"], first_act)
-    activations = np.maximum(first_act, last_act)
-    states = t["_mem_weights"] + t["_mem_gradients"] + t["_mem_optimizer"] + t["_mem_buffers"]
-    tensors = states + activations
-    total = tensors * t["_mem_factor"] + t["_mem_constant"]
+    keys = ("_mem_weights", "_mem_gradients", "_mem_optimizer", "_mem_buffers")
+    ls = last_states or t
 
-    def rank_total(act: np.ndarray) -> np.ndarray:
-        return ((states + act) * t["_mem_factor"] + t["_mem_constant"]) / 1e9
+    def rank_gb(parts: dict[str, np.ndarray], act: np.ndarray) -> np.ndarray:
+        return ((sum(parts[k] for k in keys) + act) * t["_mem_factor"] + t["_mem_constant"]) / 1e9
 
+    first_gb, last_gb = rank_gb(t, first_act), rank_gb(ls, last_act)
+    # the breakdown is the busier rank's
+    on_first = first_gb >= last_gb
+    part = {k: np.where(on_first, t[k], ls[k]) for k in keys}
+    activations = np.where(on_first, first_act, last_act)
+    tensors = sum(part[k] for k in keys) + activations
+    total = np.maximum(first_gb, last_gb) * 1e9
     return {
-        "mem_weights_gb": t["_mem_weights"] / 1e9,
-        "mem_gradients_gb": t["_mem_gradients"] / 1e9,
-        "mem_optimizer_gb": t["_mem_optimizer"] / 1e9,
+        "mem_weights_gb": part["_mem_weights"] / 1e9,
+        "mem_gradients_gb": part["_mem_gradients"] / 1e9,
+        "mem_optimizer_gb": part["_mem_optimizer"] / 1e9,
         "mem_activations_gb": activations / 1e9,
-        "mem_buffers_gb": t["_mem_buffers"] / 1e9,
+        "mem_buffers_gb": part["_mem_buffers"] / 1e9,
         "mem_overhead_gb": (total - tensors) / 1e9,
         "peak_memory_gb": total / 1e9,
-        "mem_first_stage_gb": rank_total(first_act),
-        "mem_last_stage_gb": rank_total(last_act),
+        "mem_first_stage_gb": first_gb,
+        "mem_last_stage_gb": last_gb,
     }

@@ -15,7 +15,7 @@ import pandas as pd
 from costmodels.capabilities import RULES, refused_mask
 from costmodels.cases import SCHEDULES, build_cases
 from costmodels.errors import MeshplanError
-from costmodels.pipeline import effective, microbatches_admitted
+from costmodels.pipeline import SCHEDULE_NAMES, microbatches_admitted
 from costmodels.profile import Profile
 from costmodels.specs import PRECISIONS, RECOMPUTES, SHARDINGS, ClusterSpec, Layout, ModelSpec
 from costmodels.steptime import evaluate_schedules
@@ -45,9 +45,9 @@ class SearchSpace:
     micro_batches: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32)
     shardings: tuple[str, ...] = SHARDINGS
     recomputes: tuple[str, ...] = RECOMPUTES
-    # Pipeline schedules at one stage per rank; with vpp > 1 1f1b runs interleaved and zbh1
-    # interleaved_zb; zbv and dualpipev hold two stages per rank (`costmodels.pipeline`).
-    schedules: tuple[str, ...] = ("1f1b", "gpipe", "zbh1", "zbv", "dualpipev")
+    # Pipeline schedules to try (`costmodels.pipeline`): the vpp axis gives 1f1b its
+    # interleaved form and zbh1 interleaved_zb; zbv and dualpipev hold two stages per rank.
+    schedules: tuple[str, ...] = SCHEDULE_NAMES
     hsdp: bool = True  # also search sharding-group sizes (HSDP / MiCS / dist-opt instances)
     # Share of each stage's layers that full recompute applies to, in eighths.
     recompute_fractions: tuple[float, ...] = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
@@ -135,6 +135,7 @@ def enumerate_layouts(model: ModelSpec, cluster: ClusterSpec, global_batch: int,
     eff = np.where((vpp > 1) & (sc == code["1f1b"]), code["interleaved"],
                    np.where((vpp > 1) & (sc == code["zbh1"]), code["interleaved_zb"], sc))
     ok &= microbatches_admitted(eff, pp, m)  # the schedule's micro-batch rules
+    ok &= np.isin(eff, [code[name] for name in space.schedules]) | (pp == 1)  # what the stack runs
     base = {
         "tp": tp[ok], "pp": pp[ok], "dp": dp[ok], "cp": cp[ok], "vpp": vpp[ok], "micro": mb[ok],
         "sharding": sh[ok], "recompute": rc[ok], "sp": sp[ok].astype(bool), "schedule": eff[ok],
@@ -264,7 +265,7 @@ def search(
     per_schedule = np.bincount(np.asarray(cols["schedule"], dtype=np.int64)[np.asarray(cols["pp"]) > 1],
                                minlength=len(SCHEDULES))
     # every schedule the space tries, with the pipelined candidates evaluated under it
-    tried = {effective(name, v) for name in space.schedules for v in (1, 2)}
+    tried = set(space.schedules)
     res = SearchResult(model, cluster, global_batch, table, n, elapsed, ranked.reset_index(drop=True),
                        _frame(cols, pred, front).reset_index(drop=True),
                        schedules_evaluated={name: int(k) for name, k in zip(SCHEDULES, per_schedule, strict=True)

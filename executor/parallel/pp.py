@@ -204,7 +204,9 @@ class PipelineStrategy(DistributedStrategy):
 
         cap = g["core_capacity"]
         sim = simulate(self.action_orders(), self.n_stages, duration, cap if math.isfinite(cap) else None)
-        step = g["step_time_s"] - (g["compute_s"] + g["pp_bubble_s"] + g["pp_p2p_s"]) + sim.span_s
+        # the simulated span replaces compute + bubble; the p2p sends and the rest of the step
+        # (gradient sync, optimizer, per-call costs) as the cost model has them
+        step = (sim.span_s + g["pp_p2p_s"] + g["non_pipeline_s"]) * (1 + g["straggler_factor"])
         return {"predicted_idle_s": sim.idle_s, "predicted_step_time_s": step,
                 "predicted_bubble_share": sim.idle_s / step, "dedicated_bubble_s": g["pp_bubble_s"]}
 

@@ -61,7 +61,7 @@ REFUSALS = [
     (Layout(ep=2, dp=4, dp_shard=2, sharding="zero3", global_batch=4), MOE, "layout.dp_shard=2"),
     (Layout(ep=2, dp=2, global_batch=2), TINY, "layout.ep=2"),
     (Layout(ep=3, dp=3, global_batch=3), MOE, "layout.ep=3"),
-    (Layout(pp=2, vpp=2, recompute="full", recompute_layers=1, global_batch=2), TINY, "multiple of vpp=2"),
+    (Layout(pp=2, vpp=2, recompute="full", recompute_layers=1, global_batch=2), TINY, "multiple of the 2 stages per rank"),
     (Layout(dp=4, dp_shard=1, sharding="zero2", global_batch=4), TINY, "layout.dp_shard=1"),
     (Layout(pp=2, schedule="interleaved", global_batch=2), TINY, "layout.schedule=interleaved"),
     (Layout(pp=2, dp=2, sharding="zero3", schedule="zbv", global_batch=8), TINY, "zbv with layout.sharding=zero3"),

@@ -42,8 +42,9 @@ def test_plan_json_lists_schedules_and_the_winner_under_each():
 def test_zero_bubble_schedules_trade_memory_for_bubble():
     model = PRESETS["llama3-70b"].with_(seq_len=4096)
     cluster = ClusterSpec("h100-sxm", 64)
-    lay = Layout(tp=8, pp=4, dp=2, micro_batch=1, global_batch=64, recompute="full", sharding="zero1")
-    rows = {r["schedule"]: r for r in compare_schedules(model, lay, cluster, load_profile(machine=False))}
+    lay = Layout(tp=8, pp=4, dp=2, micro_batch=1, global_batch=64, sharding="zero1")
+    prof = load_profile(machine=False)
+    rows = {r["schedule"]: r for r in compare_schedules(model, lay, cluster, prof)}
     assert rows["zbh1"]["pp_bubble_s"] < rows["1f1b"]["pp_bubble_s"]
     assert rows["interleaved_zb"]["pp_bubble_s"] < rows["interleaved"]["pp_bubble_s"]
     # deferred weight gradients keep every rank at p micro-batches; 1F1B's last holds one
@@ -51,6 +52,13 @@ def test_zero_bubble_schedules_trade_memory_for_bubble():
     # a V holds the output head on its first rank; DualPipe-V half a micro-batch more
     assert rows["zbv"]["mem_first_stage_gb"] > rows["zbv"]["mem_last_stage_gb"]
     assert rows["dualpipev"]["mem_first_stage_gb"] > rows["zbv"]["mem_first_stage_gb"]
+    assert rows["zbv"]["mem_last_stage_gb"] < rows["1f1b"]["mem_first_stage_gb"]  # no embedding, no head
+    # Under full recompute a deferred weight-gradient step keeps what the recompute rebuilt:
+    # ZB-H1's last rank holds p checkpoints + p rebuilt micro-batches against 1F1B's one
+    # checkpoint, more than the (p - 1) whole micro-batches it holds over 1F1B without recompute.
+    full = {r["schedule"]: r for r in compare_schedules(model, lay.with_(recompute="full"), cluster, prof)}
+    gap_full = full["zbh1"]["mem_last_stage_gb"] - full["1f1b"]["mem_last_stage_gb"]
+    assert gap_full > rows["zbh1"]["mem_last_stage_gb"] - rows["1f1b"]["mem_last_stage_gb"] > 0
 
 
 def test_predict_json_reports_memory_per_stage_for_each_schedule():
