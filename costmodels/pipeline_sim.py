@@ -65,14 +65,17 @@ def _deps(kind: str, stage: int, mb: int, stages: int) -> tuple[tuple[str, int, 
 
 
 def simulate(orders: Orders, stages: int, duration: Callable[[str, int], float],
-             capacity: float | None = None) -> SimResult:
+             capacity: float | None = None, send_s: float = 0.0) -> SimResult:
     """Run the orders; `duration(kind, stage)` is an action's seconds at full speed
     ("BW" is B + W); `capacity` the ranks' worth of speed the host shares out (None:
-    dedicated devices)."""
+    dedicated devices); `send_s` the seconds an activation or gradient takes to reach a
+    stage on another rank."""
     ranks = sorted(orders)
+    rank_of = {s: r for r in ranks for _, s, _ in orders[r]}
     nxt = dict.fromkeys(ranks, 0)
     left: dict[int, float] = {}  # rank -> full-speed seconds left of its running action
     done: dict[tuple[str, int, int], float] = {}
+    waiting: dict[int, float] = {}  # rank -> when the input of its next action arrives
     busy = dict.fromkeys(ranks, 0.0)
     now = 0.0
     total = sum(len(orders[r]) for r in ranks)
@@ -81,13 +84,20 @@ def simulate(orders: Orders, stages: int, duration: Callable[[str, int], float],
         for r in ranks:
             if r not in left and nxt[r] < len(orders[r]):
                 kind, s, mb = orders[r][nxt[r]]
-                if all(d in done for d in _deps(kind, s, mb, stages)):
+                deps = _deps(kind, s, mb, stages)
+                if all(d in done for d in deps):
+                    arrive = max((done[d] + (send_s if rank_of.get(d[1], r) != r else 0.0) for d in deps),
+                                 default=now)
+                    if arrive > now + 1e-15:  # its input is still on the wire
+                        waiting[r] = arrive
+                        continue
                     left[r] = max(duration(kind, s), 0.0)
-        if not left:
+        if not left and not waiting:
             raise ValueError("the pipeline order deadlocks")
-        speed = 1.0 if capacity is None else min(1.0, capacity / len(left))
-        dt = min(left.values()) / speed
+        speed = 1.0 if capacity is None else min(1.0, capacity / max(len(left), 1))
+        dt = min([v / speed for v in left.values()] + [t - now for t in waiting.values()])
         now += dt
+        waiting.clear()
         for r in list(left):
             busy[r] += dt
             left[r] -= dt * speed

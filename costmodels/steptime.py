@@ -412,7 +412,8 @@ def _with_schedule(free: dict[str, np.ndarray], schedule: np.ndarray) -> dict[st
     step = step + t_sync
     tps_gpu = f["tokens_gpu"] / step
     out = {k: v for k, v in f.items() if k not in CARRIED and not k.startswith("_mem_")}
-    out["non_pipeline_s"], out["straggler_factor"] = f["rest"], f["jitter"]  # `predicted_pipeline`
+    # for simulating a run's pipeline (`executor.parallel.pp.PipelineStrategy.predicted_pipeline`)
+    out["non_pipeline_s"], out["straggler_factor"], out["pp_send_s"] = f["rest"], f["jitter"], f["p2p_one"]
     out.update({
         "step_time_s": step, "pp_bubble_s": bubble, "pp_idle_s": pp_idle, "pp_p2p_s": t_p2p,
         "pp_fwd_s": t_f, "pp_bwd_input_s": t_b, "pp_bwd_weight_s": t_w, "sync_s": t_sync,

@@ -203,10 +203,11 @@ class PipelineStrategy(DistributedStrategy):
             return sum(per[k] * full_speed + (head if stage == last else 0.0) for k in parts)
 
         cap = g["core_capacity"]
-        sim = simulate(self.action_orders(), self.n_stages, duration, cap if math.isfinite(cap) else None)
-        # the simulated span replaces compute + bubble; the p2p sends and the rest of the step
-        # (gradient sync, optimizer, per-call costs) as the cost model has them
-        step = (sim.span_s + g["pp_p2p_s"] + g["non_pipeline_s"]) * (1 + g["straggler_factor"])
+        sim = simulate(self.action_orders(), self.n_stages, duration, cap if math.isfinite(cap) else None,
+                       send_s=g["pp_send_s"])
+        # the simulated span (sends included) replaces compute + bubble + p2p; the rest of the
+        # step (gradient sync, optimizer, per-call costs) as the cost model has it
+        step = (sim.span_s + g["non_pipeline_s"]) * (1 + g["straggler_factor"])
         return {"predicted_idle_s": sim.idle_s, "predicted_step_time_s": step,
                 "predicted_bubble_share": sim.idle_s / step, "dedicated_bubble_s": g["pp_bubble_s"]}
 

@@ -183,3 +183,16 @@ def test_pending_weight_gradients_first_and_last_rank(key, name, v):
         got = peak_pending_weight_grads(key, p, m)
         for rank, peak in (("first", got[0]), ("last", got[-1])):
             assert float(pipeline.pending_weight_grads(CODE[name], p, v, m, rank)) == pytest.approx(peak), (p, m, rank)
+
+
+def test_sends_between_ranks_delay_the_critical_path():
+    """One micro-batch through p stages: p - 1 sends down and p - 1 back up."""
+    p = 4
+    orders = single_stage_orders("1f1b", p, 1)
+    per = {"F": 1.0, "B": 1.0, "W": 1.0, "BW": 2.0}
+    plain = simulate(orders, p, lambda k, _s: per[k]).span_s
+    assert simulate(orders, p, lambda k, _s: per[k], send_s=0.25).span_s == pytest.approx(plain + 2 * (p - 1) * 0.25)
+    # a V turns on its last rank: stages p - 1 and p sit together, no send between them
+    v_orders, stages = torch_orders("zbv", 2, 3)
+    base = simulate(v_orders, stages, lambda k, _s: per[k] / 2).span_s
+    assert simulate(v_orders, stages, lambda k, _s: per[k] / 2, send_s=0.1).span_s > base
