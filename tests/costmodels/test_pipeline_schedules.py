@@ -101,19 +101,24 @@ def test_zero_bubble_orders_beat_1f1b_when_weight_gradients_are_deferred():
             assert simulated_bubble(key, p, m, 1.0, 1.0, 1.0) < base / 2, key
 
 
-def peak_inflight(key: str, p: int, m: int) -> list[float]:
-    """Per rank: the most micro-batches whose saved tensors are alive (a forward saves,
-    its weight-gradient step or full backward frees), in whole-rank micro-batches."""
+def peak_count(key: str, p: int, m: int, opens: tuple[str, ...], closes: tuple[str, ...]) -> list[float]:
+    """Per rank: the most micro-batch chunks opened (by an action in `opens`) and not yet
+    closed, in whole-rank micro-batches."""
     orders, stages = torch_orders(key, p, m)
     v = stages // p
     out = []
     for r in range(p):
         cur = peak = 0
         for kind, _, _ in orders[r]:
-            cur += 1 if kind == "F" else -1 if kind in ("W", "BW") else 0
+            cur += 1 if kind in opens else -1 if kind in closes else 0
             peak = max(peak, cur)
         out.append(peak / v)
     return out
+
+
+def peak_inflight(key: str, p: int, m: int) -> list[float]:
+    """Saved tensors alive: a forward saves, its weight-gradient step or full backward frees."""
+    return peak_count(key, p, m, ("F",), ("W", "BW"))
 
 
 @pytest.mark.parametrize("key,name,v", [("zbh1", "zbh1", 1), ("interleaved", "interleaved", 2),
@@ -161,16 +166,8 @@ def test_time_shared_host_conserves_work_and_shrinks_the_bubble():
 
 
 def peak_pending_weight_grads(key: str, p: int, m: int) -> list[float]:
-    orders, stages = torch_orders(key, p, m)
-    v = stages // p
-    out = []
-    for r in range(p):
-        cur = peak = 0
-        for kind, _, _ in orders[r]:
-            cur += 1 if kind == "B" else -1 if kind == "W" else 0
-            peak = max(peak, cur)
-        out.append(peak / v)
-    return out
+    """Between a micro-batch's input-gradient step and its weight-gradient step."""
+    return peak_count(key, p, m, ("B",), ("W",))
 
 
 @pytest.mark.parametrize("key,name,v", [("zbh1", "zbh1", 1), ("interleaved_zb", "interleaved_zb", 2),
