@@ -136,6 +136,8 @@ def enumerate_layouts(model: ModelSpec, cluster: ClusterSpec, global_batch: int,
                    np.where((vpp > 1) & (sc == code["zbh1"]), code["interleaved_zb"], sc))
     ok &= microbatches_admitted(eff, pp, m)  # the schedule's micro-batch rules
     ok &= np.isin(eff, [code[name] for name in space.schedules]) | (pp == 1)  # what the stack runs
+    # GPipe has 1F1B's bubble and holds more micro-batches: it can only win where 1F1B cannot run
+    ok &= (eff != code["gpipe"]) | (m < pp)
     base = {
         "tp": tp[ok], "pp": pp[ok], "dp": dp[ok], "cp": cp[ok], "vpp": vpp[ok], "micro": mb[ok],
         "sharding": sh[ok], "recompute": rc[ok], "sp": sp[ok].astype(bool), "schedule": eff[ok],
@@ -145,12 +147,19 @@ def enumerate_layouts(model: ModelSpec, cluster: ClusterSpec, global_batch: int,
     shard_opts = [0] + ([2**k for k in range(1, 16)] if space.hsdp else [])
     frac_opts = sorted(set(space.recompute_fractions) | {1.0})
     n0 = len(base["tp"])
+    ls0 = np.ceil(model.layers / (base["pp"] * base["vpp"])) * base["vpp"]
     rows, shards, fracs = [], [], []
     for d in shard_opts:
         keep = np.ones(n0, dtype=bool) if d == 0 else (
             (base["sharding"] > 0) & (base["dp"] % d == 0) & (base["dp"] > d))
+        last = np.zeros(n0)  # the recompute count the previous fraction gave each row
         for f in frac_opts:
-            k2 = keep if f == 1.0 else keep & (base["recompute"] == RECOMPUTES.index("full"))
+            if f == 1.0:
+                k2 = keep
+            else:  # a fraction is a new candidate only where it recomputes a new, partial count
+                rl = np.maximum(1, np.round(f * ls0 / base["vpp"])) * base["vpp"]
+                k2 = keep & (base["recompute"] == RECOMPUTES.index("full")) & (rl > last) & (rl < ls0)
+                last = np.where(k2, rl, last)
             idx = np.flatnonzero(k2)
             rows.append(idx)
             shards.append(np.full(len(idx), d))
