@@ -40,7 +40,9 @@ def test_llama3_405b_on_16k_gpus(llama405, llama405_mcore):
     # Dubey et al. 2024, Table 4: 38-43% BF16 MFU at 8K-16K GPUs on Meta's fused stack. A
     # fused stack (Megatron-Core) lands in that range; meshplan's own executor (eager ops,
     # FlashAttention-2, which sustains ~35% of H100 peak) is predicted below it.
-    assert llama405["candidates_evaluated"] >= 100_000
+    # distinct layouts: recompute fractions that give the same count, and GPipe where 1F1B
+    # runs (same bubble, more memory), are not enumerated (84,636 with seven schedules)
+    assert llama405["candidates_evaluated"] >= 50_000
     w = llama405["top"][0]
     assert w["tp"] <= 8
     assert w["tp"] * w["pp"] * w["dp"] * w["cp"] == 16384
