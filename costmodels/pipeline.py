@@ -77,8 +77,6 @@ SCHEDULES: tuple[Schedule, ...] = (
 SCHEDULE_NAMES: tuple[str, ...] = tuple(s.name for s in SCHEDULES)
 BY_NAME = {s.name: s for s in SCHEDULES}
 CODE = {s.name: i for i, s in enumerate(SCHEDULES)}
-# What the executor runs for each kind (the search ranks only these).
-EXECUTOR_SCHEDULES = SCHEDULE_NAMES
 
 
 def effective(name: str, vpp: int) -> str:
@@ -182,18 +180,6 @@ def bubble_time(schedule: ArrayLike, pp: ArrayLike, vpp: ArrayLike, t_f: ArrayLi
     return np.where(p1 > 0, out, 0.0)
 
 
-def bubble_over_ideal(pp: ArrayLike, micro_batches: ArrayLike, vpp: ArrayLike = 1) -> ArrayLike:
-    """GPipe / 1F1B / interleaved idle time over the ideal compute time: (p - 1) / (v m)."""
-    m = np.maximum(micro_batches, 1)
-    return (np.asarray(pp) - 1) / (np.asarray(vpp) * m)
-
-
-def bubble_fraction(pp: ArrayLike, micro_batches: ArrayLike, vpp: ArrayLike = 1) -> ArrayLike:
-    """GPipe / 1F1B / interleaved idle share of the step: (p - 1) / (v m + p - 1)."""
-    m = np.maximum(micro_batches, 1)
-    return (np.asarray(pp) - 1) / (np.asarray(vpp) * m + np.asarray(pp) - 1)
-
-
 def inflight_microbatches(schedule: ArrayLike, pp: ArrayLike, vpp: ArrayLike, micro_batches: ArrayLike,
                           rank: str = "first") -> np.ndarray:
     """Micro-batches whose activations a rank holds at its peak, in units of one micro-batch
@@ -250,12 +236,6 @@ def critical_p2p_hops(schedule: ArrayLike, pp: ArrayLike) -> np.ndarray:
     the p - 1 rank boundaries once each way, twice in a V (down and back up)."""
     p1 = np.asarray(pp, dtype=np.float64) - 1
     return np.where(first_rank_holds_last_stage(schedule), 4 * p1, 2 * p1)
-
-
-def stage_p2p_messages(pp: ArrayLike, micro_batches: ArrayLike, vpp: ArrayLike = 1) -> ArrayLike:
-    """Activation sends per step out of one stage: forward and backward for each micro-batch
-    and each of its v chunks (interleaving multiplies the boundary crossings by v)."""
-    return np.where(np.asarray(pp) > 1, 2 * np.asarray(vpp) * np.maximum(micro_batches, 1), 0)
 
 
 def stage_layer_counts(layers: int, stages: int) -> list[int]:

@@ -13,8 +13,9 @@ Physics first, few free parameters (`costmodels.profile.Profile`):
               hidden behind the GEMMs (all but the first of 4 chunks) only where the stack
               overlaps them.
   CP          K/V ring passes overlapped with attention (Liu et al. 2023, Ring Attention).
-  PP          bubble (p - 1) / (v m) of the ideal (Narayanan et al. 2021, Sec. 2.2) over the
-              stages without the output head, plus the p2p sends on the critical path.
+  PP          the schedule's bubble (`costmodels.pipeline.bubble_time`: 1F1B family (p - 1)
+              (F + B + W) / v, Narayanan et al. 2021 Sec. 2.2; zero bubble Qi et al. 2023) on
+              the stages without the output head, plus the p2p sends on the critical path.
   DP / ZeRO   gradient all-reduce or reduce-scatter + all-gather once per step; ZeRO-3 gathers
               parameters forward and backward every micro-batch (Rajbhandari et al. 2020);
               overlapped with backward (or all compute for ZeRO-3) to a fitted degree.

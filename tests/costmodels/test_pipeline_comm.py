@@ -4,17 +4,20 @@ import networkx as nx
 import pytest
 
 from costmodels import comm
-from costmodels.pipeline import bubble_fraction, bubble_over_ideal
+from costmodels.pipeline import CODE, bubble_time
 from costmodels.specs import ClusterSpec
 
 
 def test_bubble_ratios():
-    # Narayanan et al. 2021, Sec. 2.2: (p-1)/m for 1F1B, (p-1)/(v m) interleaved.
-    assert bubble_over_ideal(4, 8) == pytest.approx(3 / 8)
-    assert bubble_over_ideal(4, 8, vpp=2) == pytest.approx(3 / 16)
+    # Narayanan et al. 2021, Sec. 2.2: (p-1)/m of the ideal m (F+B+W) for 1F1B, (p-1)/(v m)
+    # interleaved; F, B, W the micro-batch's forward, input- and weight-gradient seconds.
+    ideal = 8 * (1.0 + 1.0 + 1.0)
+    assert bubble_time(CODE["1f1b"], 4, 1, 1.0, 1.0, 1.0) / ideal == pytest.approx(3 / 8)
+    assert bubble_time(CODE["interleaved"], 4, 2, 1.0, 1.0, 1.0) / ideal == pytest.approx(3 / 16)
     # Share of the step: (p-1)/(m+p-1), the mission's expression.
-    assert bubble_fraction(8, 32) == pytest.approx(7 / 39)
-    assert bubble_fraction(1, 32) == 0
+    b = bubble_time(CODE["1f1b"], 8, 1, 1.0, 1.0, 1.0)
+    assert b / (32 * 3.0 + b) == pytest.approx(7 / 39)
+    assert bubble_time(CODE["1f1b"], 1, 1, 1.0, 1.0, 1.0) == 0
 
 
 def test_ring_allreduce_on_a_known_link():
