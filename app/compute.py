@@ -17,7 +17,7 @@ from costmodels.errors import MeshplanError
 from costmodels.profile import Profile, load_profile
 from costmodels.specs import ClusterSpec, Layout, ModelSpec
 from planner.emitters import render_launch_files
-from planner.planfile import Plan, plan_from_dict
+from planner.planfile import Plan, cluster_section, layout_section, plan_from_dict
 from planner.schedule_advice import recommend_lr, steps_for_tokens
 from planner.search import BREAKDOWN, SearchSpace, explain_runner_ups, row_to_layout, search
 from planner.validate import breakdown, validate_runs
@@ -66,7 +66,7 @@ def run_search(model_json: str, cluster: tuple[str, int, int, float, float], glo
         "candidates": res.candidates_evaluated, "seconds": res.search_seconds,
         "fitting": len(res.table), "notes": list(res.notes),
         "runner_ups": explain_runner_ups(res), "precision": space.precision,
-        "profile": prof.source, "global_batch": int(global_batch),
+        "profile": prof.source, "profile_values": prof.to_dict(), "global_batch": int(global_batch),
     }
 
 
@@ -132,18 +132,11 @@ def plan_dict(model: ModelSpec, cluster: ClusterSpec, row: pd.Series, result: di
     }
     return {
         "model": model.to_dict(),
-        "cluster": {"accelerator": cluster.accelerator, "num_gpus": cluster.num_gpus,
-                    "gpus_per_node": cluster.gpus_per_node, "num_nodes": cluster.num_nodes},
-        "layout": {
-            "tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "cp": lay.cp, "ep": lay.ep,
-            "vpp": lay.vpp, "sharding": lay.sharding, "engine": engine,
-            "micro_batch_size": lay.micro_batch, "global_batch_size": lay.global_batch,
-            "recompute": lay.recompute, "sequence_parallel": lay.sequence_parallel,
-            "schedule": lay.schedule, "dp_shard": lay.dp_shard,
-            "recompute_layers": lay.recompute_layers,
-        },
+        "cluster": cluster_section(cluster),
+        "layout": layout_section(lay, engine),
         "train": train,
         "predicted": predicted,
+        "profile": result["profile_values"],
     }
 
 

@@ -18,7 +18,6 @@ from costmodels.cases import Cases, build_cases, concat_cases, layout_columns
 from costmodels.errors import MeshplanError
 from costmodels.fit import cross_validate, fit_throughput
 from costmodels.profile import Profile
-from costmodels.specs import ClusterSpec
 from costmodels.steptime import evaluate
 from planner.planfile import Plan, load_plan
 
@@ -103,7 +102,7 @@ def run_cases(runs: list[MeasuredRun], profile: Profile) -> Cases:
     parts = []
     for r in runs:
         c = r.plan.cluster
-        cluster = ClusterSpec(c.accelerator, c.num_gpus, gpus_per_node=min(c.gpus_per_node, c.num_gpus))
+        cluster = c.spec()
         hw = dict(profile.hardware.get(c.accelerator, {}))
         if c.accelerator == "cpu" and r.cpu_threads:
             hw["threads_per_rank"] = float(r.cpu_threads)  # what the run used, not the default

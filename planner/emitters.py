@@ -1,4 +1,5 @@
-"""Launch files written next to a plan: torchrun, DeepSpeed, Megatron-LM and SLURM.
+"""Launch files written next to a plan: torchrun, DeepSpeed, Megatron-LM, torchtitan,
+Megatron-Bridge and SLURM.
 
 From a `planner.planfile.Plan`:
 
@@ -7,9 +8,13 @@ From a `planner.planfile.Plan`:
 * `deepspeed_config`: a DeepSpeed JSON whose batch fields satisfy DeepSpeed's own check
   train_batch_size = micro x accumulation x data-parallel world size;
 * `megatron_args`: the equivalent Megatron-LM (`pretrain_gpt.py`) argument list;
-* `slurm_script`: an sbatch script that runs torchrun once per node through srun.
+* `slurm_script`: an sbatch script that runs torchrun once per node through srun;
+* `planner.torchtitan_config`: a torchtitan job TOML; `planner.bridge_overrides`: Megatron-
+  Bridge / NeMo 2 recipe overrides.
 
-`write_launch_files(plan, out_dir)` writes all four atomically and returns their paths.
+A file whose tool cannot run the plan exactly carries the one-line reason instead
+(`not_emitted`). `write_launch_files(plan, out_dir)` writes them all atomically and returns
+their paths.
 """
 
 from __future__ import annotations
@@ -22,13 +27,16 @@ from typing import Any
 from costmodels.errors import MeshplanError
 from costmodels.specs import ModelSpec
 from costmodels.stacks import stack_for
+from planner.bridge_overrides import BRIDGE_FILE, bridge_overrides_text
 from planner.planfile import Plan, atomic_write_text
+from planner.torchtitan_config import TORCHTITAN_FILE, torchtitan_toml
 
 TORCHRUN_FILE = "launch_torchrun.sh"
 DEEPSPEED_FILE = "deepspeed_config.json"
 MEGATRON_FILE = "megatron_args.txt"
 SLURM_FILE = "launch_slurm.sbatch"
 DEFAULT_MASTER_PORT = 29500
+MEGATRON_CORE_VERSION = "0.19.x"  # whose parse_args / validate_args the tests run the flags through
 CPUS_PER_GPU = 8  # host cores reserved per GPU process (dataloader workers + the launcher)
 
 
@@ -154,6 +162,23 @@ def torchrun_script(plan: Plan, max_restarts: int | None = None) -> str:
 # --------------------------------------------------------------------------- DeepSpeed
 
 _ZERO_STAGE = {"none": 0, "zero1": 1, "zero2": 2, "zero3": 3}
+DEEPSPEED_MOE_REFUSAL = (
+    "model: mixture-of-experts layers are DeepSpeed model code (deepspeed.moe.layer.MoE with "
+    "its ep_size), not config keys; launch this plan with torchrun (meshplan's executor) or "
+    "Megatron (megatron_args.txt)")
+
+
+def deepspeed_unsupported(plan: Plan) -> str | None:
+    """Why a DeepSpeed JSON cannot describe this plan exactly, or None."""
+    lay = plan.layout
+    if plan.model_spec().is_moe:
+        return DEEPSPEED_MOE_REFUSAL
+    if lay.dp_shard and lay.dp_shard < lay.dp:
+        # MiCS (mics_shard_size) was removed from DeepSpeed; ZeRO++'s hpZ keeps a secondary
+        # weight copy per node but still shards gradients and optimizer state over all of dp.
+        return (f"layout.dp_shard={lay.dp_shard}: DeepSpeed shards ZeRO state over all of dp "
+                "(its MiCS sub-group sharding was removed); set layout.dp_shard=0 for DeepSpeed")
+    return None
 
 
 def deepspeed_config(plan: Plan, include_scheduler: bool = True) -> dict[str, Any]:
@@ -177,6 +202,9 @@ def deepspeed_config(plan: Plan, include_scheduler: bool = True) -> dict[str, An
             f"layout.global_batch_size={lay.global_batch_size} is not a multiple of "
             f"micro_batch_size x dp = {lay.micro_batch_size * lay.dp}; fix the plan's batch"
         )
+    reason = deepspeed_unsupported(plan)
+    if reason is not None:
+        raise MeshplanError(reason)
     stage = _ZERO_STAGE[lay.sharding]
     zero: dict[str, Any] = {"stage": stage}
     if stage >= 1:
@@ -185,8 +213,6 @@ def deepspeed_config(plan: Plan, include_scheduler: bool = True) -> dict[str, An
         zero.update(reduce_scatter=True)
     if stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=True)
-        if lay.dp_shard and lay.dp_shard < lay.dp:
-            zero["mics_shard_size"] = lay.dp_shard  # shard within groups (MiCS), replicate across
     cfg: dict[str, Any] = {
         "train_batch_size": lay.global_batch_size,
         "train_micro_batch_size_per_gpu": lay.micro_batch_size,
@@ -251,6 +277,16 @@ def pipeline_layout_string(layers: int, pp: int, vpp: int) -> str:
     return "|".join(parts)
 
 
+def megatron_layout_string(plan: Plan) -> str | None:
+    """Megatron-Core's explicit pipeline layout for uneven stages or chunks (virtual stages
+    in schedule order separated by "|", E = embedding, t = decoder layer, L = loss), or None
+    where --num-layers-per-virtual-pipeline-stage says it."""
+    lay, layers = plan.layout, plan.model_spec().layers
+    if lay.pp > 1 and layers % (lay.pp * lay.vpp):
+        return pipeline_layout_string(layers, lay.pp, lay.vpp)
+    return None
+
+
 def megatron_unsupported(plan: Plan) -> str | None:
     """Why Megatron-LM cannot run this plan exactly, or None."""
     lay = plan.layout
@@ -262,6 +298,15 @@ def megatron_unsupported(plan: Plan) -> str | None:
     if plan.model_spec().is_moe and lay.tp > 1 and not lay.sequence_parallel:
         return ("layout.sequence_parallel=false: Megatron-Core runs MoE layers under tensor "
                 "parallelism only with sequence parallelism; set layout.sequence_parallel=true")
+    if lay.sharding == "zero3" and plan.model_spec().tied_embeddings:
+        return ("model.tied_embeddings=true: Megatron-Core's FSDP2 path (--use-torch-fsdp2) needs "
+                "untied input and output embeddings; untie them, or plan with zero1/zero2")
+    if lay.sharding == "zero3" and lay.pp > 1:
+        return (f"layout.pp={lay.pp}: Megatron-Core's FSDP2 path (--use-torch-fsdp2) does not "
+                "run with pipeline parallelism; plan zero1/zero2 with pp, or pp=1 with zero3")
+    if lay.sharding == "zero3" and lay.dp_shard and lay.dp_shard < lay.dp:
+        return (f"layout.dp_shard={lay.dp_shard}: Megatron-Core's FSDP2 path shards over all of "
+                "dp; set layout.dp_shard=0, or plan zero1/zero2 (distributed-optimizer instances)")
     if lay.recompute == "full" and lay.recompute_layers % lay.vpp:
         return (f"layout.recompute_layers={lay.recompute_layers}: Megatron-LM's "
                 f"--recompute-num-layers counts per virtual chunk; use a multiple of vpp={lay.vpp}")
@@ -325,13 +370,11 @@ def megatron_args(plan: Plan) -> list[str]:
         "--pipeline-model-parallel-size", str(lay.pp),
         "--context-parallel-size", str(lay.cp),
     ]
-    if lay.vpp > 1:
-        if spec.layers % (lay.pp * lay.vpp):
-            # Uneven chunks: Megatron-Core's explicit layout string, virtual stages in schedule
-            # order separated by "|", E = embedding, t = decoder layer, L = loss.
-            a += ["--pipeline-model-parallel-layout", pipeline_layout_string(spec.layers, lay.pp, lay.vpp)]
-        else:
-            a += ["--num-layers-per-virtual-pipeline-stage", str(spec.layers // (lay.pp * lay.vpp))]
+    layout_string = megatron_layout_string(plan)
+    if layout_string:
+        a += ["--pipeline-model-parallel-layout", layout_string]
+    elif lay.vpp > 1:
+        a += ["--num-layers-per-virtual-pipeline-stage", str(spec.layers // (lay.pp * lay.vpp))]
     if lay.sequence_parallel and lay.tp > 1:
         a.append("--sequence-parallel")
     if lay.recompute == "selective":
@@ -350,7 +393,10 @@ def megatron_args(plan: Plan) -> list[str]:
             # HSDP-style: optimizer sharded within groups, replicated across them.
             a += ["--num-distributed-optimizer-instances", str(lay.dp // lay.dp_shard)]
     elif lay.sharding == "zero3":
-        a.append("--use-torch-fsdp2")  # fully sharded parameters (Megatron's FSDP2 path)
+        # Fully sharded parameters (Megatron-Core's FSDP2 path). Its validate_args requires
+        # no gradient-accumulation fusion and the torch_dist checkpoint format; the launcher
+        # must not set CUDA_DEVICE_MAX_CONNECTIONS=1 (FSDP2 overlaps on several streams).
+        a += ["--use-torch-fsdp2", "--no-gradient-accumulation-fusion", "--ckpt-format", "torch_dist"]
     if spec.is_moe:
         a += moe_megatron_args(spec, plan)
     a += [
@@ -414,10 +460,22 @@ def megatron_args(plan: Plan) -> list[str]:
     return a
 
 
+def megatron_env(plan: Plan) -> dict[str, str]:
+    """Environment Megatron-Core's validate_args requires of this layout: tensor or context
+    parallelism without FSDP orders its communication kernels on one CUDA connection."""
+    lay = plan.layout
+    if (lay.tp > 1 or lay.cp > 1) and lay.sharding != "zero3":
+        return {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+    return {}
+
+
 def megatron_args_text(plan: Plan) -> str:
     """One flag per line with its value; use `pretrain_gpt.py $(grep -v "^#" megatron_args.txt)`.
     A plan Megatron cannot run gets a header and the one-line reason instead of flags."""
-    header = _header(plan, "Megatron-LM arguments for pretrain_gpt.py")
+    header = _header(plan, f"Megatron-LM arguments for pretrain_gpt.py (Megatron-Core {MEGATRON_CORE_VERSION})")
+    header += [f"# env: {k}={v}" for k, v in megatron_env(plan).items()]
+    if plan.layout.sharding == "zero3":
+        header.append("# FSDP2: launch without CUDA_DEVICE_MAX_CONNECTIONS=1")
     reason = megatron_unsupported(plan)
     if reason is not None:
         return "\n".join([*header, f"# not emitted: {reason}"]) + "\n"
@@ -484,26 +542,23 @@ def slurm_script(
 # --------------------------------------------------------------------------- writing
 
 
-DEEPSPEED_MOE_REFUSAL = (
-    "model: mixture-of-experts layers are DeepSpeed model code (deepspeed.moe.layer.MoE with "
-    "its ep_size), not config keys; launch this plan with torchrun (meshplan's executor) or "
-    "Megatron (megatron_args.txt)")
-
-
 def render_launch_files(plan: Plan, out_dir: str | Path = ".") -> dict[str, str]:
     """File name -> contents, without touching the disk."""
-    ds: dict[str, Any] = ({"not_emitted": DEEPSPEED_MOE_REFUSAL} if plan.model_spec().is_moe
-                          else deepspeed_config(plan))
+    ds_reason = deepspeed_unsupported(plan)
+    ds: dict[str, Any] = {"not_emitted": ds_reason} if ds_reason else deepspeed_config(plan)
     return {
         TORCHRUN_FILE: torchrun_script(plan),
         DEEPSPEED_FILE: json.dumps(ds, indent=2) + "\n",
         MEGATRON_FILE: megatron_args_text(plan),
+        TORCHTITAN_FILE: torchtitan_toml(plan, _header(plan, "torchtitan job config").copy()),
+        BRIDGE_FILE: bridge_overrides_text(plan, _header(plan, "Megatron-Bridge overrides"),
+                                           megatron_unsupported(plan), megatron_layout_string(plan)),
         SLURM_FILE: slurm_script(plan, plan_dir=out_dir),
     }
 
 
 def write_launch_files(plan: Plan, out_dir: str | Path) -> list[Path]:
-    """Write the four launch files into `out_dir` (next to plan.yaml); return their paths."""
+    """Write the launch files into `out_dir` (next to plan.yaml); return their paths."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise MeshplanError(f"--out {out}: exists and is not a directory; pass a directory")

@@ -17,7 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from costmodels.errors import MeshplanError
-from costmodels.specs import Layout, ModelSpec, Schedule, SpecError
+from costmodels.profile import Profile
+from costmodels.specs import ClusterSpec, Layout, ModelSpec, Schedule, SpecError
 
 PLAN_VERSION = 1
 
@@ -35,6 +36,47 @@ class ClusterSection(_Section):
     num_gpus: int = Field(1, ge=1)
     gpus_per_node: int = Field(1, ge=1)
     num_nodes: int = Field(1, ge=1)
+    # The links the plan was priced with (GB/s per GPU per direction) and the scale-up
+    # domain size; 0 = the accelerator catalog's (`costmodels.hardware`).
+    scaleup_gbps: float = Field(0.0, ge=0)
+    scaleout_gbps: float = Field(0.0, ge=0)
+    nvlink_domain: int = Field(0, ge=0)
+
+    def spec(self) -> ClusterSpec:
+        """The cost model's cluster for this section."""
+        try:
+            return ClusterSpec(self.accelerator, self.num_gpus,
+                               gpus_per_node=min(self.gpus_per_node, self.num_gpus),
+                               scaleup_gbps=self.scaleup_gbps, scaleout_gbps=self.scaleout_gbps,
+                               nvlink_domain=self.nvlink_domain)
+        except SpecError as exc:
+            raise PlanError(str(exc)) from None
+
+
+def cluster_section(cluster: ClusterSpec) -> dict[str, Any]:
+    """The plan's `cluster:` section for a cost-model cluster, its links resolved to the
+    numbers it was priced with (the catalog's where the cluster left them at 0)."""
+    from costmodels.hardware import get_accelerator
+
+    acc = get_accelerator(cluster.accelerator)
+    return {
+        "accelerator": cluster.accelerator, "num_gpus": cluster.num_gpus,
+        "gpus_per_node": cluster.gpus_per_node, "num_nodes": cluster.num_nodes,
+        "scaleup_gbps": float(cluster.scaleup_gbps or acc.scaleup_gbps),
+        "scaleout_gbps": float(cluster.scaleout_gbps or acc.scaleout_gbps),
+        "nvlink_domain": int(cluster.domain_size),
+    }
+
+
+def layout_section(lay: Layout, engine: str = "torch") -> dict[str, Any]:
+    """The plan's `layout:` section for a cost-model layout."""
+    return {
+        "tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "cp": lay.cp, "ep": lay.ep, "vpp": lay.vpp,
+        "sharding": lay.sharding, "engine": engine, "micro_batch_size": lay.micro_batch,
+        "global_batch_size": lay.global_batch, "recompute": lay.recompute,
+        "sequence_parallel": lay.sequence_parallel, "schedule": lay.schedule,
+        "dp_shard": lay.dp_shard, "recompute_layers": lay.recompute_layers,
+    }
 
 
 class LayoutSection(_Section):
@@ -196,6 +238,9 @@ class Plan(_Section):
     stability: StabilitySection = Field(default_factory=StabilitySection)
     continual: ContinualSection = Field(default_factory=ContinualSection)
     predicted: dict[str, Any] = Field(default_factory=dict)
+    # The calibration profile `predicted` was computed with (`costmodels.profile` values), so
+    # `meshplan predict --config plan.yaml` reproduces it on any machine; empty = the default.
+    profile: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("version")
     @classmethod
@@ -225,6 +270,15 @@ class Plan(_Section):
         except SpecError as exc:
             raise PlanError(str(exc)) from None
 
+    def cost_profile(self) -> Profile | None:
+        """The profile the plan was priced with, or None (a plan written without one)."""
+        if not self.profile:
+            return None
+        try:
+            return Profile.from_dict(self.profile, "plan profile")
+        except MeshplanError as exc:
+            raise PlanError(str(exc)) from None
+
     def check(self) -> None:
         """Cross-section checks that pydantic field validation cannot express."""
         spec = self.model_spec()
@@ -232,6 +286,8 @@ class Plan(_Section):
             self.layout_spec().check_against(spec, self.cluster.num_gpus)
         except SpecError as exc:
             raise PlanError(str(exc)) from None
+        self.cluster.spec()
+        self.cost_profile()
         self.continual.check()
 
     def to_yaml(self) -> str:

@@ -25,7 +25,14 @@ from planner.model_args import (
     cluster_from_args,
     model_from_args,
 )
-from planner.planfile import ContinualSection, Plan, plan_from_dict, save_plan
+from planner.planfile import (
+    ContinualSection,
+    Plan,
+    cluster_section,
+    layout_section,
+    plan_from_dict,
+    save_plan,
+)
 from planner.render import console
 from planner.schedule_advice import parse_count, recommend_lr, steps_for_tokens
 from planner.schedule_choice import compare_schedules, why_schedule
@@ -231,6 +238,7 @@ def build_plan(res: SearchResult, args: argparse.Namespace) -> Plan:
     if args.schedule:
         train["schedule"] = args.schedule
     best = res.ranked.iloc[0]
+    profile = load_profile(args.profile)
     predicted = {
         "step_time_s": float(best.step_time_s),
         "tokens_per_sec_per_gpu": float(best.tokens_per_sec_per_gpu),
@@ -244,23 +252,15 @@ def build_plan(res: SearchResult, args: argparse.Namespace) -> Plan:
         "memory_gb": {k.removeprefix("mem_").removesuffix("_gb"): float(best[k]) for k in best.index if k.startswith("mem_")},
         "time_to_train_hours": float(best.step_time_s) * steps / 3600,
         "candidates_evaluated": res.candidates_evaluated,
-        "profile": load_profile(args.profile).source,
+        "profile": profile.source,
     }
     data = {
         "model": model.to_dict(),
-        "cluster": {
-            "accelerator": cluster.accelerator, "num_gpus": cluster.num_gpus,
-            "gpus_per_node": cluster.gpus_per_node, "num_nodes": cluster.num_nodes,
-        },
-        "layout": {
-            "tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "cp": lay.cp, "ep": lay.ep, "vpp": lay.vpp,
-            "sharding": lay.sharding, "engine": args.engine, "micro_batch_size": lay.micro_batch,
-            "global_batch_size": lay.global_batch, "recompute": lay.recompute,
-            "sequence_parallel": lay.sequence_parallel, "schedule": lay.schedule,
-            "dp_shard": lay.dp_shard, "recompute_layers": lay.recompute_layers,
-        },
+        "cluster": cluster_section(cluster),
+        "layout": layout_section(lay, args.engine),
         "train": train,
         "predicted": predicted,
+        "profile": profile.to_dict(),
     }
     if getattr(args, "mixture", None):
         data["data"] = {"mixture": datamix.parse_mixture(args.mixture)}

@@ -24,6 +24,7 @@ from planner.model_args import (
     load_yaml_config,
     model_from_args,
 )
+from planner.planfile import plan_from_dict
 from planner.render import print_prediction
 from planner.schedule_choice import compare_schedules
 
@@ -44,13 +45,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--schedule", choices=SCHEDULE_NAMES, default=None,
                    help="pipeline schedule (costmodels.pipeline); zbv / dualpipev hold two stages per rank")
     add_framework_arg(p)
-    p.add_argument("--config", help="YAML with model / cluster / layout sections (flags override)")
+    p.add_argument("--config", help="a plan.yaml `meshplan plan` wrote (priced again with its own "
+                   "cluster, profile and framework), or a YAML with model / cluster / layout "
+                   "sections (flags override either)")
     p.add_argument("--profile", help="calibration profile YAML (default: the shipped one)")
     p.add_argument("--moe-imbalance", type=float, default=None,
                    help="MoE load imbalance, max / mean tokens per expert (1.0: balanced; "
                         "default: the profile's, measured by `meshplan calibrate` on your runs)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, framework=None)
 
 
 def predict_dict(model, layout: Layout, cluster, profile, framework: str | None = None,
@@ -105,8 +108,54 @@ def predict_dict(model, layout: Layout, cluster, profile, framework: str | None 
     }
 
 
+# predict flag -> the plan field it overrides
+_PLAN_FIELDS = {"tp": "layout.tp", "pp": "layout.pp", "dp": "layout.dp", "cp": "layout.cp",
+                "ep": "layout.ep", "vpp": "layout.vpp", "micro_batch": "layout.micro_batch_size",
+                "global_batch": "layout.global_batch_size", "sharding": "layout.sharding",
+                "recompute": "layout.recompute", "sequence_parallel": "layout.sequence_parallel",
+                "schedule": "layout.schedule", "precision": "train.precision",
+                "seq_len": "model.seq_len", "gpus": "cluster.num_gpus",
+                "gpus_per_node": "cluster.gpus_per_node"}
+
+
+def is_plan_file(cfg: dict[str, Any]) -> bool:
+    """A plan.yaml (`planner.planfile`), not a free-form model / cluster / layout config."""
+    lay = cfg.get("layout")
+    return "version" in cfg or "predicted" in cfg or (
+        isinstance(lay, dict) and bool({"micro_batch_size", "global_batch_size"} & set(lay)))
+
+
+def _run_plan(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Price a plan file again: its model, layout, cluster (links included), the profile and
+    framework its `predicted` block was computed with; flags override plan fields."""
+    if args.model or args.hf_config:
+        raise MeshplanError("--config PLAN already names the model; drop --model / --hf-config "
+                            "(or override model fields with --seq-len)")
+    overrides = [f"{field}={getattr(args, flag)}" for flag, field in _PLAN_FIELDS.items()
+                 if getattr(args, flag, None) is not None]
+    if args.gpu != "h100-sxm":
+        overrides.append(f"cluster.accelerator={args.gpu}")
+    overrides += [f"cluster.{k}={v}" for k, v in (("scaleup_gbps", args.nvlink_gbps),
+                                                   ("scaleout_gbps", args.nic_gbps)) if v]
+    plan = plan_from_dict(cfg, str(args.config), overrides, resize_cluster=True)
+    profile = load_profile(args.profile) if args.profile else (plan.cost_profile() or load_profile())
+    framework = args.framework or plan.predicted.get("framework") or "meshplan"
+    result = predict_dict(plan.model_spec(), plan.layout_spec(), plan.cluster.spec(), profile,
+                          framework, args.moe_imbalance)
+    if "step_time_s" in plan.predicted:
+        pred = plan.predicted
+        result["plan_predicted"] = {"step_time_s": pred["step_time_s"],
+                                    "peak_memory_gb": pred.get("peak_memory_gb")}
+        result["matches_plan"] = bool(
+            np.isclose(result["step_time_s"]["total"], pred["step_time_s"], rtol=1e-9)
+            and np.isclose(result["memory_gb"]["total"], pred.get("peak_memory_gb", np.nan), rtol=1e-9))
+    return result
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = load_yaml_config(args.config)
+    if is_plan_file(cfg):
+        return _show(_run_plan(args, cfg), args.json)
     model = model_from_args(args, cfg)
     cluster_cfg = cfg.get("cluster", {}) or {}
     if args.gpus is None and "gpus" in cluster_cfg:
@@ -139,9 +188,12 @@ def run(args: argparse.Namespace) -> int:
         layout = Layout.from_dict(lay)
     except TypeError as exc:
         raise MeshplanError(f"layout: {exc}") from None
-    result = predict_dict(model, layout, cluster, load_profile(args.profile), args.framework,
-                          args.moe_imbalance)
-    if args.json:
+    return _show(predict_dict(model, layout, cluster, load_profile(args.profile),
+                              args.framework or "meshplan", args.moe_imbalance), args.json)
+
+
+def _show(result: dict[str, Any], as_json: bool) -> int:
+    if as_json:
         print(json.dumps(result, indent=2))
     else:
         print_prediction(result)

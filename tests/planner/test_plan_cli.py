@@ -91,7 +91,8 @@ def test_tiny_cpu_plan_writes_runnable_files(tmp_path):
         assert key in plan.train.model_dump()
     assert plan.predicted["step_time_s"] > 0
     names = {p.split("/")[-1] for p in res["launch_files"]}
-    assert names == {"launch_torchrun.sh", "deepspeed_config.json", "megatron_args.txt", "launch_slurm.sbatch"}
+    assert names == {"launch_torchrun.sh", "deepspeed_config.json", "megatron_args.txt", "launch_slurm.sbatch",
+                     "torchtitan.toml", "megatron_bridge_overrides.txt"}
 
 
 def test_plan_overrides_are_applied(tmp_path):

@@ -115,3 +115,43 @@ def test_predict_from_yaml(tmp_path):
 )
 def test_predict_bad_inputs(args, needles):
     assert_clean_error(run_cli("predict", *args), *needles)
+
+
+def _plan_and_predict(tmp_path, *plan_flags, predict_flags=()):
+    out = tmp_path / "plan"
+    proc = run_cli("plan", *plan_flags, "--out", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    pred = run_cli("predict", "--config", str(out / "plan.yaml"), *predict_flags, "--json")
+    assert pred.returncode == 0, pred.stderr
+    import yaml
+
+    return yaml.safe_load((out / "plan.yaml").read_text()), json.loads(pred.stdout)
+
+
+def test_predict_reproduces_the_plans_own_prediction(tmp_path):
+    """`meshplan predict --config DIR/plan.yaml` prices the plan with the cluster links, the
+    profile and the framework it was written with: the same step time and memory."""
+    plan, pred = _plan_and_predict(
+        tmp_path, "--model", "llama3-70b", "--gpu", "h100-sxm", "--gpus", "512", "--seq-len", "8192",
+        "--global-batch-tokens", "16M")
+    assert pred["step_time_s"]["total"] == pytest.approx(plan["predicted"]["step_time_s"], rel=1e-12)
+    assert pred["memory_gb"]["total"] == pytest.approx(plan["predicted"]["peak_memory_gb"], rel=1e-12)
+    assert pred["matches_plan"] is True
+    cl = plan["cluster"]
+    assert (cl["scaleup_gbps"], cl["scaleout_gbps"], cl["nvlink_domain"], cl["gpus_per_node"]) == (450.0, 50.0, 8, 8)
+    assert plan["profile"]["gemm_eff"]["hopper"] > 0  # the profile travels with the plan
+    # a flag still overrides a plan field, and the prediction then moves
+    moved = run_cli("predict", "--config", str(tmp_path / "plan" / "plan.yaml"), "--nic-gbps", "5", "--json")
+    assert moved.returncode == 0, moved.stderr
+    assert json.loads(moved.stdout)["step_time_s"]["total"] > pred["step_time_s"]["total"]
+
+
+def test_predict_reproduces_a_plan_on_a_slow_custom_cluster(tmp_path):
+    """Non-catalog links, node size and framework survive the round trip."""
+    plan, pred = _plan_and_predict(
+        tmp_path, "--model", "llama3-8b", "--gpu", "a100-80gb", "--gpus", "32", "--gpus-per-node", "4",
+        "--nvlink-gbps", "100", "--nic-gbps", "6.25", "--seq-len", "4096", "--global-batch-tokens", "2M",
+        "--framework", "megatron-core")
+    assert (plan["cluster"]["scaleup_gbps"], plan["cluster"]["scaleout_gbps"]) == (100.0, 6.25)
+    assert plan["cluster"]["gpus_per_node"] == 4 and pred["framework"] == "megatron-core"
+    assert pred["matches_plan"] is True
