@@ -37,6 +37,7 @@ class MeasuredRun:
     peak_memory_gb: float | None
     cpu_threads: int | None = None  # threads per rank the run used (CPU runs)
     moe_imbalance: float | None = None  # median logged max / mean expert load (MoE runs)
+    framework: str = "meshplan"  # the training stack that ran it (`costmodels.stacks`)
 
     @property
     def tokens_per_sec_per_gpu(self) -> float:
@@ -108,7 +109,7 @@ def run_cases(runs: list[MeasuredRun], profile: Profile) -> Cases:
             hw["threads_per_rank"] = float(r.cpu_threads)  # what the run used, not the default
         case = build_cases(
             r.plan.model_spec(), cluster, layout_columns([r.plan.layout_spec()]),
-            r.plan.train.precision, hardware=hw,
+            r.plan.train.precision, hardware=hw, framework=r.framework,
         )
         # an MoE run is priced at the load imbalance it measured, not the profile's default
         case["moe_imbalance"] = np.full(1, r.moe_imbalance or profile.moe_imbalance)
@@ -134,9 +135,11 @@ def _ape(pred: float, meas: float) -> float:
 
 def calibrate_runs(
     paths: list[str | Path], base: Profile, source: str = "calibrated on local runs",
+    logged: list[MeasuredRun] | None = None,
 ) -> Calibration:
-    """Fit `base` to the usable runs among `paths`; unusable ones are reported and skipped."""
-    runs: list[MeasuredRun] = []
+    """Fit `base` to the usable runs among `paths` plus `logged` ones (read from other
+    frameworks' logs, `run_from_log`); unusable ones are reported and skipped."""
+    runs: list[MeasuredRun] = list(logged or [])
     unusable: dict[str, str] = {}
     for p in paths:
         try:
@@ -150,7 +153,8 @@ def calibrate_runs(
     before = evaluate(cases, base)["step_time_s"]
     fixed = FEW_RUNS_FIXED if len(runs) < 10 else ()
     fit = fit_throughput(cases, meas_tps, base, fixed=fixed, source=source)
-    after = evaluate(cases, fit.profile)["step_time_s"]
+    after_all = evaluate(cases, fit.profile)
+    after, after_mem = after_all["step_time_s"], after_all["peak_memory_gb"]
     loro = None
     if len(runs) >= 3:
         loro_tps = cross_validate(cases, meas_tps, np.arange(len(runs)), base, fixed)
@@ -168,8 +172,37 @@ def calibrate_runs(
             "after_ape_pct": _ape(float(after[i]), r.step_time_s),
             "loro_step_time_s": None if loro is None else float(loro[i]),
             "loro_ape_pct": None if loro is None else _ape(float(loro[i]), r.step_time_s),
+            "framework": r.framework,
+            "measured_peak_memory_gb": r.peak_memory_gb,
+            "predicted_peak_memory_gb": float(after_mem[i]),
         })
     return cal
+
+
+# framework a log names -> the stack its steps are priced with (`costmodels.stacks`)
+LOG_STACKS = {"megatron": "megatron-core", "torchtitan": "torchtitan", "deepspeed": "deepspeed",
+              "nemo": "nemo"}
+
+
+def run_from_log(path: str | Path, plan: Plan, framework: str | None = None) -> MeasuredRun:
+    """A measured run from a Megatron / torchtitan / DeepSpeed / NeMo training log and the
+    plan (or flags) that give its layout: the median steady-state step time (warm-up steps
+    dropped, as for meshplan runs) and the peak memory the log prints."""
+    from planner.framework_logs import read_log
+
+    lay = plan.layout
+    logs = read_log(path, framework, tokens_per_step=lay.global_batch_size * plan.model_spec().seq_len,
+                    gpus=lay.world_size, samples_per_step=lay.global_batch_size)
+    if logs.global_batch_size is not None and logs.global_batch_size != lay.global_batch_size:
+        raise MeshplanError(f"--log {path}: its global batch size is {logs.global_batch_size} but "
+                            f"the plan's layout.global_batch_size is {lay.global_batch_size}; "
+                            "give the plan the log's run used")
+    times = logs.steady(WARMUP_STEPS)
+    if len(times) < 2:
+        raise MeshplanError(f"--log {path}: fewer than 2 logged steps after the first "
+                            f"{WARMUP_STEPS} (warm-up); log more steps")
+    return MeasuredRun(Path(path).name, Path(path), plan, statistics.median(times), len(times),
+                       logs.peak_memory_gb, framework=LOG_STACKS[logs.framework])
 
 
 def predict_runs(paths: list[str | Path], profile: Profile) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ from costmodels.profile import dump_profile, load_profile
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="fit the cost-model profile on measured runs (or run the local loop)")
-    p.add_argument("runs", nargs="*", help="run directories written by `meshplan run`")
+    p.add_argument("runs", nargs="*", help="run directories written by `meshplan run` (and/or --log)")
     p.add_argument("--published", help="also report cross-validated accuracy on a published-runs CSV "
                                        "(and fit on it jointly with --fit-published)")
     p.add_argument("--fit-published", action="store_true", help="refit GPU parameters on --published first")
@@ -28,8 +28,63 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loop-runs", default="",
                    help="comma-separated names of the --local-loop layouts to run (default: all; "
                         "see executor.calibration_loop.LOOP_RUNS)")
+    g = p.add_argument_group("training logs of other frameworks")
+    g.add_argument("--log", action="append", default=[], metavar="FILE",
+                   help="a Megatron / torchtitan / DeepSpeed / NeMo training log (repeatable)")
+    g.add_argument("--framework", choices=["megatron", "torchtitan", "deepspeed", "nemo"],
+                   help="the log's format (default: detected from its lines)")
+    g.add_argument("--plan", action="append", default=[], metavar="PLAN",
+                   help="the plan.yaml each --log ran (one for all, or one per --log)")
+    g.add_argument("--model", help="without --plan: the model preset the log trained")
+    g.add_argument("--gpu", default="h100-sxm", help="without --plan: accelerator key")
+    g.add_argument("--gpus", type=int, help="without --plan: GPU count")
+    g.add_argument("--gpus-per-node", type=int, default=8)
+    g.add_argument("--seq-len", type=int)
+    for dim in ("tp", "pp", "cp", "vpp"):
+        g.add_argument(f"--{dim}", type=int, default=1)
+    g.add_argument("--micro-batch", type=int, default=1)
+    g.add_argument("--global-batch", type=int, help="without --plan: sequences per step")
+    g.add_argument("--sharding", choices=["none", "zero1", "zero2", "zero3"], default="none")
+    g.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
+    g.add_argument("--precision", choices=["bf16", "fp8", "fp16", "fp32"], default="bf16")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
+
+
+def plans_for_logs(args: argparse.Namespace):
+    """The plan each --log ran: --plan files (one shared, or one per log), else one plan
+    built from the layout flags."""
+    from planner.planfile import load_plan, plan_from_dict
+
+    if args.plan:
+        if len(args.plan) not in (1, len(args.log)):
+            raise MeshplanError(f"--plan given {len(args.plan)} times for {len(args.log)} --log files: "
+                                "give one plan for all logs, or one per log")
+        plans = [load_plan(p) for p in args.plan]
+        return plans * len(args.log) if len(plans) == 1 else plans
+    if not (args.model and args.gpus and args.global_batch):
+        raise MeshplanError("--log needs the layout it ran: --plan PLAN.yaml, or --model, --gpus "
+                            "and --global-batch (with --tp/--pp/--cp/--micro-batch/--sharding ...)")
+    from costmodels.presets import get_preset
+
+    spec = get_preset(args.model)
+    if args.seq_len:
+        spec = spec.with_(seq_len=args.seq_len)
+    other = args.tp * args.pp * args.cp
+    if args.gpus % other:
+        raise MeshplanError(f"--gpus={args.gpus} is not divisible by tp*pp*cp={other}")
+    per_node = min(args.gpus_per_node, args.gpus)
+    plan = plan_from_dict({
+        "model": spec.to_dict(),
+        "cluster": {"accelerator": args.gpu, "num_gpus": args.gpus, "gpus_per_node": per_node,
+                    "num_nodes": max(1, args.gpus // per_node)},
+        "layout": {"tp": args.tp, "pp": args.pp, "cp": args.cp, "vpp": args.vpp, "dp": args.gpus // other,
+                   "micro_batch_size": args.micro_batch, "global_batch_size": args.global_batch,
+                   "sharding": args.sharding, "recompute": args.recompute,
+                   "sequence_parallel": args.tp > 1},
+        "train": {"precision": args.precision},
+    }, "flags")
+    return [plan] * len(args.log)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,8 +103,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             _print_loop(res)
         return 0
-    if not args.runs and not args.published:
-        raise MeshplanError("give run directories, --published FILE.csv, or --local-loop")
+    if not args.runs and not args.published and not args.log:
+        raise MeshplanError("give run directories, --log FILE, --published FILE.csv, or --local-loop")
     base = load_profile(args.profile)
     out: dict = {}
     if args.published and args.fit_published:
@@ -57,10 +112,14 @@ def run(args: argparse.Namespace) -> int:
         from planner.validate import fit_on_runs
 
         base = fit_on_runs(read_runs(args.published), base, source=f"fitted on {Path(args.published).name}")
-    if args.runs:
-        from executor.calibrate import calibrate_runs, chart
+    if args.runs or args.log:
+        from executor.calibrate import calibrate_runs, chart, run_from_log
 
-        cal = calibrate_runs(args.runs, base)
+        logged = [run_from_log(log, plan, args.framework)
+                  for log, plan in zip(args.log, plans_for_logs(args) if args.log else [], strict=True)]
+        source = "calibrated on " + ", ".join([*(Path(r).name for r in args.runs),
+                                                *(f"{r.name} ({r.framework})" for r in logged)])
+        cal = calibrate_runs(args.runs, base, source=source, logged=logged)
         base = cal.profile
         out["runs"] = cal.rows
         out["unusable"] = cal.unusable
