@@ -46,10 +46,11 @@ from executor.hf_format import (
 # Fields that decide the shapes and the function of the network, in the order checked.
 ARCH_FIELDS: tuple[str, ...] = (
     "vocab", "hidden", "layers", "heads", "kv_heads", "ffn_hidden", "mlp", "norm",
-    "tied_embeddings", "bias", "num_experts",
+    "tied_embeddings", "bias", "qkv_bias", "qk_norm", "attn_head_dim", "num_experts",
 )
 _FIELD_DEFAULTS: dict[str, Any] = {"mlp": "swiglu", "norm": "rmsnorm", "tied_embeddings": False,
-                                   "bias": False, "num_experts": 0}
+                                   "bias": False, "qkv_bias": False, "qk_norm": False,
+                                   "attn_head_dim": 0, "num_experts": 0}
 
 
 @dataclass

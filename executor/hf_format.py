@@ -1,4 +1,5 @@
-"""Hugging Face LLaMA-style checkpoints on disk: `config.json` + `model.safetensors`.
+"""Hugging Face checkpoints on disk (`config.json` + `model.safetensors`): LLaMA, Mistral,
+Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm) decoders, tied embeddings included.
 
 Import maps `model.layers.0.self_attn.q_proj.weight`-style names onto this executor's
 torchtitan-style names (`layers.0.attention.wq.weight`); export writes the reverse, so a
@@ -34,6 +35,8 @@ _LAYER_MAP: dict[str, str] = {
     "mlp.gate_proj": "feed_forward.w1",
     "mlp.down_proj": "feed_forward.w2",
     "mlp.up_proj": "feed_forward.w3",
+    "self_attn.q_norm": "attention.q_norm",  # Qwen3
+    "self_attn.k_norm": "attention.k_norm",
     "input_layernorm": "attention_norm",
     "post_attention_layernorm": "ffn_norm",
 }
@@ -81,15 +84,22 @@ def our_name_to_hf(name: str) -> str:
 
 
 def config_from_spec(spec: ModelSpec) -> dict[str, Any]:
-    """A LLaMA `config.json` for a dense RMSNorm + SwiGLU spec."""
+    """A `config.json` for a dense RMSNorm + SwiGLU spec: Qwen3 where it has q/k norms,
+    Qwen2 where it biases q/k/v only, LLaMA otherwise."""
     if spec.norm != "rmsnorm" or spec.mlp != "swiglu" or spec.is_moe:
         raise MeshplanError(
             f"export: model norm={spec.norm}, mlp={spec.mlp} is not LLaMA-style; the Hugging "
             "Face LLaMA format needs norm=rmsnorm, mlp=swiglu and no experts"
         )
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    if spec.qk_norm:
+        model_type = "qwen3"
+    elif spec.qkv_bias and not spec.bias:
+        model_type = "qwen2"
+    else:
+        model_type = "llama"
+    cfg: dict[str, Any] = {
+        "architectures": [IMPORTABLE[model_type]],
+        "model_type": model_type,
         "hidden_size": spec.hidden,
         "intermediate_size": spec.ffn_hidden,
         "num_hidden_layers": spec.layers,
@@ -101,37 +111,62 @@ def config_from_spec(spec: ModelSpec) -> dict[str, Any]:
         "rms_norm_eps": spec.norm_eps,
         "rope_theta": spec.rope_theta,
         "tie_word_embeddings": spec.tied_embeddings,
-        "attention_bias": spec.bias,
-        "mlp_bias": spec.bias,
         "hidden_act": "silu",
         "torch_dtype": "float32",
     }
+    if model_type != "qwen2":  # Qwen2's q/k/v bias is implied by its model_type
+        cfg.update(attention_bias=spec.bias or spec.qkv_bias, mlp_bias=spec.bias)
+    if model_type == "qwen3" and spec.qkv_bias != spec.bias:
+        raise MeshplanError("export: q/k norms with a q/k/v-only bias has no Hugging Face family")
+    return cfg
+
+
+# model_type -> its transformers class; the dense decoder families this executor's model
+# expresses exactly (pre-norm RMSNorm, SwiGLU, RoPE; Qwen2's q/k/v bias, Qwen3's per-head
+# q/k RMSNorm and free head_dim, tied embeddings where the config ties them).
+IMPORTABLE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+              "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# families whose arithmetic differs from every importable one, and why
+_NOT_EXPRESSIBLE = {
+    "gemma": "scales embeddings by sqrt(hidden), offsets RMSNorm weights by one and uses GeGLU",
+    "gemma2": "adds soft-capping, sandwich norms and sliding-window layers",
+    "gemma3": "adds sandwich norms, q/k norms with offsets and sliding-window layers",
+    "phi3": "fuses q/k/v and gate/up projections and may use partial rotary embeddings",
+}
 
 
 def arch_from_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
-    """The architecture fields of a LLaMA config.json, in ModelSpec's names."""
-    need = {"hidden": "hidden_size", "layers": "num_hidden_layers",
-            "heads": "num_attention_heads", "vocab": "vocab_size",
-            "ffn_hidden": "intermediate_size"}
-    out: dict[str, Any] = {}
-    for ours, key in need.items():
+    """The architecture of a Hugging Face config.json, in ModelSpec's names, read by the cost
+    model's one reader (`costmodels.specs.hf_config_fields`); a family or setting the
+    executor's model cannot express exactly is refused with one line."""
+    from costmodels.specs import SpecError, hf_config_fields
+
+    model_type = str(cfg.get("model_type") or "llama")  # old LLaMA exports carry none
+    if model_type in _NOT_EXPRESSIBLE:
+        raise MeshplanError(f"{where}: model_type={model_type}: {_NOT_EXPRESSIBLE[model_type]}; "
+                            "the executor's model cannot express it exactly (it imports "
+                            f"{', '.join(IMPORTABLE)})")
+    if model_type not in IMPORTABLE:
+        raise MeshplanError(f"{where}: model_type={model_type} is not importable; the executor "
+                            f"imports {', '.join(IMPORTABLE)} checkpoints")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                "intermediate_size"):
         if key not in cfg:
-            raise MeshplanError(f"{where}: missing {key!r}; not a LLaMA-style config.json")
-        out[ours] = int(cfg[key])
-    out["kv_heads"] = int(cfg.get("num_key_value_heads") or out["heads"])
-    if cfg.get("head_dim") not in (None, out["hidden"] // out["heads"]):
-        raise MeshplanError(
-            f"{where}: head_dim={cfg['head_dim']} differs from hidden_size/num_attention_heads; "
-            "the executor's model needs head_dim = hidden / heads"
-        )
+            raise MeshplanError(f"{where}: missing {key!r}; not a {model_type} config.json")
+    window = cfg.get("sliding_window")
+    if window and (model_type == "mistral" or cfg.get("use_sliding_window")):
+        raise MeshplanError(f"{where}: sliding_window={window}: the executor's attention is full "
+                            "causal; set sliding_window to null (or use_sliding_window false)")
     act = str(cfg.get("hidden_act", "silu"))
-    out["mlp"] = "swiglu" if act in ("silu", "swish", "swiglu") else "gelu"
-    out["norm"] = "rmsnorm"
-    out["tied_embeddings"] = bool(cfg.get("tie_word_embeddings", False))
-    out["bias"] = bool(cfg.get("attention_bias", False))
-    if bool(cfg.get("mlp_bias", out["bias"])) != out["bias"]:
-        raise MeshplanError(f"{where}: attention_bias={out['bias']} but mlp_bias="
+    if act not in ("silu", "swish"):
+        raise MeshplanError(f"{where}: hidden_act={act}: the executor's {model_type} MLP is SwiGLU "
+                            "(silu)")
+    if "attention_bias" in cfg and bool(cfg.get("mlp_bias", cfg["attention_bias"])) != bool(cfg["attention_bias"]):
+        raise MeshplanError(f"{where}: attention_bias={cfg['attention_bias']} but mlp_bias="
                             f"{cfg.get('mlp_bias')}; the executor's model has one bias switch")
+    if cfg.get("o_proj_bias") or (model_type == "qwen2" and cfg.get("attention_bias")):
+        raise MeshplanError(f"{where}: an output-projection bias is not in the executor's "
+                            f"{model_type} model (Qwen2 biases q, k and v only)")
     # transformers >= 5 nests RoPE settings in rope_parameters; older configs use rope_theta
     # and rope_scaling. Only plain RoPE (Su et al. 2021) is implemented here.
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
@@ -139,9 +174,25 @@ def arch_from_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     if kind not in (None, "default"):
         raise MeshplanError(f"{where}: RoPE scaling {kind!r} is not supported by the executor's "
                             "model (plain RoPE only); drop it from config.json to load anyway")
+    if model_type in ("llama", "mistral") and cfg.get("head_dim") not in (
+            None, cfg["hidden_size"] // cfg["num_attention_heads"]):
+        raise MeshplanError(f"{where}: head_dim={cfg['head_dim']} differs from hidden_size / "
+                            f"num_attention_heads; {model_type} checkpoints need them equal")
+    try:
+        fields = hf_config_fields({**cfg, "model_type": model_type, "rms_norm_eps":
+                                   cfg.get("rms_norm_eps", 1e-6)}, where)
+    except SpecError as exc:
+        raise MeshplanError(str(exc)) from None
+    if fields["num_experts"]:
+        raise MeshplanError(f"{where}: num_experts={fields['num_experts']}: mixture-of-experts "
+                            "checkpoints are not imported; start the MoE model from scratch")
+    keep = ("hidden", "layers", "heads", "kv_heads", "vocab", "ffn_hidden", "mlp", "norm",
+            "tied_embeddings", "bias", "qkv_bias", "qk_norm", "attn_head_dim", "rope_theta",
+            "norm_eps")
+    out = {k: fields[k] for k in keep}
     theta = rope.get("rope_theta") if isinstance(rope, dict) else None
-    out["rope_theta"] = float(theta if theta is not None else cfg.get("rope_theta", 10000.0))
-    out["norm_eps"] = float(cfg.get("rms_norm_eps", 1e-6))
+    if theta is not None:
+        out["rope_theta"] = float(theta)
     return out
 
 
