@@ -154,3 +154,9 @@ class Reporter:
         if summary.get("measured_over_predicted_step_time") is not None:
             table.add_row("measured / predicted", fmt(summary["measured_over_predicted_step_time"]))
         self.console.print(table)
+
+
+def last_logged_step(path: str | Path) -> int | None:
+    """The highest step a metrics.jsonl holds (None: no file or no step yet)."""
+    steps = [int(r["step"]) for r in JsonlLog(Path(path)).read_all() if "step" in r]
+    return max(steps) if steps else None

@@ -511,7 +511,10 @@ def slurm_script(
              "#SBATCH --ntasks-per-node=1"]
     if not _cpu(plan):
         lines.append(f"#SBATCH --gpus-per-node={per_node}")
-    lines += [f"#SBATCH --cpus-per-task={cpus}", "#SBATCH --output=slurm-%j.out"]
+    # --requeue: a preempted or requeued job starts again and `meshplan run` resumes from the
+    # newest intact checkpoint; append, so the requeued run's output follows the first one's.
+    lines += [f"#SBATCH --cpus-per-task={cpus}", "#SBATCH --output=slurm-%j.out",
+              "#SBATCH --requeue", "#SBATCH --open-mode=append"]
     if time_limit:
         lines.append(f"#SBATCH --time={time_limit}")
     if not _cpu(plan):

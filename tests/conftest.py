@@ -27,6 +27,23 @@ def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subpro
     )
 
 
+def cli_in_process(*args: str) -> subprocess.CompletedProcess:
+    """`meshplan ARGS` through `planner.cli.main` in this process (no interpreter start-up):
+    the same exit status and stdout / stderr as `run_cli`, for tests that call it often."""
+    import contextlib
+    import io
+
+    from planner.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse
+            code = exc.code if isinstance(exc.code, int) else 2
+    return subprocess.CompletedProcess(["meshplan", *args], code, out.getvalue(), err.getvalue())
+
+
 def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
     """A user error: exit 2, one line on stderr, no traceback."""
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)

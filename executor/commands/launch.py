@@ -8,6 +8,8 @@ node running torchrun with `--max-restarts`, so a failed rank restarts the worke
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,9 +20,11 @@ from costmodels.errors import MeshplanError
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("launch", help="write / submit the SLURM batch script of a plan")
     p.add_argument("plan", help="plan.yaml (or the folder holding it)")
-    p.add_argument("--slurm", action="store_true", required=True,
+    p.add_argument("--slurm", action="store_true",
                    help="write launch_slurm.sbatch next to the plan")
-    p.add_argument("--submit", action="store_true", help="then submit it with sbatch")
+    p.add_argument("--submit", action="store_true", help="then submit it with sbatch (prints the job id)")
+    p.add_argument("--status", action="store_true",
+                   help="the submitted job's SLURM state and the run's last logged step")
     p.add_argument("--out", default=None, help="folder for the script (default: the plan's)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--max-restarts", type=int, default=None,
@@ -29,7 +33,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=handle)
 
 
+JOB_FILE = "slurm_job.json"  # written next to the script at --submit: job id, script, run dir
+
+
+def _folder(args: argparse.Namespace) -> Path:
+    src = Path(args.out or args.plan)
+    return src if src.is_dir() else src.parent
+
+
 def handle(args: argparse.Namespace) -> int:
+    if args.status:
+        return _status(_folder(args))
+    if not args.slurm:
+        raise MeshplanError("meshplan launch: pass --slurm (write / --submit the batch script) "
+                            "or --status (the submitted job's state)")
     from executor.launch import preflight
     from planner.emitters import slurm_script
     from planner.planfile import atomic_write_text, load_plan, save_plan
@@ -50,7 +67,33 @@ def handle(args: argparse.Namespace) -> int:
         sbatch = shutil.which("sbatch")
         if sbatch is None:
             raise MeshplanError("--submit: sbatch not found on PATH; run it on a SLURM login node")
-        proc = subprocess.run([sbatch, str(path)], capture_output=True, text=True)
-        print(proc.stdout.strip() or proc.stderr.strip())
-        return proc.returncode
+        proc = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            first = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[0]
+            raise MeshplanError(f"--submit: sbatch refused {path} ({first})")
+        job_id = proc.stdout.strip().split(";")[0]
+        atomic_write_text(out / JOB_FILE, json.dumps(
+            {"job_id": job_id, "script": str(path), "run_dir": str(out / "run")}) + "\n")
+        print(f"submitted job {job_id}")
+    return 0
+
+
+def _status(folder: Path) -> int:
+    """The job's state (`scontrol show job`) and the last step its run logged."""
+    from executor.metrics import last_logged_step
+
+    record = folder / JOB_FILE
+    if not record.is_file():
+        raise MeshplanError(f"--status: {record} not found; submit with `meshplan launch PLAN "
+                            "--slurm --submit` first")
+    job = json.loads(record.read_text())
+    scontrol = shutil.which("scontrol")
+    state = "UNKNOWN (scontrol not on PATH)"
+    if scontrol:
+        proc = subprocess.run([scontrol, "show", "job", job["job_id"]], capture_output=True, text=True)
+        m = re.search(r"JobState=(\S+)", proc.stdout)
+        state = m.group(1) if m else "UNKNOWN (the controller no longer lists it)"
+    step = last_logged_step(Path(job["run_dir"]) / "metrics.jsonl")
+    print(json.dumps({"job_id": job["job_id"], "state": state, "run_dir": job["run_dir"],
+                      "last_step": step}))
     return 0

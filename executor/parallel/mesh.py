@@ -113,12 +113,17 @@ def device_type() -> str:
 
 
 def _restart_scoped_store(timeout):
-    """Under torchrun the agent's store outlives the workers: after a restart, new ranks
+    """Under one torchrun agent its store outlives the workers: after a restart, new ranks
     could read the previous incarnation's gloo addresses and fail to connect. Prefix every
     key with the restart count so each incarnation rendezvouses on its own keys."""
     import torch.distributed as dist
 
     if "TORCHELASTIC_RESTART_COUNT" not in os.environ or "MASTER_ADDR" not in os.environ:
+        return None
+    if os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE")) != os.environ.get("WORLD_SIZE"):
+        # Several agents (nodes): each counts only its own restarts, so the counts disagree
+        # after one node's worker fails; each rendezvous round hands the workers a fresh
+        # bootstrap store instead.
         return None
     client = dist.TCPStore(
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,

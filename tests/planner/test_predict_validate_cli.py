@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from tests.conftest import assert_clean_error, run_cli
+from tests.conftest import assert_clean_error, cli_in_process, run_cli
 
 ROW_KEYS = {
     "run_id", "predicted_tokens_per_sec_per_gpu", "measured_tokens_per_sec_per_gpu", "ape_pct",
@@ -119,9 +119,9 @@ def test_predict_bad_inputs(args, needles):
 
 def _plan_and_predict(tmp_path, *plan_flags, predict_flags=()):
     out = tmp_path / "plan"
-    proc = run_cli("plan", *plan_flags, "--out", str(out), "--json")
+    proc = cli_in_process("plan", *plan_flags, "--out", str(out), "--json")
     assert proc.returncode == 0, proc.stderr
-    pred = run_cli("predict", "--config", str(out / "plan.yaml"), *predict_flags, "--json")
+    pred = cli_in_process("predict", "--config", str(out / "plan.yaml"), *predict_flags, "--json")
     assert pred.returncode == 0, pred.stderr
     import yaml
 
@@ -141,7 +141,7 @@ def test_predict_reproduces_the_plans_own_prediction(tmp_path):
     assert (cl["scaleup_gbps"], cl["scaleout_gbps"], cl["nvlink_domain"], cl["gpus_per_node"]) == (450.0, 50.0, 8, 8)
     assert plan["profile"]["gemm_eff"]["hopper"] > 0  # the profile travels with the plan
     # a flag still overrides a plan field, and the prediction then moves
-    moved = run_cli("predict", "--config", str(tmp_path / "plan" / "plan.yaml"), "--nic-gbps", "5", "--json")
+    moved = cli_in_process("predict", "--config", str(tmp_path / "plan" / "plan.yaml"), "--nic-gbps", "5", "--json")
     assert moved.returncode == 0, moved.stderr
     assert json.loads(moved.stdout)["step_time_s"]["total"] > pred["step_time_s"]["total"]
 
