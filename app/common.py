@@ -16,7 +16,8 @@ import streamlit as st
 from costmodels.errors import MeshplanError
 from costmodels.hardware import ACCELERATORS
 from costmodels.presets import PRESETS
-from costmodels.specs import ModelSpec, model_from_hf_config
+from costmodels.specs import ModelSpec
+from planner.model_args import model_from_hf_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED_RUNS = REPO_ROOT.parent / "shared" / "data" / "published_runs.csv"

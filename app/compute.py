@@ -14,12 +14,13 @@ import pandas as pd
 import streamlit as st
 
 from costmodels.errors import MeshplanError
-from costmodels.profile import Profile, load_profile
-from costmodels.specs import ClusterSpec, Layout, ModelSpec
+from costmodels.profile import Profile
+from costmodels.specs import ClusterSpec, ModelSpec
 from planner.emitters import render_launch_files
-from planner.planfile import Plan, cluster_section, layout_section, plan_from_dict
-from planner.schedule_advice import recommend_lr, steps_for_tokens
-from planner.search import BREAKDOWN, SearchSpace, explain_runner_ups, row_to_layout, search
+from planner.plan_from_row import TrainChoice, plan_data, steps_for_budget
+from planner.planfile import Plan, plan_from_dict
+from planner.profiles import PricedBy, load_profile, resolve_profile
+from planner.search import BREAKDOWN, SearchSpace, explain_runner_ups, search
 from planner.validate import breakdown, validate_runs
 
 TOP_CACHED = 50  # layouts kept per search; the "show top N" slider slices these
@@ -41,8 +42,8 @@ def space_key(space: SearchSpace) -> str:
     return json.dumps(asdict(space), sort_keys=True)
 
 
-def _profile(path: str | None) -> Profile:
-    return load_profile(path or None)
+def _profile(path: str | None) -> tuple[Profile, PricedBy]:
+    return resolve_profile(path or None)
 
 
 @st.cache_data(max_entries=64, show_spinner="Searching layouts ...")
@@ -57,7 +58,7 @@ def run_search(model_json: str, cluster: tuple[str, int, int, float, float], glo
                            scaleup_gbps=float(up), scaleout_gbps=float(out))
         raw = json.loads(space_json)
         space = SearchSpace(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
-        prof = _profile(profile_path)
+        prof, priced_by = _profile(profile_path)
         res = search(model, spec, int(global_batch), prof, space, TOP_CACHED, rank_by)
     except MeshplanError as exc:
         return {"ok": False, "error": str(exc)}
@@ -67,11 +68,8 @@ def run_search(model_json: str, cluster: tuple[str, int, int, float, float], glo
         "fitting": len(res.table), "notes": list(res.notes),
         "runner_ups": explain_runner_ups(res), "precision": space.precision,
         "profile": prof.source, "profile_values": prof.to_dict(), "global_batch": int(global_batch),
+        "priced_by": priced_by, "framework": space.framework,
     }
-
-
-def layout_of(result: dict[str, Any], i: int) -> Layout:
-    return row_to_layout(result["ranked"].iloc[i], result["global_batch"], result["precision"])
 
 
 def layout_label(row: pd.Series, i: int) -> str:
@@ -110,34 +108,11 @@ def time_parts(row: pd.Series) -> dict[str, float]:
 
 def plan_dict(model: ModelSpec, cluster: ClusterSpec, row: pd.Series, result: dict[str, Any],
               train_tokens: float | None = None, engine: str = "torch") -> dict[str, Any]:
-    """The plan.yaml of one ranked layout, built as `meshplan plan --out` builds it."""
-    lay = row_to_layout(row, result["global_batch"], result["precision"])
-    tokens_per_step = lay.global_batch * model.seq_len
-    total = train_tokens or 20 * model.param_count()  # Hoffmann et al. 2022: ~20 tokens/param
-    steps = steps_for_tokens(total, tokens_per_step)
-    advice = recommend_lr(float(model.param_count()), int(steps))
-    train = advice.train_overrides()
-    train.pop("warmup_steps", None)  # keep warmup a share of the run, as `meshplan plan` does
-    train.update(warmup_frac=advice.warmup_frac, objective="clm", precision=result["precision"])
-    predicted = {
-        "step_time_s": float(row["step_time_s"]),
-        "tokens_per_sec_per_gpu": float(row["tokens_per_sec_per_gpu"]),
-        "mfu_pct": float(row["mfu_pct"]),
-        "peak_memory_gb": float(row["peak_memory_gb"]),
-        "breakdown_s": {k.removesuffix("_s"): round(float(row[k]), 6) for k in BREAKDOWN},
-        "memory_gb": memory_parts(row),
-        "time_to_train_hours": float(row["step_time_s"]) * steps / 3600,
-        "candidates_evaluated": int(result["candidates"]),
-        "profile": result["profile"],
-    }
-    return {
-        "model": model.to_dict(),
-        "cluster": cluster_section(cluster),
-        "layout": layout_section(lay, engine),
-        "train": train,
-        "predicted": predicted,
-        "profile": result["profile_values"],
-    }
+    """The plan.yaml of one ranked layout, built by the function `meshplan plan --out` uses."""
+    steps = steps_for_budget(model, result["global_batch"], train_tokens)
+    return plan_data(model, cluster, row, result["global_batch"], result["precision"],
+                     TrainChoice(steps=steps), Profile.from_dict(result["profile_values"]),
+                     result["priced_by"], result["framework"], engine, result["candidates"])
 
 
 @st.cache_data(max_entries=64, show_spinner=False)

@@ -12,26 +12,7 @@ import pandas as pd
 import yaml
 
 from costmodels.errors import MeshplanError
-
-NONFINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
-
-
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # torn last line
-        if isinstance(rec, dict):
-            out.append({k: NONFINITE.get(v, v) if isinstance(v, str) else v
-                        for k, v in rec.items()})
-    return out
+from executor.metrics import read_records
 
 
 @dataclass
@@ -88,7 +69,7 @@ def read_run(path: str | Path) -> RunData:
         raise MeshplanError("run directory: enter the path of a `meshplan run` output directory")
     if not p.is_dir():
         raise MeshplanError(f"run directory {p}: not found; pass the RUN_DIR of `meshplan run`")
-    metrics = pd.DataFrame(_jsonl(p / "metrics.jsonl"))
+    metrics = pd.DataFrame(read_records(p / "metrics.jsonl"))
     if metrics.empty or "step" not in metrics:
         raise MeshplanError(f"run directory {p}: no metrics.jsonl with steps yet; "
                             "is it a `meshplan run` output directory?")
@@ -109,7 +90,7 @@ def read_run(path: str | Path) -> RunData:
             plan = loaded if isinstance(loaded, dict) else {}
         except yaml.YAMLError:
             plan = {}
-    return RunData(p, metrics.reset_index(drop=True), pd.DataFrame(_jsonl(p / "events.jsonl")),
+    return RunData(p, metrics.reset_index(drop=True), pd.DataFrame(read_records(p / "events.jsonl")),
                    summary, plan)
 
 

@@ -22,7 +22,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from costmodels.profile import load_profile  # noqa: E402
+from planner.profiles import load_profile  # noqa: E402
 from planner.runs_table import read_runs  # noqa: E402
 from planner.validate import validate_runs  # noqa: E402
 

@@ -32,8 +32,8 @@ TARGET_S = 1.0
 def search_cost(repeats: int) -> float:
     """Median seconds of one search with the Plan page's default inputs."""
     from costmodels.presets import get_preset
-    from costmodels.profile import load_profile
     from costmodels.specs import ClusterSpec
+    from planner.profiles import load_profile
     from planner.search import SearchSpace, search
 
     model, prof = get_preset("llama3-70b"), load_profile()

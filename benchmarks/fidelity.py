@@ -25,10 +25,11 @@ sys.path.insert(0, str(ROOT))
 
 from costmodels.cases import build_cases  # noqa: E402
 from costmodels.presets import get_preset  # noqa: E402
-from costmodels.profile import dump_profile, load_profile  # noqa: E402
+from costmodels.profile import dump_profile  # noqa: E402
 from costmodels.specs import ClusterSpec  # noqa: E402
 from costmodels.steptime import evaluate  # noqa: E402
-from planner.planfile import atomic_write_text  # noqa: E402
+from planner.atomic import atomic_write_text  # noqa: E402
+from planner.profiles import load_profile  # noqa: E402
 from planner.runs_table import read_runs  # noqa: E402
 from planner.validate import breakdown, fit_on_runs, validate_runs  # noqa: E402
 

@@ -127,7 +127,7 @@ def serve(req: Request, profile) -> bool:
 
 def run_load(n: int = 1000, seed: int = 0, max_gpus: int = GPU_COUNTS[-1],
              models: tuple[str, ...] = MODELS) -> LoadReport:
-    from costmodels.profile import load_profile
+    from planner.profiles import load_profile
 
     serve.rejections = {}  # type: ignore[attr-defined]
     rss_start = rss_mb()

@@ -15,8 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from costmodels.presets import get_preset  # noqa: E402
-from costmodels.profile import load_profile  # noqa: E402
 from costmodels.specs import ClusterSpec  # noqa: E402
+from planner.profiles import load_profile  # noqa: E402
 from planner.search import search  # noqa: E402
 
 CASES = [

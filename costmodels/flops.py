@@ -60,22 +60,6 @@ def model_flops_per_token(
     return 3.0 * (layers * per_layer + logits)
 
 
-def recompute_extra_flops_per_token(
-    layers: ArrayLike, hidden: ArrayLike, ffn: ArrayLike, kv_dim: ArrayLike,
-    mlp_matrices: ArrayLike, seq: ArrayLike, recompute: np.ndarray,
-    active_experts: ArrayLike = 1, causal: bool | np.ndarray = True,
-) -> ArrayLike:
-    """Forward work repeated in backward: full recompute repeats each layer's forward
-    (Korthikanti et al. 2022, Sec. 5: 4 passes instead of 3); selective repeats only the
-    attention core (QK^T, softmax, AV; ibid. Sec. 4.2). `recompute` codes: 0 none, 1
-    selective, 2 full."""
-    gemm = 2 * matmul_params_per_layer(hidden, ffn, kv_dim, mlp_matrices, active_experts)
-    attn = attention_flops_per_token_fwd(seq, hidden, causal)
-    full = layers * (gemm + attn)
-    selective = layers * attn
-    return np.where(recompute == 2, full, np.where(recompute == 1, selective, 0.0))
-
-
 def active_mlp_width(model: ModelSpec) -> float:
     """MLP width a token's GEMMs see, averaged over layers: an MoE layer's top-k routed
     experts plus its shared experts, a dense layer's MLP."""

@@ -9,8 +9,6 @@ with `torch.matmul` on 1024x1024 operands and are replaced by `meshplan bench`.
 
 from __future__ import annotations
 
-import math
-import os
 from dataclasses import dataclass
 
 from costmodels.specs import SpecError
@@ -98,42 +96,11 @@ ACCELERATORS: dict[str, Accelerator] = {
 }
 
 
-def cgroup_cpu_limit(root: str = "/sys/fs/cgroup") -> float | None:
-    """CPUs a container's cgroup quota allows (v2 `cpu.max`, v1 `cpu.cfs_quota_us` /
-    `cpu.cfs_period_us`); None when unlimited or not readable."""
-    try:
-        with open(os.path.join(root, "cpu.max")) as f:
-            quota, period = f.read().split()[:2]
-        return None if quota == "max" else int(quota) / int(period)
-    except (OSError, ValueError):
-        pass
-    try:
-        with open(os.path.join(root, "cpu", "cpu.cfs_quota_us")) as f:
-            quota_us = int(f.read())
-        with open(os.path.join(root, "cpu", "cpu.cfs_period_us")) as f:
-            period_us = int(f.read())
-        return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
-    except (OSError, ValueError):
-        return None
-
-
-def host_cores() -> int:
-    """CPU cores this process may run on: its affinity mask (else the machine's count),
-    capped by a container's CPU quota, so ranks never start more threads than they get."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    limit = cgroup_cpu_limit()
-    if limit is not None:
-        cores = min(cores, math.ceil(limit))
-    return max(1, cores)
-
-
-def cpu_threads_per_rank(ranks_on_host: int, cores: int | None = None) -> int:
+def cpu_threads_per_rank(ranks_on_host: int, cores: int) -> int:
     """Threads each rank of a CPU run uses: the host's cores split evenly among its ranks
-    (what `meshplan run` sets unless OMP_NUM_THREADS says otherwise)."""
-    return max(1, (cores or host_cores()) // max(1, ranks_on_host))
+    (what `meshplan run` sets unless OMP_NUM_THREADS says otherwise; the executor counts the
+    cores, `executor.host.host_cores`)."""
+    return max(1, cores // max(1, ranks_on_host))
 
 
 def get_accelerator(key: str) -> Accelerator:

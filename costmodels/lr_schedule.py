@@ -35,8 +35,8 @@ Continual pretraining (`continual_schedule`) adds, without changing the above:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
@@ -107,11 +107,12 @@ class LRSchedule:
         )
 
     def at(self, step: int) -> float:
-        return lr_at(
-            step, self.lr, self.max_steps, warmup_steps=self.warmup_steps,
-            schedule=self.schedule, min_lr=self.min_lr, wsd_decay_frac=self.wsd_decay_frac,
-            wsd_decay_steps=self.wsd_decay_steps, warmup_start_lr=self.warmup_start_lr,
-        )
+        c = self._curve  # computed once per schedule: the loop asks every step
+        return float(c[min(max(int(step), 0), len(c) - 1)])
+
+    @cached_property
+    def _curve(self) -> np.ndarray:
+        return self.curve()
 
     def curve(self) -> np.ndarray:
         return lr_curve(
@@ -181,31 +182,12 @@ def lr_at(
     wsd_decay_steps: int | None = None,
     warmup_start_lr: float = 0.0,
 ) -> float:
-    """LR of optimizer update `step` (0-based); see the module docstring for the formulas."""
-    if schedule not in SCHEDULES:
-        raise MeshplanError(f"schedule={schedule!r}: must be one of {', '.join(SCHEDULES)}")
-    total = max(1, int(max_steps))
-    w = resolve_warmup(total, warmup_steps or 0, warmup_frac) if warmup_steps is None else int(
-        warmup_steps
-    )
-    w = min(max(w, 0), total)
-    floor = lr / 10 if min_lr is None else min_lr
-    s = min(max(int(step), 0), total - 1)
-    if s < w:  # linear warmup (Goyal et al. 2017 §2.2), re-warmup from warmup_start_lr
-        return warmup_start_lr + (lr - warmup_start_lr) * (s + 1) / w
-    if schedule == "constant":
-        return lr
-    if schedule == "cosine":  # one cosine half-period to min_lr (Loshchilov & Hutter 2017 eq. 5)
-        span = total - 1 - w
-        p = 1.0 if span <= 0 else (s - w) / span
-        return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
-    if schedule == "wsd":  # warmup-stable-decay, linear decay tail (Hu et al. 2024 §4.1)
-        k = max(0, min(_decay_len(total, wsd_decay_frac, wsd_decay_steps), total - w))
-        start = total - k
-        if k == 0 or s < start:
-            return lr
-        return lr - (lr - floor) * (s - start + 1) / k
-    raise MeshplanError(f"schedule={schedule!r}: must be one of {', '.join(SCHEDULES)}")
+    """LR of optimizer update `step` (0-based), clamped to the run; see the module docstring
+    for the formulas (one implementation: `lr_curve`)."""
+    curve = lr_curve(lr, max_steps, warmup_steps=warmup_steps, warmup_frac=warmup_frac,
+                     schedule=schedule, min_lr=min_lr, wsd_decay_frac=wsd_decay_frac,
+                     wsd_decay_steps=wsd_decay_steps, warmup_start_lr=warmup_start_lr)
+    return float(curve[min(max(int(step), 0), len(curve) - 1)])
 
 
 def lr_curve(
@@ -220,7 +202,11 @@ def lr_curve(
     wsd_decay_steps: int | None = None,
     warmup_start_lr: float = 0.0,
 ) -> np.ndarray:
-    """LR for every update 0..max_steps-1 (vectorised; equals `lr_at` element by element)."""
+    """LR for every update 0..max_steps-1: linear warmup (Goyal et al. 2017 §2.2) from
+    warmup_start_lr, then constant, one cosine half-period to min_lr (Loshchilov & Hutter
+    2017 eq. 5) or warmup-stable-decay with a linear decay tail (Hu et al. 2024 §4.1)."""
+    if schedule not in SCHEDULES:
+        raise MeshplanError(f"schedule={schedule!r}: must be one of {', '.join(SCHEDULES)}")
     total = max(1, int(max_steps))
     w = resolve_warmup(total, warmup_steps or 0, warmup_frac) if warmup_steps is None else int(
         warmup_steps

@@ -5,10 +5,8 @@ not in code. `costmodels/profiles/default.yaml` is fitted on `published_runs.csv
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -194,53 +192,17 @@ def _fraction(v: Any, where: str) -> float:
     return f
 
 
-MACHINE_PROFILE_ENV = "MESHPLAN_MACHINE_PROFILE"
+def shipped_profile() -> Profile:
+    """The profile shipped with the package (`profiles/default.yaml`), exactly. Where a plan's
+    profile comes from otherwise (a file, this machine's measurements) is the planner's
+    business (`planner.profiles`): the cost model reads nothing of the host or the user."""
+    text = resources.files("costmodels").joinpath("profiles/default.yaml").read_text()
+    return Profile.from_dict(yaml.safe_load(text), "default profile")
 
 
-def machine_profile_path() -> Path:
-    """Where `meshplan bench` keeps what it measured on this machine: $MESHPLAN_MACHINE_PROFILE,
-    else $XDG_CACHE_HOME/meshplan/machine.yaml (~/.cache by default)."""
-    env = os.environ.get(MACHINE_PROFILE_ENV)
-    if env:
-        return Path(env)
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "meshplan" / "machine.yaml"
-
-
-def machine_hardware() -> dict[str, dict[str, float]]:
-    """The hardware entries measured on this machine ({} if `meshplan bench` never ran)."""
-    p = machine_profile_path()
-    if not p.is_file():
-        return {}
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError:
-        data = None
-    if not isinstance(data, dict) or not isinstance(data.get("hardware"), dict):
-        raise MeshplanError(f"{p}: not a machine profile; rerun `meshplan bench` or delete the file")
-    return _hardware(data["hardware"], str(p))
-
-
-def load_profile(path: str | Path | None = None, machine: bool = True) -> Profile:
-    """The shipped default profile, or the one at `path`. Without `path`, what `meshplan
-    bench` measured on this machine (`machine_profile_path()`) replaces the catalog's figures
-    for those accelerators (`machine=False`: the shipped profile exactly)."""
-    if path is None:
-        text = resources.files("costmodels").joinpath("profiles/default.yaml").read_text()
-        prof = Profile.from_dict(yaml.safe_load(text), "default profile")
-        measured = machine_hardware() if machine else {}
-        if measured:
-            prof = prof.with_(hardware={**prof.hardware, **measured},
-                              source=f"{prof.source}; hardware measured here ({machine_profile_path()})")
-        return prof
-    p = Path(path)
-    if not p.is_file():
-        raise MeshplanError(f"--profile {p}: file not found; create one with `meshplan calibrate`")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise MeshplanError(f"--profile {p}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return Profile.from_dict(data, str(p))
+def parse_hardware(v: Any, source: str) -> dict[str, dict[str, float]]:
+    """A profile's `hardware:` section, validated (accelerator -> measured figures)."""
+    return _hardware(v, source)
 
 
 def dump_profile(profile: Profile) -> str:

@@ -19,6 +19,7 @@ from costmodels.errors import MeshplanError
 from costmodels.fit import cross_validate, fit_throughput
 from costmodels.profile import Profile
 from costmodels.steptime import evaluate
+from executor.metrics import read_records
 from planner.planfile import Plan, load_plan
 
 WARMUP_STEPS = 3  # first steps include allocator growth and lazy init: not steady state
@@ -67,13 +68,7 @@ def load_run(path: str | Path) -> MeasuredRun:
         raise MeshplanError(f"{p}: no metrics.jsonl (the run never logged a step)")
     times: list[float] = []
     imbalance: list[float] = []
-    for i, line in enumerate(metrics.read_text().splitlines()):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            raise MeshplanError(f"{metrics}: line {i + 1} is not JSON (corrupt metrics)") from None
+    for rec in read_records(metrics):
         if rec.get("skipped") or int(rec.get("step", 0)) <= WARMUP_STEPS:
             continue
         t = rec.get("step_time_s")

@@ -16,9 +16,9 @@ import numpy as np
 
 from costmodels.errors import MeshplanError
 from costmodels.presets import get_preset
-from costmodels.profile import load_profile
 from executor.calibrate import calibrate_runs, chart, predict_runs
 from planner.planfile import plan_from_dict, save_plan
+from planner.profiles import load_profile
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ def local_loop(
         h["default_profile_ape_pct"] = b["ape_pct"]
     profile_path = work / "profile.yaml"
     from costmodels.profile import dump_profile
-    from planner.planfile import atomic_write_text
+    from planner.atomic import atomic_write_text
 
     atomic_write_text(profile_path, dump_profile(cal.profile))
     pts = [(h["layout"] + " (held out)", h["measured_step_time_s"], h["predicted_step_time_s"]) for h in held + checks]

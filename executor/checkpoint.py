@@ -31,6 +31,7 @@ import torch
 
 from costmodels.errors import MeshplanError
 from executor.data.shards import sha256_file
+from planner.atomic import atomic_write_text, fsync_dir
 
 FORMAT = "meshplan-ckpt-v1"
 MANIFEST = "manifest.json"
@@ -135,12 +136,7 @@ def write_manifest(directory: Path, step: int) -> None:
         for p in _files_under(directory)
     }
     manifest = {"format": FORMAT, "step": step, "created": time.time(), "files": files}
-    tmp = directory / f".{MANIFEST}.tmp"
-    with tmp.open("w") as fh:
-        fh.write(json.dumps(manifest, indent=1))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, directory / MANIFEST)
+    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1))
 
 
 def verify_checkpoint(directory: str | Path) -> int:
@@ -253,7 +249,7 @@ class CheckpointManager:
                 if final.exists():  # re-saving a step (after a rollback): replace it whole
                     shutil.rmtree(final)
                 os.replace(tmp, final)
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
             except Exception as exc:  # noqa: BLE001
                 raise self._write_failed(step, tmp, exc) from None
             if self.mirror is not None:
@@ -341,14 +337,3 @@ def _reason(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:160]
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -14,8 +14,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +40,7 @@ from executor.hf_format import (
     read_config,
     read_hf_tensors,
 )
+from planner.atomic import atomic_write
 
 # Fields that decide the shapes and the function of the network, in the order checked.
 ARCH_FIELDS: tuple[str, ...] = (
@@ -286,15 +285,8 @@ class EWC:
         return 0.5 * self.lam * total
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            torch.save({"lam": self.lam, "fisher": self.fisher, "anchor": self.anchor}, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        state = {"lam": self.lam, "fisher": self.fisher, "anchor": self.anchor}
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
 
     @classmethod
     def load(cls, path: Path, lam: float) -> EWC:

@@ -11,9 +11,7 @@ Nothing is downloaded: the files must already be on disk.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ import torch
 
 from costmodels.errors import MeshplanError
 from costmodels.specs import ModelSpec
+from planner.atomic import atomic_write
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -137,9 +136,10 @@ _NOT_EXPRESSIBLE = {
 
 def arch_from_config(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     """The architecture of a Hugging Face config.json, in ModelSpec's names, read by the cost
-    model's one reader (`costmodels.specs.hf_config_fields`); a family or setting the
+    model's one reader (`costmodels.hf_config.hf_config_fields`); a family or setting the
     executor's model cannot express exactly is refused with one line."""
-    from costmodels.specs import SpecError, hf_config_fields
+    from costmodels.hf_config import hf_config_fields
+    from costmodels.specs import SpecError
 
     model_type = str(cfg.get("model_type") or "llama")  # old LLaMA exports carry none
     if model_type in _NOT_EXPRESSIBLE:
@@ -265,15 +265,8 @@ def export_hf(model: torch.nn.Module, spec: ModelSpec, directory: str | Path) ->
         if spec.tied_embeddings and name == "output.weight":
             continue  # HF ties lm_head to embed_tokens through the config
         tensors[our_name_to_hf(name)] = t.detach().to("cpu").contiguous().clone()
-    fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".safetensors", dir=d)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.replace(tmp, d / WEIGHTS_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    from planner.planfile import atomic_write_text
+    atomic_write(d / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    from planner.atomic import atomic_write_text
 
     atomic_write_text(d / CONFIG_FILE, json.dumps(cfg, indent=2))
     return d

@@ -3,8 +3,8 @@
 Everything that can be checked without a process group is checked first (`preflight`), so
 a misconfigured layout fails with one line before any process starts. Then the same
 `meshplan run` command line is re-executed by `python -m torch.distributed.run --standalone`
-with the plan's process count (or `--nproc`), gloo on the CPU, one OpenMP thread per rank,
-`--max-restarts` (env MESHPLAN_MAX_RESTARTS, default 0) and an optional wall-clock timeout
+with the plan's process count (or `--nproc`), gloo on the CPU with the host's cores split
+among the ranks (OMP_NUM_THREADS, unless set), `--max-restarts` (env MESHPLAN_MAX_RESTARTS, default 0) and an optional wall-clock timeout
 (env MESHPLAN_LAUNCH_TIMEOUT_S). A restarted worker group resumes from the newest intact
 checkpoint in the run directory, so a killed rank costs at most the steps since then.
 """
@@ -106,8 +106,9 @@ def launch_local(args: argparse.Namespace) -> int:
     if plan.cluster.accelerator == "cpu":
         # Split the host's cores among the ranks (torchrun would otherwise pin each to 1).
         from costmodels.hardware import cpu_threads_per_rank
+        from executor.host import host_cores
 
-        env.setdefault("OMP_NUM_THREADS", str(cpu_threads_per_rank(nproc)))
+        env.setdefault("OMP_NUM_THREADS", str(cpu_threads_per_rank(nproc, host_cores())))
     else:
         env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("PYTHONUNBUFFERED", "1")

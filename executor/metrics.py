@@ -16,6 +16,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 from rich.text import Text
 
+from costmodels.errors import MeshplanError
+
 
 def _clean(x: Any) -> Any:
     """JSON has no NaN/Infinity: write them as strings so every line stays valid JSON."""
@@ -47,19 +49,29 @@ class JsonlLog:
             fh.write(json.dumps(_clean(record)) + "\n")
 
     def read_all(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        out = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line from a crash
-            out.append({k: _load_float(v) for k, v in rec.items()})
-        return out
+        return read_records(self.path)
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """The objects of a metrics.jsonl / events.jsonl, the one reader of the tree: [] if the
+    file is missing; a torn LAST line (a crash mid-write) is skipped; an unreadable line
+    before it means the file is corrupt (one-line error naming the line)."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    lines = [ln.strip() for ln in p.read_text(encoding="utf-8", errors="replace").splitlines()]
+    numbered = [(i, ln) for i, ln in enumerate(lines, 1) if ln]
+    out = []
+    for k, (i, line) in enumerate(numbered):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if k == len(numbered) - 1:
+                break  # torn last line
+            raise MeshplanError(f"{p}: line {i} is not JSON (corrupt log); remove that line") from None
+        if isinstance(rec, dict):
+            out.append({key: _load_float(v) for key, v in rec.items()})
+    return out
 
 
 class EventLog(JsonlLog):
@@ -72,7 +84,7 @@ class MetricsLog(JsonlLog):
         """Keep only records of steps <= `step`, each once (atomic rewrite)."""
         if not self.enabled or not self.path.is_file():
             return
-        from planner.planfile import atomic_write_text
+        from planner.atomic import atomic_write_text
 
         seen: dict[int, dict[str, Any]] = {}
         for rec in self.read_all():

@@ -280,7 +280,7 @@ class Trainer:
                 self.ewc.save(self._continual_dir() / "ewc.pt")
         self.init_eval = self.evaluate_domains()
         if self.is_main:
-            from planner.planfile import atomic_write_text
+            from planner.atomic import atomic_write_text
 
             atomic_write_text(self._continual_dir() / "init.json", json.dumps({
                 "init_from": str(src.path), "kind": src.kind, "step": src.step,
@@ -564,7 +564,7 @@ class Trainer:
                     break
         summary = self.summary(interrupted)
         if self.is_main:
-            from planner.planfile import atomic_write_text
+            from planner.atomic import atomic_write_text
 
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
             self.reporter.final(summary)

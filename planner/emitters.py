@@ -1,563 +1,82 @@
-"""Launch files written next to a plan: torchrun, DeepSpeed, Megatron-LM, torchtitan,
-Megatron-Bridge and SLURM.
-
-From a `planner.planfile.Plan`:
-
-* `torchrun_command` / `torchrun_script`: `meshplan run plan.yaml --out RUN` under torchrun,
-  single node (`--standalone`) or multi-node (c10d rendezvous on $MASTER_ADDR:$MASTER_PORT);
-* `deepspeed_config`: a DeepSpeed JSON whose batch fields satisfy DeepSpeed's own check
-  train_batch_size = micro x accumulation x data-parallel world size;
-* `megatron_args`: the equivalent Megatron-LM (`pretrain_gpt.py`) argument list;
-* `slurm_script`: an sbatch script that runs torchrun once per node through srun;
-* `planner.torchtitan_config`: a torchtitan job TOML; `planner.bridge_overrides`: Megatron-
-  Bridge / NeMo 2 recipe overrides.
+"""Launch files written next to a plan, one module per target (`planner.emit.*`) behind this
+registry: torchrun, DeepSpeed, Megatron-LM, torchtitan, Megatron-Bridge and SLURM.
 
 A file whose tool cannot run the plan exactly carries the one-line reason instead
-(`not_emitted`). `write_launch_files(plan, out_dir)` writes them all atomically and returns
-their paths.
+(`not_emitted`). `write_launch_files(plan, out_dir)` renders them all, then writes each
+atomically, and returns their paths; `TARGETS` lists them (the dashboard and `plan --out`
+show this list).
 """
 
 from __future__ import annotations
 
-import json
-import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from costmodels.errors import MeshplanError
-from costmodels.specs import ModelSpec
-from costmodels.stacks import stack_for
-from planner.bridge_overrides import BRIDGE_FILE, bridge_overrides_text
-from planner.planfile import Plan, atomic_write_text
-from planner.torchtitan_config import TORCHTITAN_FILE, torchtitan_toml
+from planner.atomic import atomic_write_text
+from planner.emit.bridge import BRIDGE_FILE, bridge_overrides_text
+from planner.emit.common import file_header
+from planner.emit.deepspeed import (
+    DEEPSPEED_FILE,
+    deepspeed_config,
+    deepspeed_file,
+    deepspeed_unsupported,
+)
+from planner.emit.megatron import (
+    MEGATRON_FILE,
+    megatron_args,
+    megatron_args_text,
+    megatron_layout_string,
+    megatron_unsupported,
+    pipeline_layout_string,
+)
+from planner.emit.slurm import SLURM_FILE, slurm_script
+from planner.emit.torchrun import TORCHRUN_FILE, torchrun_command, torchrun_script
+from planner.emit.torchtitan import TORCHTITAN_FILE, torchtitan_toml
+from planner.planfile import Plan
 
-TORCHRUN_FILE = "launch_torchrun.sh"
-DEEPSPEED_FILE = "deepspeed_config.json"
-MEGATRON_FILE = "megatron_args.txt"
-SLURM_FILE = "launch_slurm.sbatch"
-DEFAULT_MASTER_PORT = 29500
-MEGATRON_CORE_VERSION = "0.19.x"  # whose parse_args / validate_args the tests run the flags through
-CPUS_PER_GPU = 8  # host cores reserved per GPU process (dataloader workers + the launcher)
-
-
-def _num(x: float) -> str:
-    """A float as a short literal (12 significant digits: 3e-05, not 2.9999999999999997e-05)."""
-    return f"{float(x):.12g}"
-
-
-def _cpu(plan: Plan) -> bool:
-    return plan.cluster.accelerator.strip().lower() == "cpu"
-
-
-def _nodes(plan: Plan) -> int:
-    return max(1, plan.cluster.num_nodes)
-
-
-def _procs_per_node(plan: Plan) -> int:
-    return min(plan.cluster.num_gpus, plan.cluster.gpus_per_node)
-
-
-def _default_restarts(plan: Plan) -> int:
-    # Multi-node jobs restart a failed worker group (the executor resumes from its last
-    # checkpoint); a single-node run surfaces the failure instead.
-    return 3 if _nodes(plan) > 1 else 0
+__all__ = [  # the per-target functions callers reach through the registry module
+    "BRIDGE_FILE", "DEEPSPEED_FILE", "MEGATRON_FILE", "SLURM_FILE", "TARGETS", "TORCHRUN_FILE",
+    "TORCHTITAN_FILE", "deepspeed_config", "deepspeed_unsupported", "megatron_args",
+    "megatron_args_text", "megatron_unsupported", "pipeline_layout_string",
+    "render_launch_files", "slurm_script", "torchrun_command", "torchrun_script",
+    "write_launch_files",
+]
 
 
-# --------------------------------------------------------------------------- torchrun
+@dataclass(frozen=True)
+class Target:
+    """One launch file: what reads it, its name, and how a plan renders into it."""
+
+    tool: str
+    file: str
+    render: Callable[[Plan, Path], str]
+    executable: bool = False
 
 
-def torchrun_command(
-    plan: Plan,
-    plan_path: str = "plan.yaml",
-    run_dir: str = "run",
-    multi_node: bool | None = None,
-    max_restarts: int | None = None,
-    master_addr: str = "$MASTER_ADDR",
-    master_port: str = "$MASTER_PORT",
-    rdzv_id: str = "meshplan",
-) -> list[str]:
-    """argv of one node's torchrun; `multi_node=None` follows the plan's node count."""
-    multi = _nodes(plan) > 1 if multi_node is None else multi_node
-    restarts = _default_restarts(plan) if max_restarts is None else max_restarts
-    if restarts < 0:
-        raise MeshplanError(f"--max-restarts {restarts}: must be >= 0")
-    argv = ["torchrun"]
-    if multi:
-        argv += [
-            "--nnodes", str(_nodes(plan)),
-            "--rdzv-backend", "c10d",
-            "--rdzv-endpoint", f"{master_addr}:{master_port}",
-            "--rdzv-id", rdzv_id,
-        ]
-    else:
-        argv += ["--standalone", "--nnodes", "1"]
-    argv += [
-        "--nproc-per-node", str(_procs_per_node(plan)),
-        "--max-restarts", str(restarts),
-        "-m", "planner.cli", "run", plan_path, "--out", run_dir,
-    ]
-    return argv
+def _torchtitan(plan: Plan, _out: Path) -> str:
+    return torchtitan_toml(plan, file_header(plan, "torchtitan job config"))
 
 
-def _shell_join(argv: list[str]) -> str:
-    """Quote every word except "$VAR"-style references, which the shell must expand."""
-    out = []
-    for word in argv:
-        if "$" in word:
-            out.append('"' + word.replace('"', '\\"') + '"')
-        else:
-            out.append(shlex.quote(word))
-    return " ".join(out)
+def _bridge(plan: Plan, _out: Path) -> str:
+    return bridge_overrides_text(plan, file_header(plan, "Megatron-Bridge overrides"),
+                                 megatron_unsupported(plan), megatron_layout_string(plan))
 
 
-def _dq(text: str) -> str:
-    """Escape text for use inside a double-quoted bash word."""
-    for ch in ("\\", '"', "$", "`"):
-        text = text.replace(ch, "\\" + ch)
-    return text
-
-
-def _header(plan: Plan, what: str) -> list[str]:
-    lay = plan.layout
-    return [
-        f"# {what} -- generated by `meshplan plan` from plan.yaml; edit the plan, not this file.",
-        f"# model={plan.model.get('name', '?')} accelerator={plan.cluster.accelerator} "
-        f"gpus={plan.cluster.num_gpus} nodes={_nodes(plan)}",
-        f"# layout: tp={lay.tp} pp={lay.pp} dp={lay.dp} cp={lay.cp} ep={lay.ep} vpp={lay.vpp} "
-        f"sharding={lay.sharding} engine={lay.engine} micro={lay.micro_batch_size} "
-        f"global={lay.global_batch_size} recompute={lay.recompute}",
-    ]
-
-
-def torchrun_script(plan: Plan, max_restarts: int | None = None) -> str:
-    """A bash script that launches this node's share of the job (run it on every node)."""
-    multi = _nodes(plan) > 1
-    lines = ["#!/usr/bin/env bash", *_header(plan, "torchrun launcher")]
-    lines += [
-        "# Usage: bash launch_torchrun.sh   on every node (PLAN and RUN_DIR may be set in the env)",
-        "set -euo pipefail",
-        'HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"',
-        'PLAN="${PLAN:-$HERE/plan.yaml}"',
-        'RUN_DIR="${RUN_DIR:-$HERE/run}"',
-    ]
-    if _cpu(plan):
-        lines.append('export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # one core per process')
-    if multi:
-        lines += [
-            ': "${MASTER_ADDR:?set MASTER_ADDR to the first node (rendezvous host)}"',
-            f'MASTER_PORT="${{MASTER_PORT:-{DEFAULT_MASTER_PORT}}}"',
-            'RDZV_ID="${RDZV_ID:-meshplan}"',
-        ]
-        argv = torchrun_command(
-            plan, "$PLAN", "$RUN_DIR", multi_node=True, max_restarts=max_restarts,
-            rdzv_id="$RDZV_ID",
-        )
-    else:
-        argv = torchrun_command(plan, "$PLAN", "$RUN_DIR", multi_node=False,
-                                max_restarts=max_restarts)
-    lines.append("exec " + _shell_join(argv))
-    return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------- DeepSpeed
-
-_ZERO_STAGE = {"none": 0, "zero1": 1, "zero2": 2, "zero3": 3}
-DEEPSPEED_MOE_REFUSAL = (
-    "model: mixture-of-experts layers are DeepSpeed model code (deepspeed.moe.layer.MoE with "
-    "its ep_size), not config keys; launch this plan with torchrun (meshplan's executor) or "
-    "Megatron (megatron_args.txt)")
-
-
-def deepspeed_unsupported(plan: Plan) -> str | None:
-    """Why a DeepSpeed JSON cannot describe this plan exactly, or None."""
-    lay = plan.layout
-    if plan.model_spec().is_moe:
-        return DEEPSPEED_MOE_REFUSAL
-    if lay.dp_shard and lay.dp_shard < lay.dp:
-        # MiCS (mics_shard_size) was removed from DeepSpeed; ZeRO++'s hpZ keeps a secondary
-        # weight copy per node but still shards gradients and optimizer state over all of dp.
-        return (f"layout.dp_shard={lay.dp_shard}: DeepSpeed shards ZeRO state over all of dp "
-                "(its MiCS sub-group sharding was removed); set layout.dp_shard=0 for DeepSpeed")
-    return None
-
-
-def deepspeed_config(plan: Plan, include_scheduler: bool = True) -> dict[str, Any]:
-    """DeepSpeed JSON for the plan's layout and optimizer.
-
-    DeepSpeed's world size is the data-parallel size (its `mpu` hides TP/PP), so
-    train_batch_size = layout.global_batch_size = micro x accumulation x dp.
-
-    Scheduler (for launching with DeepSpeed directly): cosine -> WarmupCosineLR, constant ->
-    WarmupLR, both with linear warmup over the plan's warmup steps. These built-ins only
-    approximate the plan's curve (`costmodels.lr_schedule`): DeepSpeed's linear warmup takes
-    its first two updates at LR 0 and its cosine runs over all `total_num_steps`, so values
-    differ by up to a few % mid-run (measured against `lr_curve`). WSD has no DeepSpeed
-    built-in, so its block is omitted. The meshplan executor should call this with
-    `include_scheduler=False` and hand its own `costmodels.lr_schedule` scheduler to
-    `deepspeed.initialize(lr_scheduler=...)`, which reproduces the plan's curve exactly.
-    """
-    lay, tr = plan.layout, plan.train
-    if lay.global_batch_size % (lay.micro_batch_size * lay.dp):
-        raise MeshplanError(
-            f"layout.global_batch_size={lay.global_batch_size} is not a multiple of "
-            f"micro_batch_size x dp = {lay.micro_batch_size * lay.dp}; fix the plan's batch"
-        )
-    reason = deepspeed_unsupported(plan)
-    if reason is not None:
-        raise MeshplanError(reason)
-    stage = _ZERO_STAGE[lay.sharding]
-    zero: dict[str, Any] = {"stage": stage}
-    if stage >= 1:
-        zero.update(overlap_comm=not _cpu(plan), contiguous_gradients=True)
-    if stage >= 2:
-        zero.update(reduce_scatter=True)
-    if stage == 3:
-        zero.update(stage3_gather_16bit_weights_on_model_save=True)
-    cfg: dict[str, Any] = {
-        "train_batch_size": lay.global_batch_size,
-        "train_micro_batch_size_per_gpu": lay.micro_batch_size,
-        "gradient_accumulation_steps": lay.grad_accum,
-        "gradient_clipping": tr.grad_clip,
-        "steps_per_print": tr.log_every,
-        "zero_optimization": zero,
-        # fp8 trains with bf16 master/compute outside the FP8 GEMMs (Transformer Engine).
-        "bf16": {"enabled": tr.precision in ("bf16", "fp8")},
-        "fp16": {"enabled": tr.precision == "fp16"},
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": tr.lr,
-                "betas": [tr.beta1, tr.beta2],
-                "eps": tr.eps,
-                "weight_decay": tr.weight_decay,
-                **({"torch_adam": True} if _cpu(plan) else {}),
-            },
-        },
-        "wall_clock_breakdown": False,
-    }
-    warmup = max(1, tr.resolved_warmup_steps)
-    if not include_scheduler:
-        return cfg
-    if tr.schedule == "cosine":
-        cfg["scheduler"] = {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": tr.max_steps,
-                "warmup_num_steps": warmup,
-                "warmup_min_ratio": 0.0,
-                "warmup_type": "linear",
-                "cos_min_ratio": tr.resolved_min_lr / tr.lr,
-            },
-        }
-    elif tr.schedule == "constant":
-        cfg["scheduler"] = {
-            "type": "WarmupLR",
-            "params": {
-                "warmup_min_lr": 0.0,
-                "warmup_max_lr": tr.lr,
-                "warmup_num_steps": warmup,
-                "warmup_type": "linear",
-            },
-        }
-    return cfg
-
-
-# --------------------------------------------------------------------------- Megatron-LM
-
-
-def pipeline_layout_string(layers: int, pp: int, vpp: int) -> str:
-    """Megatron-Core `--pipeline-model-parallel-layout` for an uneven interleaved split:
-    pp x vpp chunks in schedule order (virtual stage k runs on pipeline rank k mod pp), the
-    first `layers mod chunks` chunks one layer longer."""
-    chunks = pp * vpp
-    base, extra = divmod(layers, chunks)
-    parts = ["t" * (base + (1 if k < extra else 0)) for k in range(chunks)]
-    parts[0] = "E" + parts[0]
-    parts[-1] = parts[-1] + "L"
-    return "|".join(parts)
-
-
-def megatron_layout_string(plan: Plan) -> str | None:
-    """Megatron-Core's explicit pipeline layout for uneven stages or chunks (virtual stages
-    in schedule order separated by "|", E = embedding, t = decoder layer, L = loss), or None
-    where --num-layers-per-virtual-pipeline-stage says it."""
-    lay, layers = plan.layout, plan.model_spec().layers
-    if lay.pp > 1 and layers % (lay.pp * lay.vpp):
-        return pipeline_layout_string(layers, lay.pp, lay.vpp)
-    return None
-
-
-def megatron_unsupported(plan: Plan) -> str | None:
-    """Why Megatron-LM cannot run this plan exactly, or None."""
-    lay = plan.layout
-    runs = stack_for("megatron-core").pipeline_schedules
-    if lay.pp > 1 and plan.layout_spec().effective_schedule not in runs:
-        return (f"layout.schedule={plan.layout_spec().effective_schedule}: Megatron-LM pipelines run "
-                f"{' / '.join(runs)} only; plan with schedule 1f1b (vpp > 1 for interleaved) "
-                "for Megatron, or launch with meshplan's executor")
-    if plan.model_spec().is_moe and lay.tp > 1 and not lay.sequence_parallel:
-        return ("layout.sequence_parallel=false: Megatron-Core runs MoE layers under tensor "
-                "parallelism only with sequence parallelism; set layout.sequence_parallel=true")
-    if lay.sharding == "zero3" and plan.model_spec().tied_embeddings:
-        return ("model.tied_embeddings=true: Megatron-Core's FSDP2 path (--use-torch-fsdp2) needs "
-                "untied input and output embeddings; untie them, or plan with zero1/zero2")
-    if lay.sharding == "zero3" and lay.pp > 1:
-        return (f"layout.pp={lay.pp}: Megatron-Core's FSDP2 path (--use-torch-fsdp2) does not "
-                "run with pipeline parallelism; plan zero1/zero2 with pp, or pp=1 with zero3")
-    if lay.sharding == "zero3" and lay.dp_shard and lay.dp_shard < lay.dp:
-        return (f"layout.dp_shard={lay.dp_shard}: Megatron-Core's FSDP2 path shards over all of "
-                "dp; set layout.dp_shard=0, or plan zero1/zero2 (distributed-optimizer instances)")
-    if lay.recompute == "full" and lay.recompute_layers % lay.vpp:
-        return (f"layout.recompute_layers={lay.recompute_layers}: Megatron-LM's "
-                f"--recompute-num-layers counts per virtual chunk; use a multiple of vpp={lay.vpp}")
-    return None
-
-
-def moe_megatron_args(spec: ModelSpec, plan: Plan) -> list[str]:
-    """Megatron-Core's MoE flags for the plan's experts, routing, losses and EP degree
-    (grouped GEMMs, all-to-all dispatch: what the cost model prices for Megatron stacks)."""
-    tr = plan.train
-    a = ["--num-experts", str(spec.num_experts), "--moe-router-topk", str(spec.experts_topk),
-         "--expert-model-parallel-size", str(plan.layout.ep),
-         "--moe-ffn-hidden-size", str(spec.expert_ffn),
-         "--moe-grouped-gemm", "--moe-token-dispatcher-type", "alltoall",
-         "--moe-router-score-function", spec.router_score,
-         "--moe-aux-loss-coeff", _num(tr.moe_aux_loss_coef)]
-    if spec.router_score == "softmax" and not spec.norm_topk:
-        a.append("--moe-router-pre-softmax")  # softmax over all experts, top-k not renormalised
-    if tr.moe_z_loss_coef:
-        a += ["--moe-z-loss-coeff", _num(tr.moe_z_loss_coef)]
-    if spec.capacity_factor:
-        a += ["--moe-expert-capacity-factor", _num(spec.capacity_factor),
-              "--moe-token-drop-policy", "position"]
-    if spec.shared_ffn:
-        a += ["--moe-shared-expert-intermediate-size", str(spec.shared_ffn)]
-        if spec.shared_expert_gate:
-            a.append("--moe-shared-expert-gate")
-    if spec.dense_layers or spec.moe_layer_freq > 1:
-        pattern = [1 if spec.is_moe_layer(i) else 0 for i in range(spec.layers)]
-        a += ["--moe-layer-freq", _run_length(pattern)]
-    if tr.moe_force_balance:
-        a.append("--moe-router-force-load-balancing")
-    return a
-
-
-def _run_length(pattern: list[int]) -> str:
-    """A 0/1 list as the Python expression Megatron's --moe-layer-freq evaluates."""
-    runs: list[tuple[int, int]] = []
-    for v in pattern:
-        if runs and runs[-1][0] == v:
-            runs[-1] = (v, runs[-1][1] + 1)
-        else:
-            runs.append((v, 1))
-    return "(" + "+".join(f"[{v}]*{n}" for v, n in runs) + ")"
-
-
-def megatron_args(plan: Plan) -> list[str]:
-    """Megatron-LM `pretrain_gpt.py` arguments (model, parallelism, batch, optimizer, LR).
-
-    Data and tokenizer arguments (`--data-path`, `--tokenizer-type`, ...) depend on the
-    user's prepared corpus and are left to the user. A plan Megatron cannot run exactly is
-    refused (`megatron_unsupported`), never emitted approximately.
-    """
-    reason = megatron_unsupported(plan)
-    if reason is not None:
-        raise MeshplanError(reason)
-    spec: ModelSpec = plan.model_spec()
-    lay, tr = plan.layout, plan.train
-    a: list[str] = [
-        "--tensor-model-parallel-size", str(lay.tp),
-        "--pipeline-model-parallel-size", str(lay.pp),
-        "--context-parallel-size", str(lay.cp),
-    ]
-    layout_string = megatron_layout_string(plan)
-    if layout_string:
-        a += ["--pipeline-model-parallel-layout", layout_string]
-    elif lay.vpp > 1:
-        a += ["--num-layers-per-virtual-pipeline-stage", str(spec.layers // (lay.pp * lay.vpp))]
-    if lay.sequence_parallel and lay.tp > 1:
-        a.append("--sequence-parallel")
-    if lay.recompute == "selective":
-        a += ["--recompute-granularity", "selective"]
-    elif lay.recompute == "full" and lay.recompute_layers:
-        # Recompute only the first N layers of each stage, keep the rest (Megatron "block",
-        # counted per virtual chunk).
-        a += ["--recompute-granularity", "full", "--recompute-method", "block",
-              "--recompute-num-layers", str(lay.recompute_layers // lay.vpp)]  # per chunk
-    elif lay.recompute == "full":
-        a += ["--recompute-granularity", "full", "--recompute-method", "uniform",
-              "--recompute-num-layers", "1"]
-    if lay.sharding in ("zero1", "zero2"):
-        a.append("--use-distributed-optimizer")  # shards optimizer state + grads over DP
-        if lay.dp_shard and lay.dp_shard < lay.dp:
-            # HSDP-style: optimizer sharded within groups, replicated across them.
-            a += ["--num-distributed-optimizer-instances", str(lay.dp // lay.dp_shard)]
-    elif lay.sharding == "zero3":
-        # Fully sharded parameters (Megatron-Core's FSDP2 path). Its validate_args requires
-        # no gradient-accumulation fusion and the torch_dist checkpoint format; the launcher
-        # must not set CUDA_DEVICE_MAX_CONNECTIONS=1 (FSDP2 overlaps on several streams).
-        a += ["--use-torch-fsdp2", "--no-gradient-accumulation-fusion", "--ckpt-format", "torch_dist"]
-    if spec.is_moe:
-        a += moe_megatron_args(spec, plan)
-    a += [
-        "--micro-batch-size", str(lay.micro_batch_size),
-        "--global-batch-size", str(lay.global_batch_size),
-        "--seq-length", str(spec.seq_len),
-        "--max-position-embeddings", str(spec.seq_len),
-        "--num-layers", str(spec.layers),
-        "--hidden-size", str(spec.hidden),
-        "--ffn-hidden-size", str(spec.ffn_hidden),
-        "--num-attention-heads", str(spec.heads),
-    ]
-    if spec.kv_heads != spec.heads:
-        a += ["--group-query-attention", "--num-query-groups", str(spec.kv_heads)]
-    if spec.attn_head_dim:
-        a += ["--kv-channels", str(spec.head_dim)]
-    if spec.qk_norm:
-        a.append("--qk-layernorm")
-    if spec.qkv_bias and not spec.bias:
-        a.append("--add-qkv-bias")
-    if spec.mlp == "swiglu":
-        a.append("--swiglu")
-    a += ["--normalization", "RMSNorm" if spec.norm == "rmsnorm" else "LayerNorm",
-          "--norm-epsilon", _num(spec.norm_eps),
-          "--position-embedding-type", "rope", "--rotary-base", str(int(spec.rope_theta))]
-    if not spec.tied_embeddings:
-        a.append("--untie-embeddings-and-output-weights")
-    if not spec.bias:
-        a.append("--disable-bias-linear")
-    if tr.precision == "bf16":
-        a.append("--bf16")
-    elif tr.precision == "fp16":
-        a.append("--fp16")
-    elif tr.precision == "fp8":
-        a += ["--bf16", "--fp8-format", "hybrid"]
-    warmup = tr.resolved_warmup_steps
-    a += [
-        "--train-iters", str(tr.max_steps),
-        "--lr", _num(tr.lr),
-        "--min-lr", _num(tr.resolved_min_lr),
-        "--lr-warmup-iters", str(warmup),
-        "--lr-decay-iters", str(tr.max_steps),
-    ]
-    if tr.schedule == "wsd":
-        decay = max(0, min(int(round(tr.wsd_decay_frac * tr.max_steps)), tr.max_steps - warmup))
-        a += ["--lr-decay-style", "WSD", "--lr-wsd-decay-style", "linear",
-              "--lr-wsd-decay-iters", str(decay)]
-    else:
-        a += ["--lr-decay-style", tr.schedule]  # "cosine" / "constant"
-    a += [
-        "--weight-decay", _num(tr.weight_decay),
-        "--adam-beta1", _num(tr.beta1),
-        "--adam-beta2", _num(tr.beta2),
-        "--adam-eps", _num(tr.eps),
-        "--clip-grad", _num(tr.grad_clip),
-        "--seed", str(tr.seed),
-        "--log-interval", str(tr.log_every),
-    ]
-    if plan.checkpoint.every:
-        a += ["--save-interval", str(plan.checkpoint.every)]
-    return a
-
-
-def megatron_env(plan: Plan) -> dict[str, str]:
-    """Environment Megatron-Core's validate_args requires of this layout: tensor or context
-    parallelism without FSDP orders its communication kernels on one CUDA connection."""
-    lay = plan.layout
-    if (lay.tp > 1 or lay.cp > 1) and lay.sharding != "zero3":
-        return {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
-    return {}
-
-
-def megatron_args_text(plan: Plan) -> str:
-    """One flag per line with its value; use `pretrain_gpt.py $(grep -v "^#" megatron_args.txt)`.
-    A plan Megatron cannot run gets a header and the one-line reason instead of flags."""
-    header = _header(plan, f"Megatron-LM arguments for pretrain_gpt.py (Megatron-Core {MEGATRON_CORE_VERSION})")
-    header += [f"# env: {k}={v}" for k, v in megatron_env(plan).items()]
-    if plan.layout.sharding == "zero3":
-        header.append("# FSDP2: launch without CUDA_DEVICE_MAX_CONNECTIONS=1")
-    reason = megatron_unsupported(plan)
-    if reason is not None:
-        return "\n".join([*header, f"# not emitted: {reason}"]) + "\n"
-    args = megatron_args(plan)
-    lines: list[str] = []
-    for tok in args:
-        if tok.startswith("--"):
-            lines.append(tok)
-        else:
-            lines[-1] += " " + shlex.quote(tok)
-    return "\n".join([*header, *lines]) + "\n"
-
-
-# --------------------------------------------------------------------------- SLURM
-
-
-def slurm_script(
-    plan: Plan,
-    plan_dir: str | Path = ".",
-    job_name: str | None = None,
-    cpus_per_task: int | None = None,
-    max_restarts: int | None = None,
-    time_limit: str | None = None,
-) -> str:
-    """sbatch script: one srun task per node, each running torchrun for its GPUs.
-
-    MASTER_ADDR is the first host of `scontrol show hostnames $SLURM_JOB_NODELIST`.
-    """
-    nodes, per_node = _nodes(plan), _procs_per_node(plan)
-    cpus = cpus_per_task or (per_node if _cpu(plan) else per_node * CPUS_PER_GPU)
-    name = job_name or f"meshplan-{plan.model.get('name', 'job')}"
-    lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --nodes={nodes}",
-             "#SBATCH --ntasks-per-node=1"]
-    if not _cpu(plan):
-        lines.append(f"#SBATCH --gpus-per-node={per_node}")
-    # --requeue: a preempted or requeued job starts again and `meshplan run` resumes from the
-    # newest intact checkpoint; append, so the requeued run's output follows the first one's.
-    lines += [f"#SBATCH --cpus-per-task={cpus}", "#SBATCH --output=slurm-%j.out",
-              "#SBATCH --requeue", "#SBATCH --open-mode=append"]
-    if time_limit:
-        lines.append(f"#SBATCH --time={time_limit}")
-    if not _cpu(plan):
-        lines.append("#SBATCH --exclusive")
-    lines += _header(plan, "SLURM batch script")
-    lines += [
-        "# Usage: sbatch launch_slurm.sbatch   (PLAN_DIR defaults to where the plan was written)",
-        "set -euo pipefail",
-        f'PLAN_DIR="${{PLAN_DIR:-{_dq(str(Path(plan_dir).resolve()))}}}"',
-        'PLAN="${PLAN:-$PLAN_DIR/plan.yaml}"',
-        'RUN_DIR="${RUN_DIR:-$PLAN_DIR/run}"',
-        'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
-        f'MASTER_PORT="${{MASTER_PORT:-{DEFAULT_MASTER_PORT}}}"',
-        "export MASTER_ADDR MASTER_PORT",
-    ]
-    if _cpu(plan):  # each rank gets its share of the task's cores (what the cost model assumes)
-        lines.append(f'export OMP_NUM_THREADS="${{OMP_NUM_THREADS:-{max(1, cpus // per_node)}}}"')
-    argv = torchrun_command(
-        plan, "$PLAN", "$RUN_DIR", multi_node=True, max_restarts=max_restarts,
-        rdzv_id="$SLURM_JOB_ID",
-    )
-    argv[argv.index("--nnodes") + 1] = "$SLURM_NNODES"
-    srun = ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
-    lines.append(_shell_join(srun + argv))
-    return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------- writing
+TARGETS: tuple[Target, ...] = (
+    Target("torchrun (meshplan's executor)", TORCHRUN_FILE, lambda p, _o: torchrun_script(p), True),
+    Target("DeepSpeed", DEEPSPEED_FILE, lambda p, _o: deepspeed_file(p)),
+    Target("Megatron-LM pretrain_gpt.py", MEGATRON_FILE, lambda p, _o: megatron_args_text(p)),
+    Target("torchtitan", TORCHTITAN_FILE, _torchtitan),
+    Target("Megatron-Bridge / NeMo 2", BRIDGE_FILE, _bridge),
+    Target("SLURM sbatch", SLURM_FILE, lambda p, out: slurm_script(p, plan_dir=out), True),
+)
 
 
 def render_launch_files(plan: Plan, out_dir: str | Path = ".") -> dict[str, str]:
     """File name -> contents, without touching the disk."""
-    ds_reason = deepspeed_unsupported(plan)
-    ds: dict[str, Any] = {"not_emitted": ds_reason} if ds_reason else deepspeed_config(plan)
-    return {
-        TORCHRUN_FILE: torchrun_script(plan),
-        DEEPSPEED_FILE: json.dumps(ds, indent=2) + "\n",
-        MEGATRON_FILE: megatron_args_text(plan),
-        TORCHTITAN_FILE: torchtitan_toml(plan, _header(plan, "torchtitan job config").copy()),
-        BRIDGE_FILE: bridge_overrides_text(plan, _header(plan, "Megatron-Bridge overrides"),
-                                           megatron_unsupported(plan), megatron_layout_string(plan)),
-        SLURM_FILE: slurm_script(plan, plan_dir=out_dir),
-    }
+    return {t.file: t.render(plan, Path(out_dir)) for t in TARGETS}
 
 
 def write_launch_files(plan: Plan, out_dir: str | Path) -> list[Path]:
@@ -566,9 +85,10 @@ def write_launch_files(plan: Plan, out_dir: str | Path) -> list[Path]:
     if out.exists() and not out.is_dir():
         raise MeshplanError(f"--out {out}: exists and is not a directory; pass a directory")
     files = render_launch_files(plan, out)  # render everything first: no partial sets
+    executable = {t.file for t in TARGETS if t.executable}
     paths: list[Path] = []
     for name, text in files.items():
         p = out / name
-        atomic_write_text(p, text, 0o755 if name.endswith((".sh", ".sbatch")) else 0o644)
+        atomic_write_text(p, text, 0o755 if name in executable else 0o644)
         paths.append(p)
     return paths

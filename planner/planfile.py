@@ -8,8 +8,6 @@ are applied before validation, as torchtitan / Hydra users expect.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from costmodels.errors import MeshplanError
 from costmodels.profile import Profile
 from costmodels.specs import ClusterSpec, Layout, ModelSpec, Schedule, SpecError
+from planner.atomic import atomic_write_text
 
 PLAN_VERSION = 1
 
@@ -392,24 +391,6 @@ def load_plan(path: str | Path, overrides: list[str] | None = None,
         raise PlanError(f"{p}: plan file not found; create one with `meshplan plan ... --out DIR`")
     data = read_yaml_file(p, f"{p}: not a valid YAML plan")
     return plan_from_dict(data, str(p), overrides, resize_cluster)
-
-
-def atomic_write_text(path: str | Path, text: str, mode: int | None = None) -> None:
-    """Write to a temporary file in the same directory, fsync, (chmod), then rename over `path`."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_plan(plan: Plan, path: str | Path) -> Path:

@@ -43,5 +43,6 @@ def print_prediction(r: dict[str, Any]) -> None:
     console.print(st)
     console.print(
         f"tokens/s/GPU [bold]{r['tokens_per_sec_per_gpu']:.1f}[/]   MFU [bold]{r['mfu_pct']:.1f}%[/]   "
-        f"micro-batches/step {r['micro_batches_per_step']:.0f}   profile: {r['profile']}"
+        f"micro-batches/step {r['micro_batches_per_step']:.0f}"
     )
+    console.print(f"priced by: {r['priced_by']['describe']}")

@@ -90,7 +90,7 @@ with user_errors():
 ranked = result["ranked"]
 st.caption(
     f"{result['candidates']:,} candidate layouts evaluated in {result['seconds']:.2f} s; "
-    f"{result['fitting']:,} fit in memory. Profile: {result['profile']}."
+    f"{result['fitting']:,} fit in memory. Priced by the {result['priced_by'].describe()}."
 )
 top = st.slider("Show top N layouts", 1, len(ranked), min(10, len(ranked)), key="plan_top")
 st.subheader("Ranked layouts")

@@ -15,6 +15,7 @@ from costmodels import scaling
 from costmodels.errors import MeshplanError
 from costmodels.hardware import ACCELERATORS
 from costmodels.presets import PRESETS
+from planner import sizing
 from planner.schedule_advice import parse_count
 
 # Well-known models: parameters from the presets (exact counts of the published
@@ -29,14 +30,12 @@ KNOWN_MODELS: tuple[tuple[str, str, float, str], ...] = (
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def sizing(flops: float, fit_key: str, inference_tokens: float) -> dict[str, object]:
+def size_for(flops: float, fit_key: str, inference_tokens: float) -> dict[str, object]:
     fit = scaling.get_fit(fit_key)
     out: dict[str, object] = {
-        "rule": scaling.rule_of_20(flops), "optimal": scaling.compute_optimal(flops, fit),
+        "answers": sizing.budget_answers(flops, [fit], inference_tokens),
         "curves": scaling.isoflop_curves(flops * np.array([0.01, 0.1, 1.0, 10.0, 100.0]), fit),
     }
-    if inference_tokens > 0:
-        out["inference"] = scaling.inference_optimal(out["optimal"].loss, inference_tokens, fit)
     rows = []
     for label, preset, tokens, src in KNOWN_MODELS:
         n = float(PRESETS[preset].param_count())
@@ -62,8 +61,11 @@ with user_errors():
         gpus = c[1].number_input("GPUs", 1, 1_000_000, 2048, key="size_gpus")
         days = c[2].number_input("Days", 0.1, 3650.0, 30.0, key="size_days")
         mfu = c[3].slider("MFU %", 1.0, 100.0, scaling.DEFAULT_MFU_PCT, key="size_mfu")
-        flops = scaling.flops_from_cluster(int(gpus), float(days),
-                                           ACCELERATORS[acc].peak_tflops("bf16"), float(mfu))
+        budget = sizing.cluster_flops(sizing.ClusterBudget(int(gpus), float(days), acc, "bf16",
+                                                           float(mfu)))
+        flops = budget["flops"]
+        if budget["peak_tflops"] != ACCELERATORS[acc].peak_tflops("bf16"):
+            st.caption(f"{acc}: peak derated to {budget['peak_tflops']:.0f} TFLOP/s (its power limit)")
     fit_key = st.selectbox("Loss fit", list(scaling.FITS), index=list(scaling.FITS).index(
         "besiroglu"), key="size_fit", help="; ".join(f.source for f in scaling.FITS.values()))
     inf_text = st.text_input("Lifetime inference tokens (empty: none)", "", key="size_inf")
@@ -71,36 +73,34 @@ with user_errors():
     if not math.isfinite(flops) or flops < 1e15:
         raise MeshplanError(f"Training FLOPs={flops:.3g}: too small to size a model; "
                             "use at least 1e15")
-    out = sizing(float(flops), fit_key, float(inference_tokens))
+    out = size_for(float(flops), fit_key, float(inference_tokens))
 
-rule, opt = out["rule"], out["optimal"]
+ans = out["answers"]
+rule, opt = ans["rule_of_20"], ans["parametric"]
 st.caption(f"Budget: {flops:.3e} FLOPs (C = 6ND, Kaplan et al. 2020 §2.1)")
-answers = [
-    {"answer": "20 tokens / parameter", "params": fmt_count(rule.params),
-     "tokens": fmt_count(rule.tokens), "tokens/param": f"{rule.tokens_per_param:.1f}",
-     "loss": "", "source": rule.source},
-    {"answer": f"compute-optimal ({fit_key})", "params": fmt_count(opt.params),
-     "tokens": fmt_count(opt.tokens), "tokens/param": f"{opt.tokens_per_param:.1f}",
-     "loss": f"{opt.loss:.4f}", "source": opt.source},
-]
-if "inference" in out:
-    inf = out["inference"]
-    answers.append({
-        "answer": f"inference-optimal ({fmt_count(inference_tokens)} inference tokens)",
-        "params": fmt_count(inf.params), "tokens": fmt_count(inf.tokens),
-        "tokens/param": f"{inf.tokens_per_param:.1f}", "loss": f"{inf.loss:.4f}",
-        "source": inf.source,
-    })
+def _row(answer: str, r: dict[str, object], loss: bool = True) -> dict[str, str]:
+    return {"answer": answer, "params": fmt_count(r["params"]), "tokens": fmt_count(r["tokens"]),
+            "tokens/param": f"{r['tokens_per_param']:.1f}",
+            "loss": f"{r['loss']:.4f}" if loss else "", "source": str(r["source"])}
+
+
+answers = [_row("20 tokens / parameter", rule, loss=False),
+           _row(f"compute-optimal ({fit_key})", opt)]
+inf = ans.get("inference_optimal")
+if inf:
+    answers.append(_row(f"inference-optimal ({fmt_count(inference_tokens)} inference tokens)", inf))
 st.table(pd.DataFrame(answers).set_index("answer"))
-if "inference" in out:
-    st.info(f"Training the smaller inference-optimal model saves {out['inference'].savings_pct:.1f}%"
+if inf:
+    st.info(f"Training the smaller inference-optimal model saves {inf['savings_pct']:.1f}%"
             " of lifetime FLOPs against the Chinchilla-optimal model of the same loss.")
+with st.expander("The numbers, as `meshplan size --json` gives them"):
+    st.json({"budget": budget, **ans} if how != "FLOPs" else ans, expanded=False)
 
 c1, c2 = st.columns(2)
 with c1:
     st.plotly_chart(charts.isoflop(out["curves"], highlight=2), key="size_isoflop_chart")
 with c2:
-    st.plotly_chart(charts.tokens_per_param(out["models"], opt.tokens_per_param),
+    st.plotly_chart(charts.tokens_per_param(out["models"], opt["tokens_per_param"]),
                     key="size_tpp_chart")
 models = out["models"].copy()
 models["params"] = models["params"].map(fmt_count)

@@ -10,7 +10,8 @@ import yaml
 
 from costmodels.errors import MeshplanError
 from costmodels.hardware import get_accelerator
-from costmodels.profile import dump_profile, load_profile, machine_hardware, machine_profile_path
+from costmodels.profile import dump_profile
+from planner.profiles import load_profile, machine_hardware, machine_profile_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     hardware = dict(base.hardware)
     hardware[key] = res.hardware_override()
     prof = base.with_(hardware=hardware, source=f"{base.source}; hardware[{key}] measured by meshplan bench")
-    from planner.planfile import atomic_write_text
+    from planner.atomic import atomic_write_text
 
     if args.out:
         atomic_write_text(Path(args.out), dump_profile(prof))

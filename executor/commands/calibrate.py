@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from costmodels.errors import MeshplanError
-from costmodels.profile import dump_profile, load_profile
+from costmodels.profile import dump_profile
+from planner.profiles import load_profile
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -88,7 +89,7 @@ def plans_for_logs(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from planner.planfile import atomic_write_text
+    from planner.atomic import atomic_write_text
 
     if args.local_loop:
         from executor.calibration_loop import LOOP_STEPS, local_loop

@@ -48,8 +48,9 @@ def handle(args: argparse.Namespace) -> int:
         raise MeshplanError("meshplan launch: pass --slurm (write / --submit the batch script) "
                             "or --status (the submitted job's state)")
     from executor.launch import preflight
+    from planner.atomic import atomic_write_text
     from planner.emitters import slurm_script
-    from planner.planfile import atomic_write_text, load_plan, save_plan
+    from planner.planfile import load_plan, save_plan
 
     plan = load_plan(args.plan, args.override)
     preflight(plan)

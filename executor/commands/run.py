@@ -66,8 +66,9 @@ def _set_cpu_threads() -> None:
     import torch
 
     from costmodels.hardware import cpu_threads_per_rank
+    from executor.host import host_cores
 
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     threads = int(env) if env.isdigit() and int(env) > 0 else cpu_threads_per_rank(
-        int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        int(os.environ.get("LOCAL_WORLD_SIZE", "1")), host_cores())
     torch.set_num_threads(threads)

@@ -213,28 +213,6 @@ def optim_to_flat(model_state: dict[str, Any], optim_state: dict[str, Any]) -> d
     return flat
 
 
-def flat_to_optim(model_state: dict[str, Any], flat: dict[str, Any]) -> dict[str, Any]:
-    """DCP's flat FQN-keyed optimizer state -> a torch optimizer state_dict."""
-    order = single_process_fqn_order(model_state)
-    state: dict[int, dict[str, Any]] = {}
-    groups = []
-    pid = 0
-    for names in order:
-        group: dict[str, Any] = {"params": []}
-        for fqn in names:
-            entry = {k.rsplit(".", 1)[1]: v for k, v in flat.items()
-                     if k.startswith(f"state.{fqn}.") and k.count(".") == fqn.count(".") + 2}
-            if entry:
-                state[pid] = entry
-            for k, v in flat.items():
-                if k.startswith(f"param_groups.{fqn}.") and k.count(".") == fqn.count(".") + 2:
-                    group[k.rsplit(".", 1)[1]] = v
-            group["params"].append(pid)
-            pid += 1
-        groups.append(group)
-    return {"state": state, "param_groups": groups}
-
-
 def full_model_state_dict(strategy: Any) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 

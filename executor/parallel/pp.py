@@ -183,9 +183,9 @@ class PipelineStrategy(DistributedStrategy):
         time-shared where the host has fewer cores than ranks (`costmodels.pipeline_sim`)."""
         from costmodels.cases import single_case
         from costmodels.pipeline_sim import simulate
-        from costmodels.profile import load_profile
         from costmodels.specs import ClusterSpec
         from costmodels.steptime import evaluate
+        from planner.profiles import load_profile
 
         lay, spec = self.plan.layout_spec(), self.plan.model_spec()
         profile = load_profile(None)

@@ -13,7 +13,6 @@ from rich.table import Table
 
 from costmodels.errors import MeshplanError
 from costmodels.pipeline import BY_NAME, SCHEDULE_NAMES
-from costmodels.profile import load_profile
 from costmodels.specs import RECOMPUTES, SHARDINGS
 from costmodels.stacks import stack_for
 from planner import datamix
@@ -25,16 +24,16 @@ from planner.model_args import (
     cluster_from_args,
     model_from_args,
 )
+from planner.plan_from_row import TrainChoice, plan_data, steps_for_budget
 from planner.planfile import (
     ContinualSection,
     Plan,
-    cluster_section,
-    layout_section,
     plan_from_dict,
     save_plan,
 )
+from planner.profiles import resolve_profile
 from planner.render import console
-from planner.schedule_advice import parse_count, recommend_lr, steps_for_tokens
+from planner.schedule_advice import parse_count
 from planner.schedule_choice import compare_schedules, why_schedule
 from planner.search import (
     SearchResult,
@@ -159,12 +158,10 @@ def global_batch_from(args: argparse.Namespace, seq_len: int, gpus: int) -> tupl
 
 
 def _steps(res: SearchResult, args: argparse.Namespace) -> int:
-    model = res.model
-    tokens_per_step = res.global_batch * model.seq_len
     if args.steps:
         return int(args.steps)
-    total = parse_count(args.train_tokens, "--train-tokens") if args.train_tokens else 20 * model.param_count()
-    return int(steps_for_tokens(total, tokens_per_step))
+    tokens = parse_count(args.train_tokens, "--train-tokens") if args.train_tokens else None
+    return steps_for_budget(res.model, res.global_batch, tokens)
 
 
 def _is_continual(args: argparse.Namespace) -> bool:
@@ -225,43 +222,12 @@ def continual_summary(res: SearchResult, args: argparse.Namespace) -> dict[str, 
 
 
 def build_plan(res: SearchResult, args: argparse.Namespace) -> Plan:
-    model, cluster = res.model, res.cluster
-    lay = res.layout(0)
-    steps = _steps(res, args)
-    advice = recommend_lr(float(model.param_count()), int(steps))
-    train = advice.train_overrides()
-    # Keep warmup as a share of the run so `--override train.max_steps=N` scales it.
-    train.pop("warmup_steps", None)
-    train.update(warmup_frac=advice.warmup_frac, objective=args.objective, precision=args.precision)
-    if args.lr:
-        train.update(lr=args.lr, min_lr=args.lr / 10)
-    if args.schedule:
-        train["schedule"] = args.schedule
-    best = res.ranked.iloc[0]
-    profile = load_profile(args.profile)
-    predicted = {
-        "step_time_s": float(best.step_time_s),
-        "tokens_per_sec_per_gpu": float(best.tokens_per_sec_per_gpu),
-        "tokens_per_sec_per_gpu_interval": [float(best.tokens_per_sec_per_gpu_low),
-                                            float(best.tokens_per_sec_per_gpu_high)],
-        "framework": args.framework,  # the stack the prediction assumed
-        "runnable_by_executor": bool(best.runnable),
-        "mfu_pct": float(best.mfu_pct),
-        "peak_memory_gb": float(best.peak_memory_gb),
-        "breakdown_s": top_json(res)[0]["breakdown_s"],
-        "memory_gb": {k.removeprefix("mem_").removesuffix("_gb"): float(best[k]) for k in best.index if k.startswith("mem_")},
-        "time_to_train_hours": float(best.step_time_s) * steps / 3600,
-        "candidates_evaluated": res.candidates_evaluated,
-        "profile": profile.source,
-    }
-    data = {
-        "model": model.to_dict(),
-        "cluster": cluster_section(cluster),
-        "layout": layout_section(lay, args.engine),
-        "train": train,
-        "predicted": predicted,
-        "profile": profile.to_dict(),
-    }
+    profile, priced_by = resolve_profile(args.profile)
+    train = TrainChoice(steps=_steps(res, args), objective=args.objective, lr=args.lr,
+                        schedule=args.schedule)
+    data = plan_data(res.model, res.cluster, res.ranked.iloc[0], res.global_batch, args.precision,
+                     train, profile, priced_by, args.framework, args.engine,
+                     res.candidates_evaluated)
     if getattr(args, "mixture", None):
         data["data"] = {"mixture": datamix.parse_mixture(args.mixture)}
     if _is_continual(args):
@@ -290,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
         schedules=tuple(stack_for(args.framework).pipeline_schedules),
         executor_only=not args.any_framework and args.framework == "meshplan",
     )
-    profile = load_profile(args.profile)
+    profile, priced_by = resolve_profile(args.profile)
     res = search(model, cluster, gbs, profile, space, args.top, args.rank_by)
     notes = ([batch_note] if batch_note else []) + res.notes
     winner = res.layout(0)
@@ -322,6 +288,7 @@ def run(args: argparse.Namespace) -> int:
         "ranked_for": "meshplan-executor" if space.executor_only else "any-framework",
         "trial_runs_to_separate": trial_runs(res, str(Path(args.out) / "plan.yaml") if args.out else "PLAN"),
         "notes": notes,
+        "priced_by": priced_by.to_dict(),
     }
     if _is_continual(args):
         continual_section(args)  # flag errors before any file is written
@@ -365,6 +332,7 @@ def _print(out: dict[str, Any]) -> None:
         console.print("  " + line)
     console.print(f"pipeline schedule: {out['schedule_choice']}")
     console.print(f"memory/throughput Pareto front: {len(out['pareto'])} layouts")
+    console.print(f"priced by: {out['priced_by']['describe']}")
     for n in out["notes"]:
         console.print(f"[dim]{n}[/]")
     if "continual" in out:

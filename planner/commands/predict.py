@@ -11,7 +11,6 @@ import numpy as np
 from costmodels.cases import single_case
 from costmodels.errors import MeshplanError
 from costmodels.pipeline import SCHEDULE_NAMES
-from costmodels.profile import load_profile
 from costmodels.specs import Layout
 from costmodels.stacks import stack_for
 from costmodels.steptime import evaluate
@@ -25,6 +24,7 @@ from planner.model_args import (
     model_from_args,
 )
 from planner.planfile import plan_from_dict
+from planner.profiles import PricedBy, resolve_profile
 from planner.render import print_prediction
 from planner.schedule_choice import compare_schedules
 
@@ -56,7 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run, framework=None)
 
 
-def predict_dict(model, layout: Layout, cluster, profile, framework: str | None = None,
+def predict_dict(model, layout: Layout, cluster, profile, priced_by: PricedBy,
+                 framework: str | None = None,
                  moe_imbalance: float | None = None) -> dict[str, Any]:
     layout.check_against(model, cluster.num_gpus)
     cases = single_case(model, layout, cluster, profile.hardware.get(cluster.accelerator), framework)
@@ -101,6 +102,7 @@ def predict_dict(model, layout: Layout, cluster, profile, framework: str | None 
         "flops_per_token": v["flops_per_token"],
         "fits_in_memory": v["peak_memory_gb"] <= v["hbm_gb"],
         "profile": profile.source,
+        "priced_by": priced_by.to_dict(),
         # this layout under every pipeline schedule: step time, bubble, memory on the first
         # and the last pipeline rank (`planner.schedule_choice`)
         "schedules": compare_schedules(model, layout, cluster, profile, framework,
@@ -138,10 +140,16 @@ def _run_plan(args: argparse.Namespace, cfg: dict[str, Any]) -> dict[str, Any]:
     overrides += [f"cluster.{k}={v}" for k, v in (("scaleup_gbps", args.nvlink_gbps),
                                                    ("scaleout_gbps", args.nic_gbps)) if v]
     plan = plan_from_dict(cfg, str(args.config), overrides, resize_cluster=True)
-    profile = load_profile(args.profile) if args.profile else (plan.cost_profile() or load_profile())
+    stored = None if args.profile else plan.cost_profile()
+    if stored is not None:
+        origin = plan.predicted.get("priced_by", {}).get("describe") if isinstance(
+            plan.predicted.get("priced_by"), dict) else None
+        profile, priced_by = stored, PricedBy("plan", str(args.config), origin)
+    else:
+        profile, priced_by = resolve_profile(args.profile)
     framework = args.framework or plan.predicted.get("framework") or "meshplan"
     result = predict_dict(plan.model_spec(), plan.layout_spec(), plan.cluster.spec(), profile,
-                          framework, args.moe_imbalance)
+                          priced_by, framework, args.moe_imbalance)
     if "step_time_s" in plan.predicted:
         pred = plan.predicted
         result["plan_predicted"] = {"step_time_s": pred["step_time_s"],
@@ -188,7 +196,8 @@ def run(args: argparse.Namespace) -> int:
         layout = Layout.from_dict(lay)
     except TypeError as exc:
         raise MeshplanError(f"layout: {exc}") from None
-    return _show(predict_dict(model, layout, cluster, load_profile(args.profile),
+    profile, priced_by = resolve_profile(args.profile)
+    return _show(predict_dict(model, layout, cluster, profile, priced_by,
                               args.framework or "meshplan", args.moe_imbalance), args.json)
 
 

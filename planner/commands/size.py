@@ -23,10 +23,7 @@ from typing import Any
 
 from costmodels import scaling
 from costmodels.errors import MeshplanError
-from costmodels.hardware import get_accelerator
-from planner import datamix, schedule_advice
-
-PRIMARY_FIT = "besiroglu"  # agrees with Hoffmann's Approaches 1-2 (~20 tokens/param)
+from planner import datamix, schedule_advice, sizing
 
 
 def register(subparsers: Any) -> None:
@@ -112,40 +109,16 @@ def _budget(args: argparse.Namespace) -> dict[str, Any] | None:
                 f"budget from a cluster needs {', '.join(missing)} too "
                 "(or pass --compute-flops C instead)"
             )
-        acc = get_accelerator(args.gpu)
-        mfu = scaling.DEFAULT_MFU_PCT if args.mfu is None else args.mfu
-        peak = acc.peak_tflops(args.precision) * acc.power_derate
-        c = scaling.flops_from_cluster(args.gpus, args.days, peak, mfu)
-        return {
-            "flops": c, "from": "cluster", "gpus": args.gpus, "days": args.days,
-            "gpu": acc.key, "precision": args.precision, "peak_tflops": peak, "mfu_pct": mfu,
-            "mfu_source": "--mfu" if args.mfu is not None else
-            "documented default (Llama 3 405B reports 38-43% BF16 MFU)",
-        }
+        return sizing.cluster_flops(sizing.ClusterBudget(
+            args.gpus, args.days, args.gpu, args.precision, args.mfu))
     return None
-
-
-def _fits(choice: str) -> list[scaling.LossFit]:
-    if choice == "both":
-        return [scaling.BESIROGLU_2024, scaling.HOFFMANN_2022]
-    return [scaling.get_fit(choice)]
-
-
-def _parametric_entry(s: scaling.Sizing, fit: scaling.LossFit) -> dict[str, Any]:
-    return {
-        "params": s.params, "tokens": s.tokens, "flops": s.flops, "loss": s.loss,
-        "tokens_per_param": s.tokens_per_param, "fit": fit.key, "source": fit.source,
-        "coefficients": {"E": fit.E, "A": fit.A, "B": fit.B, "alpha": fit.alpha, "beta": fit.beta},
-        "exponents": {"a": fit.a, "b": fit.b},
-    }
 
 
 def compute(args: argparse.Namespace) -> dict[str, Any]:
     """Everything `meshplan size` reports, as one JSON-able dict."""
     out: dict[str, Any] = {}
     budget = _budget(args)
-    fits = _fits(args.fit)
-    primary = fits[0]
+    fits = sizing.fits_for(args.fit)
     inf_tokens = (
         schedule_advice.parse_count(args.inference_tokens, "--inference-tokens")
         if args.inference_tokens is not None else 0.0
@@ -165,23 +138,8 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
     if budget is not None:
         c = budget["flops"]
         out["budget"] = budget
-        r20 = scaling.rule_of_20(c)
-        out["rule_of_20"] = {
-            "params": r20.params, "tokens": r20.tokens, "flops": r20.flops,
-            "tokens_per_param": r20.tokens_per_param, "formula": "N = sqrt(C/120), D = 20N",
-            "source": r20.source,
-        }
-        per_fit = {f.key: _parametric_entry(scaling.compute_optimal(c, f), f) for f in fits}
-        out["parametric"] = per_fit[primary.key]
-        out["fits"] = per_fit
+        out.update(sizing.budget_answers(c, fits, inf_tokens))
         answer_params, answer_tokens = out["parametric"]["params"], out["parametric"]["tokens"]
-        if inf_tokens > 0:
-            per = {}
-            for f in fits:
-                target = per_fit[f.key]["loss"]
-                per[f.key] = scaling.inference_optimal(target, inf_tokens, f).to_dict()
-            out["inference_optimal"] = per[primary.key]
-            out["inference_optimal_fits"] = per
     # Where LLaMA-3 8B at 15T tokens (D/N ~ 1875) sits against each optimum.
     out["reference"] = {
         "llama3_8b": {

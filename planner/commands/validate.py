@@ -7,7 +7,7 @@ import json
 
 from rich.table import Table
 
-from costmodels.profile import load_profile
+from planner.profiles import load_profile
 from planner.render import console
 from planner.runs_table import read_runs
 from planner.validate import NO_MEASUREMENT, breakdown, validate_runs

@@ -3,12 +3,13 @@ exception, a changed input changes the output, and bad input is a visible messag
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
 
 from tests.app.conftest import write_run_dir
-from tests.conftest import PUBLISHED_RUNS
+from tests.conftest import PUBLISHED_RUNS, cli_in_process
 
 
 def _errors(at):
@@ -248,3 +249,22 @@ def test_accuracy_csv_upload(page, published_runs):
     assert not at.exception and not at.error
     assert int(at.table[0].value.iloc[:, 1]["rows scored"]) + \
         int(at.table[0].value.iloc[:, 1]["rows skipped"]) == 7
+
+
+@pytest.mark.parametrize("gpu", ["h100-sxm", "h100-hbm2e-lowpower", "a100-80gb", "b200", "mi300x"])
+def test_size_page_equals_meshplan_size(page, gpu):
+    """The Size page and `meshplan size` call the same functions (`planner.sizing`): the same
+    cluster budget gives the same FLOPs (the 500 W H100's derate included) and answers."""
+    cli = json.loads(cli_in_process("size", "--gpus", "512", "--days", "20", "--gpu", gpu,
+                                    "--mfu", "35", "--fit", "besiroglu", "--json").stdout)
+    at = page("size")
+    at.radio(key="size_budget_mode").set_value("cluster x days").run()
+    at.selectbox(key="size_acc").set_value(gpu)
+    at.number_input(key="size_gpus").set_value(512)
+    at.number_input(key="size_days").set_value(20.0)
+    at.slider(key="size_mfu").set_value(35.0).run()
+    assert not at.exception and not at.error
+    shown = json.loads(at.json[0].value)
+    assert shown["budget"] == cli["budget"]
+    for key in ("rule_of_20", "parametric", "fits"):
+        assert shown[key] == cli[key], key

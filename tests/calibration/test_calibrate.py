@@ -8,12 +8,13 @@ import pytest
 from costmodels.cases import single_case
 from costmodels.errors import MeshplanError
 from costmodels.presets import get_preset
-from costmodels.profile import Profile, dump_profile, load_profile
+from costmodels.profile import Profile, dump_profile
 from costmodels.specs import ClusterSpec, Layout
 from costmodels.steptime import evaluate
 from executor.bench import fit_alpha_beta, layer_gemm_shapes
 from executor.calibrate import calibrate_runs, chart, load_run, predict_runs
 from planner.planfile import plan_from_dict, save_plan
+from planner.profiles import load_profile
 from tests.conftest import assert_clean_error, run_cli
 
 HW = {"fp32_tflops": 0.05, "bf16_tflops": 0.1, "hbm_tb_s": 0.01, "scaleout_gbps": 1.0,

@@ -124,7 +124,7 @@ def test_sync_call_cost_is_charged_per_collective_on_cpu_only():
 
 
 def test_container_cpu_quota_caps_the_host_cores(tmp_path):
-    from costmodels.hardware import cgroup_cpu_limit
+    from executor.host import cgroup_cpu_limit
 
     v2 = tmp_path / "v2"
     v2.mkdir()

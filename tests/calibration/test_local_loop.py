@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from costmodels.profile import load_profile
 from executor.calibration_loop import LOOP_RUNS
+from planner.profiles import load_profile
 from tests.conftest import run_cli
 
 # Every fitted and held-out run and the one-process check; the 2- and 4-rank checks and the

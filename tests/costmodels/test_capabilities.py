@@ -10,8 +10,8 @@ import pytest
 from costmodels.capabilities import RULES, layout_columns, refused_mask, unsupported
 from costmodels.cases import SCHEDULES
 from costmodels.presets import PRESETS
-from costmodels.profile import load_profile
 from costmodels.specs import RECOMPUTES, SHARDINGS, ClusterSpec, Layout
+from planner.profiles import load_profile
 from planner.search import SearchSpace, enumerate_layouts, row_to_layout, search
 
 TINY = PRESETS["tiny"]  # 4 layers, 4 heads, 2 KV heads

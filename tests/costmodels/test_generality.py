@@ -17,11 +17,12 @@ from costmodels.cases import single_case
 from costmodels.gemm import wave_efficiency
 from costmodels.hardware import ACCELERATORS
 from costmodels.presets import get_preset
-from costmodels.profile import Profile, load_profile
+from costmodels.profile import Profile
 from costmodels.specs import ClusterSpec, Layout
 from costmodels.stacks import STACKS, stack_for
 from costmodels.steptime import evaluate
 from costmodels.uncertainty import interval, residual_quantiles
+from planner.profiles import load_profile
 from tests.conftest import ROOT, run_cli
 
 

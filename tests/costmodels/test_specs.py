@@ -8,7 +8,8 @@ import pytest
 
 from costmodels.hardware import ACCELERATORS, get_accelerator
 from costmodels.presets import PRESETS, get_preset
-from costmodels.specs import ClusterSpec, Layout, ModelSpec, SpecError, model_from_hf_config
+from costmodels.specs import ClusterSpec, Layout, ModelSpec, SpecError
+from planner.model_args import model_from_hf_config
 
 REF = Path(__file__).resolve().parents[3] / "shared" / "data" / "accelerators_reference.csv"
 

@@ -10,9 +10,10 @@ import json
 import pytest
 import torch
 
-from costmodels.specs import ModelSpec, model_from_hf_config
+from costmodels.specs import ModelSpec
 from executor.model import Transformer, count_params
 from executor.moe import MoEFeedForward, grouped_mm, grouped_mm_fallback
+from planner.model_args import model_from_hf_config
 
 transformers = pytest.importorskip("transformers")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from costmodels.hardware import cpu_threads_per_rank
+from executor.host import host_cores
 from planner.cli import main
 from tests.executor.executor_testlib import make_plan, read_metrics, write_plan
 
@@ -42,7 +43,7 @@ def test_contract_plan_then_run_stop_and_resume(tmp_path: Path) -> None:
     assert summary["mean_step_time_s"] > 0 and summary["peak_memory_bytes"] > 0
     assert summary["final_loss"] < summary["first_loss"]
     env = os.environ.get("OMP_NUM_THREADS", "")  # else one process uses every core
-    assert summary["cpu_threads"] == (int(env) if env.isdigit() else cpu_threads_per_rank(1))
+    assert summary["cpu_threads"] == (int(env) if env.isdigit() else cpu_threads_per_rank(1, host_cores()))
     assert (run / "plan.yaml").is_file()
 
 

@@ -167,9 +167,9 @@ def test_zero1_shards_optimizer_state_only_zero2_also_gradients():
     from workers import make_plan, state_bytes_worker
 
     from costmodels.cases import single_case
-    from costmodels.profile import load_profile
     from costmodels.specs import ClusterSpec
     from costmodels.steptime import evaluate
+    from planner.profiles import load_profile
 
     lays = [{"dp": 4, "sharding": "zero1", "micro_batch_size": 1},
             {"dp": 4, "sharding": "zero2", "micro_batch_size": 1}]

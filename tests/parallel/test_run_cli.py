@@ -13,6 +13,7 @@ import pytest
 
 from costmodels.hardware import cpu_threads_per_rank
 from costmodels.presets import PRESETS
+from executor.host import host_cores
 from planner.cli import main as cli_main
 from planner.planfile import plan_from_dict, save_plan
 
@@ -84,7 +85,7 @@ def test_fsdp_two_ranks_matches_one_process_and_logs_comm(reference, tmp_path):
     # The ranks split the host's cores (the thread count the cost model assumes).
     summary = json.loads((run / "summary.json").read_text())
     env = os.environ.get("OMP_NUM_THREADS", "")
-    assert summary["cpu_threads"] == (int(env) if env.isdigit() else cpu_threads_per_rank(2))
+    assert summary["cpu_threads"] == (int(env) if env.isdigit() else cpu_threads_per_rank(2, host_cores()))
 
 
 @pytest.mark.timeout(300)

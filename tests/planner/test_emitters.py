@@ -18,9 +18,9 @@ import pytest
 from costmodels.errors import MeshplanError
 from costmodels.presets import get_preset
 from planner import emitters
-from planner.bridge_overrides import BRIDGE_FILE
+from planner.emit.bridge import BRIDGE_FILE
+from planner.emit.torchtitan import TORCHTITAN_FILE
 from planner.planfile import Plan, load_plan, save_plan
-from planner.torchtitan_config import TORCHTITAN_FILE
 from tests.planner import launch_parsers as lp
 
 REPO = Path(__file__).resolve().parents[2]

@@ -223,7 +223,7 @@ def test_torchtitan_flavors_match_the_installed_torchtitan():
     import ast
     import importlib.util
 
-    from planner.torchtitan_config import FLAVORS
+    from planner.emit.torchtitan import FLAVORS
 
     origin = importlib.util.find_spec("torchtitan").origin
     src = Path(origin).parent / "models" / "llama3" / "__init__.py"

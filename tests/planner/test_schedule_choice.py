@@ -10,10 +10,10 @@ import pytest
 
 from costmodels.pipeline import SCHEDULE_NAMES
 from costmodels.presets import PRESETS
-from costmodels.profile import load_profile
 from costmodels.specs import ClusterSpec, Layout
 from planner import emitters
 from planner.planfile import Plan
+from planner.profiles import load_profile
 from planner.schedule_choice import compare_schedules
 from planner.search import SearchSpace, search
 from tests.conftest import run_cli

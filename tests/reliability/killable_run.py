@@ -76,14 +76,14 @@ def install(phase: str, step: int) -> None:
 
         ck.write_manifest = write_manifest
     elif phase == "renamed":
-        real_fsync = ck._fsync_dir
+        real_fsync = ck.fsync_dir
 
         def fsync_dir(path: Path) -> None:
             real_fsync(path)
             if (Path(path) / ck.step_dir_name(step)).is_dir():
                 _die()
 
-        ck._fsync_dir = fsync_dir
+        ck.fsync_dir = fsync_dir
     else:
         raise SystemExit(f"unknown phase {phase}")
 

@@ -29,7 +29,7 @@ def test_planner_sweep_keeps_memory_and_latency_flat() -> None:
     """The same 12 random requests four times: Python-level allocations (tracemalloc) must
     not grow after the first pass (a per-request leak grows with every pass), resident
     memory must level off, and the median latency must not drift."""
-    from costmodels.profile import load_profile
+    from planner.profiles import load_profile
 
     pl = _bench()
     pl.serve.rejections = {}

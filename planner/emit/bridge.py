@@ -8,7 +8,7 @@ batch, recompute, optimizer, LR schedule and checkpoint interval. Keys are
 TransformerConfig), `train`, `optimizer` (Megatron-Core's OptimizerConfig), `scheduler`,
 `ddp` (Megatron-Core's DistributedDataParallelConfig), `dist`, `checkpoint`, `logger`,
 `rng`, `mixed_precision`. Bridge runs Megatron-Core, so a plan Megatron-LM cannot run is
-refused with the same reason (`planner.emitters.megatron_unsupported`).
+refused with the same reason (`planner.emit.megatron.megatron_unsupported`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _value(v: Any) -> str:
 
 def bridge_overrides(plan: Plan, layout_string: str | None) -> list[tuple[str, Any]]:
     """(key, value) pairs in recipe order. `layout_string`: Megatron-Core's explicit
-    pipeline layout for an uneven interleaved split (`emitters.pipeline_layout_string`)."""
+    pipeline layout for an uneven interleaved split (`planner.emit.megatron.pipeline_layout_string`)."""
     spec: ModelSpec = plan.model_spec()
     lay, tr = plan.layout, plan.train
     o: list[tuple[str, Any]] = [

@@ -1,0 +1,1 @@
+"""One module per launch-file target; `planner.emitters` is their registry."""
