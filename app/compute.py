@@ -20,7 +20,8 @@ from planner.emitters import render_launch_files
 from planner.plan_from_row import TrainChoice, plan_data, steps_for_budget
 from planner.planfile import Plan, plan_from_dict
 from planner.profiles import PricedBy, load_profile, resolve_profile
-from planner.search import BREAKDOWN, SearchSpace, explain_runner_ups, search
+from planner.ranking_report import explain_runner_ups
+from planner.search import BREAKDOWN, SearchSpace, search
 from planner.validate import breakdown, validate_runs
 
 TOP_CACHED = 50  # layouts kept per search; the "show top N" slider slices these

@@ -14,7 +14,7 @@ import os
 import random
 import signal
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,26 +27,30 @@ from executor.checkpoint import CheckpointManager, capture_rng_state, restore_rn
 from executor.continual import (
     EWC,
     InitSource,
-    check_architecture,
-    check_tokenizer,
     load_weights,
     replay_mixture,
-    resolve_init,
-    soft_differences,
     source_state_dict,
+)
+from executor.continual_run import (
+    check_branch_source,
+    continual_source,
+    domain_eval_loaders,
+    initialize_continual,
+    load_continual_state,
 )
 from executor.data.batch import Batch
 from executor.data.loader import LoaderConfig, PackedLoader
 from executor.data.prepare import resolve_dataset
+from executor.evaluation import domain_eval_losses, eval_loss
 from executor.faults import Fault, FaultInjector
 from executor.metrics import EventLog, MetricsLog, Reporter
 from executor.model import build_model, count_params
 from executor.phase_timer import PhaseTimer
+from executor.run_summary import run_summary
 from executor.stability import SpikeDetector
 from executor.strategy import Strategy, make_strategy
 
 MAX_ROLLBACKS = 5
-CONTINUAL_DIR = "continual"  # RUN/continual/: EWC state and the initial per-domain losses
 
 
 @dataclass
@@ -152,13 +156,7 @@ class Trainer:
         self.init_source: InitSource | None = None
         self.old_mixture: dict[str, float] = {}
         if cont.init_from:
-            self.init_source = resolve_init(cont.init_from, cont.branch_step)
-            check_architecture(self.init_source, self.spec)
-            check_tokenizer(self.init_source, self._tokenizer_sha256())
-            for message in soft_differences(self.init_source, self.spec):
-                self._warn(message)
-            self.old_mixture = dict(cont.replay_mixture or self.init_source.mixture)
-            self._check_domains(self.old_mixture, "continual.replay_mixture")
+            self.init_source, self.old_mixture = continual_source(self)
         self.mixture = replay_mixture(dict(plan.data.mixture), self.old_mixture,
                                       cont.replay_fraction)
         self.loader_cfg = LoaderConfig(
@@ -172,7 +170,7 @@ class Trainer:
             PackedLoader(self.dataset, self.loader_cfg, "eval")
             if train.eval_every and plan.data.heldout_docs else None
         )
-        self.domain_eval_loaders = self._domain_eval_loaders()
+        self.domain_eval_loaders = domain_eval_loaders(self)
         model = build_model(self.spec, train.objective, seed=train.seed)
         self.n_params = count_params(model)
         # A fresh continual run loads its weights before the strategy wraps / shards the model
@@ -187,7 +185,7 @@ class Trainer:
             assert cont.decay_steps is not None  # planfile checks it
             self.schedule = branch_schedule(train, cont.branch_step, cont.decay_steps)
             assert self.init_source is not None
-            self._check_branch_source(self.init_source)
+            check_branch_source(self, self.init_source)
         elif cont.init_from:
             self.schedule = continual_schedule(train, cont.lr_fraction)
         else:
@@ -213,123 +211,6 @@ class Trainer:
     # ------------------------------------------------------------------ continual
     def _tokenizer_sha256(self) -> str | None:
         return self.dataset.meta.get("sha256", {}).get("tokenizer.json")
-
-    def _check_domains(self, mixture: dict[str, float], where: str) -> None:
-        missing = sorted(set(mixture) - set(self.dataset.domains))
-        if missing:
-            raise MeshplanError(
-                f"{where}: domain(s) {', '.join(missing)} not in the dataset at "
-                f"{self.dataset.directory} (has {', '.join(sorted(self.dataset.domains))})"
-            )
-
-    def _check_branch_source(self, src: InitSource) -> None:
-        """The checkpoint itself must come from the stable phase of a WSD run: its recorded
-        schedule is wsd and the LR of its last update is the peak (not warmup or decay)."""
-        rec = src.extra.get("schedule") or {}
-        if not rec:
-            return  # an older checkpoint without the record: the plan-based check remains
-        lr, peak = float(rec.get("lr", 0.0)), float(self.plan.train.lr)
-        if rec.get("kind") != "wsd":
-            raise MeshplanError(f"continual.branch_step: {src.path} comes from a "
-                                f"{rec.get('kind')!r} run; branching needs a wsd run")
-        if not math.isclose(lr, peak, rel_tol=1e-9):
-            raise MeshplanError(
-                f"continual.branch_step={src.step}: the source run's LR there was {lr:.3g}, not "
-                f"its stable peak train.lr={peak:.3g}; branch from a stable-phase checkpoint"
-            )
-
-    def _domain_eval_loaders(self) -> dict[str, PackedLoader]:
-        """One held-out loader per evaluated domain (logged as eval_loss_<domain>)."""
-        train, data = self.plan.train, self.plan.data
-        if not (train.eval_every and data.heldout_docs):
-            return {}
-        explicit = bool(train.eval_domains)
-        if explicit:
-            self._check_domains(dict.fromkeys(train.eval_domains, 1.0), "train.eval_domains")
-        out: dict[str, PackedLoader] = {}
-        for name in train.eval_domains or sorted(self.dataset.domains):
-            try:
-                out[name] = PackedLoader(self.dataset, replace(self.loader_cfg,
-                                                               mixture={name: 1.0}), "eval")
-            except MeshplanError:
-                if explicit or name in self.mixture:
-                    raise
-        return out
-
-    def _continual_dir(self) -> Path:
-        return self.run_dir / CONTINUAL_DIR
-
-    def initialize(self) -> None:
-        """A fresh continual run: weights (or, for a WSD branch, the whole training state)
-        from `continual.init_from`, then the EWC Fisher and the initial held-out losses."""
-        src = self.init_source
-        assert src is not None
-        cont = self.plan.continual
-        if cont.branch_step is not None:
-            extra = self.strategy.load_checkpoint(src.path)
-            self.state = TrainState.from_json(extra["train"])
-            self.detector.load_state_dict(extra["detector"])
-            restore_rng_state(extra["rng"])
-        elif not self._weights_loaded:
-            model = self.strategy.model
-            assert model is not None
-            load_weights(model, source_state_dict(src), str(src.path))
-        if cont.ewc_lambda > 0:
-            self.ewc = self._estimate_ewc()
-            if self.strategy.rank == 0:
-                self.ewc.save(self._continual_dir() / "ewc.pt")
-        self.init_eval = self.evaluate_domains()
-        if self.is_main:
-            from planner.atomic import atomic_write_text
-
-            atomic_write_text(self._continual_dir() / "init.json", json.dumps({
-                "init_from": str(src.path), "kind": src.kind, "step": src.step,
-                "eval_losses": self.init_eval, "mixture": self.mixture,
-                "old_mixture": self.old_mixture,
-            }, indent=2))
-        self.events.write({"event": "init_from", "path": str(src.path), "kind": src.kind,
-                           "source_step": src.step, "step": self.state.step,
-                           "branch": cont.branch_step is not None,
-                           "eval_losses": self.init_eval})
-        self.reporter.info(f"initialised from {src.path} ({src.kind}"
-                           + (f", step {src.step})" if src.step is not None else ")"))
-
-    def _estimate_ewc(self) -> EWC:
-        cont = self.plan.continual
-        if not self.old_mixture:
-            raise MeshplanError("continual.ewc_lambda: EWC needs the old domains' mixture; set "
-                                "continual.replay_mixture (e.g. {english: 1.0})")
-        cfg = replace(self.loader_cfg, mixture=dict(self.old_mixture),
-                      seed=self.loader_cfg.seed + 1)
-        old = PackedLoader(self.dataset, cfg, "train")
-        model = self.strategy.model
-        assert model is not None
-
-        def loss_fn(b: Batch) -> torch.Tensor:
-            return self.strategy._micro_loss_sum(b) / max(1, b.num_targets())
-
-        cursor = 0
-        batches = []
-        for _ in range(cont.ewc_fisher_batches):
-            batch, cursor = old.global_batch(cursor)
-            batches.append(batch)
-        return EWC.estimate(model, cont.ewc_lambda, batches, loss_fn)
-
-    def _load_continual_state(self) -> None:
-        """On resume of a continual run: its EWC anchor/Fisher and initial losses."""
-        cont = self.plan.continual
-        if cont.ewc_lambda > 0:
-            path = self._continual_dir() / "ewc.pt"
-            if not path.is_file():
-                raise MeshplanError(f"{path}: missing; this continual run cannot resume its EWC "
-                                    "penalty; start over in a new --out")
-            self.ewc = EWC.load(path, cont.ewc_lambda)
-        init = self._continual_dir() / "init.json"
-        if init.is_file():
-            try:
-                self.init_eval = dict(json.loads(init.read_text()).get("eval_losses", {}))
-            except json.JSONDecodeError:
-                self.init_eval = {}
 
     # ------------------------------------------------------------------ logging
     def _warn(self, message: str) -> None:
@@ -453,29 +334,10 @@ class Trainer:
         return rec
 
     def evaluate(self) -> float | None:
-        if self.eval_loader is None:
-            return None
-        ids, _ = self.eval_loader.next_ids(0, rows=self.plan.train.eval_batches
-                                           * self.loader_cfg.rows)
-        batch = self.eval_loader.batch_from_ids(ids)
-        return self.strategy.eval_loss(self._micro_batches_eval(batch), batch.num_targets())
+        return eval_loss(self)
 
     def evaluate_domains(self) -> dict[str, float]:
-        """Held-out loss of each evaluated domain on the same fixed rows every time."""
-        out: dict[str, float] = {}
-        rows = self.plan.train.eval_batches * self.loader_cfg.rows
-        for name, loader in self.domain_eval_loaders.items():
-            ids, _ = loader.next_ids(0, rows=rows)
-            batch = loader.batch_from_ids(ids)
-            out[name] = self.strategy.eval_loss(self._micro_batches_eval(batch),
-                                                batch.num_targets())
-        return out
-
-    def _micro_batches_eval(self, batch: Batch) -> list[Batch]:
-        per_rank = batch.rows // self.strategy.dp_size
-        local = batch.select(slice(self.strategy.dp_rank * per_rank,
-                                   (self.strategy.dp_rank + 1) * per_rank))
-        return local.split(self.plan.layout.micro_batch_size)
+        return domain_eval_losses(self)
 
     def rollback(self, spike_samples: list[int], streak_start: int) -> bool:
         """Back to the newest intact checkpoint before the streak; blacklist its samples."""
@@ -513,9 +375,9 @@ class Trainer:
         self.try_resume()
         if self.init_source is not None:
             if self.resumed_from is None:
-                self.initialize()
+                initialize_continual(self)
             else:
-                self._load_continual_state()
+                load_continual_state(self)
         train = self.plan.train
         max_steps = self.max_steps
         stop_at = self.opts.stop_after_steps
@@ -572,86 +434,8 @@ class Trainer:
         self.strategy.teardown()
         return summary
 
-    def _block_forwards(self) -> dict[str, int]:
-        """Transformer blocks and attention cores this rank executed, recomputations included
-        (the measurement that shows recompute ran: full recompute runs each block twice)."""
-        calls = [part.block_calls() for part in self.strategy.model_parts() if hasattr(part, "block_calls")]
-        return {"blocks": sum(c[0] for c in calls), "attention_cores": sum(c[1] for c in calls)}
-
     def summary(self, interrupted: bool) -> dict[str, Any]:
-        records = self.metrics.read_all() if self.is_main else []
-        good = [r for r in records if not r.get("skipped")]
-        times = [r["step_time_s"] for r in good[1:]] or [r["step_time_s"] for r in good]
-        tokens_per_step = self.loader_cfg.rows * self.loader_cfg.seq_len
-        mean_t = float(np.mean(times)) if times else None
-        predicted = dict(self.plan.predicted)
-        pred_t = predicted.get("step_time_s")
-        out: dict[str, Any] = {
-            "steps": self.state.step,
-            "max_steps": self.max_steps,
-            "finished": self.state.step >= self.max_steps,
-            "interrupted": interrupted,
-            "objective": self.plan.train.objective,
-            "precision": self.plan.train.precision,
-            "params": self.n_params,
-            "tokens": self.state.tokens,
-            "first_loss": good[0]["loss"] if good else None,
-            "final_loss": good[-1]["loss"] if good else None,
-            "min_loss": min(r["loss"] for r in good) if good else None,
-            "final_eval_loss": next((r["eval_loss"] for r in reversed(records)
-                                     if "eval_loss" in r), None),
-            "skipped_steps": sum(1 for r in records if r.get("skipped")),
-            "rollbacks": self.state.rollbacks,
-            "blacklisted_samples": len(self.state.blacklist),
-            "mean_step_time_s": mean_t,
-            "median_step_time_s": float(np.median(times)) if times else None,
-            "tokens_per_sec": tokens_per_step / mean_t if mean_t else None,
-            "peak_memory_bytes": self.strategy.peak_memory_bytes(),
-            "world_size": self.strategy.world_size,
-            "device": str(getattr(self.strategy, "device", "cpu")),
-            "cpu_threads": torch.get_num_threads(),
-            "resumed_from": self.resumed_from,
-            "predicted": predicted,
-            "applied": self.strategy.applied,
-            "block_forwards": self._block_forwards(),
-        }
-        domain_final = {
-            k.removeprefix("eval_loss_"): v for r in records for k, v in r.items()
-            if k.startswith("eval_loss_")
-        }
-        if domain_final:
-            out["final_eval_losses"] = domain_final
-        if self.init_source is not None:
-            cont = self.plan.continual
-            out["continual"] = {
-                "init_from": str(self.init_source.path), "kind": self.init_source.kind,
-                "source_step": self.init_source.step,
-                "branch_step": cont.branch_step, "decay_steps": cont.decay_steps,
-                "mixture": self.mixture, "old_mixture": self.old_mixture,
-                "replay_fraction": cont.replay_fraction, "lr_fraction": cont.lr_fraction,
-                "peak_lr": self.schedule.lr, "ewc_lambda": cont.ewc_lambda,
-                "init_eval_losses": self.init_eval,
-                # forgetting (old domains) / adaptation (new): final minus initial loss
-                "eval_loss_change": {d: domain_final[d] - v for d, v in self.init_eval.items()
-                                     if d in domain_final},
-            }
-        predict_pipe = getattr(self.strategy, "predicted_pipeline", None)
-        shares = [r["pp_bubble_share"] for r in good[2:] if "pp_bubble_share" in r]
-        if predict_pipe is not None and shares:
-            # measured idle / step (mean over steps after the first two) beside the cost model's
-            out["pipeline"] = {
-                "schedule": self.strategy.applied.get("schedule"),
-                "micro_batches": self.strategy.applied.get("microbatches_per_step"),
-                "measured_bubble_share": float(np.mean(shares)),
-                "measured_idle_s": float(np.mean([r["pp_idle_s"] for r in good[2:] if "pp_idle_s" in r])),
-            }
-            try:
-                out["pipeline"].update(predict_pipe())
-            except MeshplanError as exc:  # e.g. an unreadable machine profile: keep the run's record
-                out["pipeline"]["predicted_error"] = str(exc)
-        if isinstance(pred_t, int | float) and pred_t > 0 and mean_t:
-            out["measured_over_predicted_step_time"] = mean_t / float(pred_t)
-        return out
+        return run_summary(self, interrupted)
 
 
 def run_training(plan: Any, run_dir: str | Path, options: RunOptions | None = None,

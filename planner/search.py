@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -92,6 +91,15 @@ def _powers_of_two_up_to(n: int) -> list[int]:
 
 def enumerate_layouts(model: ModelSpec, cluster: ClusterSpec, global_batch: int, space: SearchSpace) -> dict[str, np.ndarray]:
     """All degree combinations as columns, then vectorised validity filtering."""
+    axes = _degree_axes(model, cluster, space)
+    base = _valid_grid(model, cluster.num_gpus, global_batch, space, axes)
+    cols = _expand_shards_and_recompute(model, base, global_batch, space)
+    return _expand_expert_parallel(model, cols)
+
+
+def _degree_axes(model: ModelSpec, cluster: ClusterSpec, space: SearchSpace) -> list[list[int]]:
+    """The values each searched degree may take: tp, pp, cp, vpp, micro-batch, sharding,
+    recompute, sequence parallelism, schedule."""
     g = cluster.num_gpus
     domain = cluster.domain_size
     max_tp = space.max_tp or (g if space.tp_across_nodes else domain)
@@ -106,12 +114,17 @@ def enumerate_layouts(model: ModelSpec, cluster: ClusterSpec, global_batch: int,
     rec = [RECOMPUTES.index(r) for r in space.recomputes]
     single = {"interleaved": "1f1b", "interleaved_zb": "zbh1"}
     sched = sorted({SCHEDULES.index(single.get(s, s)) for s in space.schedules})
-    axes = [tps, pps, cps, vpps, list(space.micro_batches), shard, rec, [0, 1], sched]
     if not tps:
         raise MeshplanError(
             f"no tensor-parallel degree divides {model.heads} heads and {g} GPUs within max TP "
             f"{max_tp}; raise --max-tp or change --gpus"
         )
+    return [tps, pps, cps, vpps, list(space.micro_batches), shard, rec, [0, 1], sched]
+
+
+def _valid_grid(model: ModelSpec, g: int, global_batch: int, space: SearchSpace,
+                axes: list[list[int]]) -> dict[str, np.ndarray]:
+    """The axes' product, kept where the layout is whole and its schedule admits it."""
     mesh = np.meshgrid(*[np.asarray(a, dtype=np.int64) for a in axes], indexing="ij")
     tp, pp, cp, vpp, mb, sh, rc, sp, sc = (x.reshape(-1) for x in mesh)
     dp = g // (tp * pp * cp)
@@ -142,6 +155,11 @@ def enumerate_layouts(model: ModelSpec, cluster: ClusterSpec, global_batch: int,
         "tp": tp[ok], "pp": pp[ok], "dp": dp[ok], "cp": cp[ok], "vpp": vpp[ok], "micro": mb[ok],
         "sharding": sh[ok], "recompute": rc[ok], "sp": sp[ok].astype(bool), "schedule": eff[ok],
     }
+    return base
+
+
+def _expand_shards_and_recompute(model: ModelSpec, base: dict[str, np.ndarray], global_batch: int,
+                                 space: SearchSpace) -> dict[str, np.ndarray]:
     # Expand each row over its sharding-group sizes (powers of two dividing dp, below dp;
     # 0 = all of dp) and, for full recompute, the recomputed share of each stage's layers.
     shard_opts = [0] + ([2**k for k in range(1, 16)] if space.hsdp else [])
@@ -177,7 +195,7 @@ def enumerate_layouts(model: ModelSpec, cluster: ClusterSpec, global_batch: int,
         "recompute_layers": np.where(frac < 1.0, np.maximum(1, np.round(frac * layers_stage / cols["vpp"]))
                                      * cols["vpp"], 0).astype(np.int64),
     })
-    return _expand_expert_parallel(model, cols)
+    return cols
 
 
 def _expand_expert_parallel(model: ModelSpec, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -194,6 +212,52 @@ def _expand_expert_parallel(model: ModelSpec, cols: dict[str, np.ndarray]) -> di
             part["ep"] = np.full(len(idx), e, dtype=np.int64)
             parts.append(part)
     return {k: np.concatenate([p[k] for p in parts]) for k in cols}
+
+
+def _nothing_runs(model: ModelSpec, cols: dict[str, np.ndarray], contract_cols: dict[str, np.ndarray],
+                  global_batch: int, precision: str) -> MeshplanError:
+    """The rule refusing the most candidates, in the words of the first one it refuses."""
+    counts = {r.name: np.asarray(r.refused(model, contract_cols), dtype=bool) for r in RULES}
+    name = max(counts, key=lambda k: int(counts[k].sum()))
+    i = int(np.flatnonzero(counts[name])[0])
+    rule = next(r for r in RULES if r.name == name)
+    row = {k: v[i] for k, v in cols.items()}
+    row.update(sharding=SHARDINGS[row["sharding"]], recompute=RECOMPUTES[row["recompute"]],
+               schedule=SCHEDULES[row["schedule"]])
+    why = rule.message(model, row_to_layout(pd.Series(row), global_batch, precision))
+    hint = "" if "--any-framework" in why else "; or pass --any-framework to plan for another stack"
+    return MeshplanError(f"no layout meshplan's executor can run: {why}{hint}")
+
+
+def _nothing_fits(cols: dict[str, np.ndarray], pred: dict[str, np.ndarray], cand: np.ndarray) -> MeshplanError:
+    mem = pred["peak_memory_gb"]
+    i = int(cand[np.argmin(mem[cand])])
+    return MeshplanError(
+        f"no layout fits in memory: the smallest needs {mem[i]:.1f} GB per GPU of "
+        f"{pred['hbm_gb'][i]:.0f} GB (tp={cols['tp'][i]} pp={cols['pp'][i]} "
+        f"{SHARDINGS[cols['sharding'][i]]} recompute={RECOMPUTES[cols['recompute'][i]]}); "
+        "use more GPUs, a larger-memory accelerator, or a shorter sequence"
+    )
+
+
+def _predict(model: ModelSpec, cluster: ClusterSpec, cols: dict[str, np.ndarray], profile: Profile,
+             space: SearchSpace) -> dict[str, np.ndarray]:
+    """The cost model over every candidate, with its throughput interval. Rows that differ
+    only in their pipeline schedule are adjacent (the schedule is the enumeration's
+    innermost axis): their schedule-free terms are evaluated once."""
+    n_rows = len(cols["tp"])
+    same = np.ones(max(n_rows - 1, 0), dtype=bool)
+    for k, v in cols.items():
+        if k != "schedule":
+            same &= v[1:] == v[:-1]
+    new_run = np.r_[True, ~same] if n_rows else np.zeros(0, dtype=bool)
+    base = {k: v[new_run] for k, v in cols.items()}
+    cases = build_cases(model, cluster, base, space.precision, hardware=profile.hardware.get(cluster.accelerator),
+                        framework=space.framework)
+    pred = evaluate_schedules(cases, profile, np.cumsum(new_run) - 1, cols["schedule"])
+    lo, hi = interval(pred["tokens_per_sec_per_gpu"], profile.uncertainty.get("throughput"), model.param_count())
+    pred["tokens_per_sec_per_gpu_low"], pred["tokens_per_sec_per_gpu_high"] = lo, hi
+    return pred
 
 
 def search(
@@ -214,35 +278,12 @@ def search(
     contract_cols = {**cols, "precision": np.full(n, space.precision), "engine": np.full(n, space.engine)}
     refused = refused_mask(model, contract_cols)
     if space.executor_only and refused.all():
-        # the rule refusing the most candidates, in the words of the first one it refuses
-        counts = {r.name: np.asarray(r.refused(model, contract_cols), dtype=bool) for r in RULES}
-        name = max(counts, key=lambda k: int(counts[k].sum()))
-        i = int(np.flatnonzero(counts[name])[0])
-        rule = next(r for r in RULES if r.name == name)
-        row = {k: v[i] for k, v in cols.items()}
-        row.update(sharding=SHARDINGS[row["sharding"]], recompute=RECOMPUTES[row["recompute"]],
-                   schedule=SCHEDULES[row["schedule"]])
-        why = rule.message(model, row_to_layout(pd.Series(row), global_batch, space.precision))
-        hint = "" if "--any-framework" in why else "; or pass --any-framework to plan for another stack"
-        raise MeshplanError(f"no layout meshplan's executor can run: {why}{hint}")
+        raise _nothing_runs(model, cols, contract_cols, global_batch, space.precision)
     n_refused = int(refused.sum())
     if space.executor_only:  # only what the executor runs is evaluated and ranked
         keep = np.flatnonzero(~refused)
         cols, refused = {k: v[keep] for k, v in cols.items()}, refused[keep]
-    # Rows that differ only in their pipeline schedule are adjacent (the schedule is the
-    # enumeration's innermost axis): their schedule-free terms are evaluated once.
-    n_rows = len(cols["tp"])
-    same = np.ones(max(n_rows - 1, 0), dtype=bool)
-    for k, v in cols.items():
-        if k != "schedule":
-            same &= v[1:] == v[:-1]
-    new_run = np.r_[True, ~same] if n_rows else np.zeros(0, dtype=bool)
-    base = {k: v[new_run] for k, v in cols.items()}
-    cases = build_cases(model, cluster, base, space.precision, hardware=profile.hardware.get(cluster.accelerator),
-                        framework=space.framework)
-    pred = evaluate_schedules(cases, profile, np.cumsum(new_run) - 1, cols["schedule"])
-    lo, hi = interval(pred["tokens_per_sec_per_gpu"], profile.uncertainty.get("throughput"), model.param_count())
-    pred["tokens_per_sec_per_gpu_low"], pred["tokens_per_sec_per_gpu_high"] = lo, hi
+    pred = _predict(model, cluster, cols, profile, space)
     elapsed_eval = time.perf_counter() - t0
     mem = pred["peak_memory_gb"]
     pred["runnable"] = ~refused
@@ -251,14 +292,7 @@ def search(
         allowed = np.ones(len(refused), dtype=bool)
     fits = np.flatnonzero((mem <= pred["hbm_gb"] * (1 - space.memory_headroom)) & allowed)
     if fits.size == 0:
-        cand = np.flatnonzero(allowed)
-        i = int(cand[np.argmin(mem[cand])])
-        raise MeshplanError(
-            f"no layout fits in memory: the smallest needs {mem[i]:.1f} GB per GPU of "
-            f"{pred['hbm_gb'][i]:.0f} GB (tp={cols['tp'][i]} pp={cols['pp'][i]} "
-            f"{SHARDINGS[cols['sharding'][i]]} recompute={RECOMPUTES[cols['recompute'][i]]}); "
-            "use more GPUs, a larger-memory accelerator, or a shorter sequence"
-        )
+        raise _nothing_fits(cols, pred, np.flatnonzero(allowed))
     key, _ = RANK_KEYS.get(rank_by, RANK_KEYS["throughput"])
     order = fits[np.lexsort((mem[fits], pred[key][fits]))]
     # Pareto front of (peak memory, step time) among fitting layouts.
@@ -303,65 +337,3 @@ def row_to_layout(row: pd.Series, global_batch: int, precision: str) -> Layout:
         precision=precision, schedule=str(row["schedule"]), dp_shard=int(row["dp_shard"]),
         recompute_layers=int(row["recompute_layers"]),
     )
-
-
-def top_json(result: SearchResult) -> list[dict[str, Any]]:
-    """Ranked layouts. `within_uncertainty_of_best`: the layout's interval reaches the
-    winner's, so the cost model cannot tell them apart (a short trial run can)."""
-    out = []
-    # Compared with the fastest ranked layout (with --rank-by memory the first is not it).
-    fastest = result.ranked["tokens_per_sec_per_gpu"].idxmax() if len(result.ranked) else None
-    best_low = float(result.ranked.loc[fastest, "tokens_per_sec_per_gpu_low"]) if fastest is not None else 0.0
-    for _, r in result.ranked.iterrows():
-        out.append({
-            "tp": int(r.tp), "pp": int(r.pp), "dp": int(r.dp), "cp": int(r.cp), "ep": int(r.ep), "vpp": int(r.vpp),
-            "sharding": str(r.sharding), "micro_batch_size": int(r.micro), "recompute": str(r.recompute),
-            "sequence_parallel": bool(r.sp), "schedule": str(r.schedule),
-            "dp_shard": int(r.dp_shard), "recompute_layers": int(r.recompute_layers),
-            "grad_accum": int(r.micro_batches),
-            "runnable_by_executor": bool(r.runnable),
-            "predicted_tokens_per_sec_per_gpu": round(float(r.tokens_per_sec_per_gpu), 3),
-            "tokens_per_sec_per_gpu_interval": [round(float(r.tokens_per_sec_per_gpu_low), 3),
-                                                round(float(r.tokens_per_sec_per_gpu_high), 3)],
-            "within_uncertainty_of_best": bool(float(r.tokens_per_sec_per_gpu_high) >= best_low),
-            "predicted_mfu_pct": round(float(r.mfu_pct), 3),
-            "predicted_peak_memory_gb": round(float(r.peak_memory_gb), 3),
-            "predicted_step_time_s": round(float(r.step_time_s), 6),
-            "breakdown_s": {k.removesuffix("_s"): round(float(r[k]), 6) for k in BREAKDOWN},
-        })
-    return out
-
-
-def trial_runs(result: SearchResult, plan_path: str = "PLAN") -> list[str]:
-    """Short runs that would separate the layouts the cost model cannot tell apart: the
-    executor's own, 20 steps each, with the layout fields that differ from the winner's."""
-    top = top_json(result)
-    if not top:
-        return []
-    fields = ("tp", "pp", "dp", "cp", "ep", "vpp", "sharding", "micro_batch_size", "recompute",
-              "sequence_parallel", "schedule", "dp_shard", "recompute_layers")
-    cmds = []
-    close = [(i, t) for i, t in enumerate(top) if t["within_uncertainty_of_best"]][:4]
-    for rank, t in close:
-        overrides = " ".join(f"--override layout.{f}={str(t[f]).lower() if isinstance(t[f], bool) else t[f]}"
-                             for f in fields)
-        cmds.append(f"meshplan run {plan_path} --out trial_rank{rank + 1} {overrides} --override train.max_steps=20")
-    return cmds if len(cmds) > 1 else []
-
-
-def explain_runner_ups(result: SearchResult, k: int = 4) -> list[str]:
-    """Why each runner-up loses to the winner: the breakdown terms that grew most."""
-    if len(result.ranked) < 2:
-        return []
-    w = result.ranked.iloc[0]
-    lines = []
-    for i in range(1, min(k + 1, len(result.ranked))):
-        r = result.ranked.iloc[i]
-        deltas = sorted(((float(r[c] - w[c]), c) for c in BREAKDOWN), reverse=True)
-        worse = [f"+{d:.3g}s {c.removesuffix('_s')}" for d, c in deltas if d > 1e-9][:2]
-        better = [f"{d:.3g}s {c.removesuffix('_s')}" for d, c in deltas[::-1] if d < -1e-9][:1]
-        desc = f"tp={r.tp} pp={r.pp} dp={r.dp} cp={r.cp} ep={r.ep} vpp={r.vpp} {r.sharding} mbs={r.micro} rc={r.recompute}"
-        gap = (r.step_time_s / w.step_time_s - 1) * 100
-        lines.append(f"#{i + 1} {desc}: {gap:.1f}% slower ({', '.join(worse) or 'ties'}"
-                     + (f"; gains {', '.join(better)}" if better else "") + ")")
-    return lines

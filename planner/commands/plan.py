@@ -32,17 +32,11 @@ from planner.planfile import (
     save_plan,
 )
 from planner.profiles import resolve_profile
+from planner.ranking_report import explain_runner_ups, top_json, trial_runs
 from planner.render import console
 from planner.schedule_advice import parse_count
 from planner.schedule_choice import compare_schedules, why_schedule
-from planner.search import (
-    SearchResult,
-    SearchSpace,
-    explain_runner_ups,
-    search,
-    top_json,
-    trial_runs,
-)
+from planner.search import SearchResult, SearchSpace, search
 
 
 def _csv_choice(text: str, allowed: tuple[str, ...], flag: str) -> tuple[str, ...]:
@@ -336,19 +330,19 @@ def _print(out: dict[str, Any]) -> None:
     for n in out["notes"]:
         console.print(f"[dim]{n}[/]")
     if "continual" in out:
-        from planner.commands.size import _h
+        from planner.commands.size_render import human
 
         c = out["continual"]
         console.print(
-            f"[bold]continual[/]: {c['steps']:,} steps = {_h(c['total_tokens'])} tokens: "
-            f"new {_h(c['new_tokens'])} ({c['new_flops']:.3g} FLOPs), replay "
-            f"{_h(c['replay_tokens'])} ({c['replay_flops']:.3g} FLOPs), "
+            f"[bold]continual[/]: {c['steps']:,} steps = {human(c['total_tokens'])} tokens: "
+            f"new {human(c['new_tokens'])} ({c['new_flops']:.3g} FLOPs), replay "
+            f"{human(c['replay_tokens'])} ({c['replay_flops']:.3g} FLOPs), "
             f"~{c['hours']:.3g} h predicted"
         )
         for part in ("new", "replay"):
             for row in c[part]["domains"]:
                 ep = "-" if row["epochs"] is None else f"{row['epochs']:.2f} epochs"
-                console.print(f"  {part:6s} {row['domain']}: {_h(row['tokens'])} tokens, {ep}")
+                console.print(f"  {part:6s} {row['domain']}: {human(row['tokens'])} tokens, {ep}")
         for w in c["warnings"]:
             console.print(f"[yellow]warning:[/] {w}")
     if "plan_path" in out:

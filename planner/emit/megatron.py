@@ -104,7 +104,7 @@ def _run_length(pattern: list[int]) -> str:
 
 
 def megatron_args(plan: Plan) -> list[str]:
-    """Megatron-LM `pretrain_gpt.py` arguments (model, parallelism, batch, optimizer, LR).
+    """Megatron-LM `pretrain_gpt.py` arguments (parallelism, model, batch, optimizer, LR).
 
     Data and tokenizer arguments (`--data-path`, `--tokenizer-type`, ...) depend on the
     user's prepared corpus and are left to the user. A plan Megatron cannot run exactly is
@@ -114,7 +114,15 @@ def megatron_args(plan: Plan) -> list[str]:
     if reason is not None:
         raise MeshplanError(reason)
     spec: ModelSpec = plan.model_spec()
-    lay, tr = plan.layout, plan.train
+    a = _parallel_args(plan, spec)
+    if spec.is_moe:
+        a += moe_megatron_args(spec, plan)
+    return a + _model_args(plan, spec) + _training_args(plan)
+
+
+def _parallel_args(plan: Plan, spec: ModelSpec) -> list[str]:
+    """Tensor / pipeline / context parallelism, recompute and optimizer sharding."""
+    lay = plan.layout
     a: list[str] = [
         "--tensor-model-parallel-size", str(lay.tp),
         "--pipeline-model-parallel-size", str(lay.pp),
@@ -147,8 +155,13 @@ def megatron_args(plan: Plan) -> list[str]:
         # no gradient-accumulation fusion and the torch_dist checkpoint format; the launcher
         # must not set CUDA_DEVICE_MAX_CONNECTIONS=1 (FSDP2 overlaps on several streams).
         a += ["--use-torch-fsdp2", "--no-gradient-accumulation-fusion", "--ckpt-format", "torch_dist"]
-    if spec.is_moe:
-        a += moe_megatron_args(spec, plan)
+    return a
+
+
+def _model_args(plan: Plan, spec: ModelSpec) -> list[str]:
+    """Batch, sequence and the architecture."""
+    lay = plan.layout
+    a: list[str] = []
     a += [
         "--micro-batch-size", str(lay.micro_batch_size),
         "--global-batch-size", str(lay.global_batch_size),
@@ -176,6 +189,13 @@ def megatron_args(plan: Plan) -> list[str]:
         a.append("--untie-embeddings-and-output-weights")
     if not spec.bias:
         a.append("--disable-bias-linear")
+    return a
+
+
+def _training_args(plan: Plan) -> list[str]:
+    """Precision, the LR schedule, the optimizer, logging and checkpoints."""
+    tr = plan.train
+    a: list[str] = []
     if tr.precision == "bf16":
         a.append("--bf16")
     elif tr.precision == "fp16":

