@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.optimize import least_squares
 
 from costmodels.cases import GEN_ORDER, Cases
@@ -153,7 +154,7 @@ def fit_memory(c: Cases, measured_gb: np.ndarray, base: Profile) -> Profile:
     return base.with_(**dict(zip(names, map(float, res.x), strict=True)))
 
 
-def ape_pct(pred: np.ndarray, measured: np.ndarray) -> np.ndarray:
+def ape_pct(pred: ArrayLike, measured: ArrayLike) -> np.ndarray:
     return np.abs(np.asarray(pred) / np.asarray(measured) - 1) * 100
 
 

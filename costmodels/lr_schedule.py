@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -169,24 +169,10 @@ def resolve_warmup(max_steps: int, warmup_steps: int = 0, warmup_frac: float = 0
     return warmup_steps or int(round(warmup_frac * max_steps))
 
 
-def lr_at(
-    step: int,
-    lr: float,
-    max_steps: int,
-    *,
-    warmup_steps: int | None = None,
-    warmup_frac: float = 0.02,
-    schedule: str = "cosine",
-    min_lr: float | None = None,
-    wsd_decay_frac: float = 0.2,
-    wsd_decay_steps: int | None = None,
-    warmup_start_lr: float = 0.0,
-) -> float:
+def lr_at(step: int, lr: float, max_steps: int, **schedule: Any) -> float:
     """LR of optimizer update `step` (0-based), clamped to the run; see the module docstring
-    for the formulas (one implementation: `lr_curve`)."""
-    curve = lr_curve(lr, max_steps, warmup_steps=warmup_steps, warmup_frac=warmup_frac,
-                     schedule=schedule, min_lr=min_lr, wsd_decay_frac=wsd_decay_frac,
-                     wsd_decay_steps=wsd_decay_steps, warmup_start_lr=warmup_start_lr)
+    for the formulas; `schedule`: `lr_curve`'s keywords (its one implementation)."""
+    curve = lr_curve(lr, max_steps, **schedule)
     return float(curve[min(max(int(step), 0), len(curve) - 1)])
 
 

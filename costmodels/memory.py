@@ -18,7 +18,7 @@ ArrayLike = float | np.ndarray
 
 def model_state_bytes(
     params: ArrayLike, shard_degree: ArrayLike, stage: ArrayLike,
-    weight_bytes: float = 2.0, grad_bytes: float = 2.0, optim_bytes: float = 12.0,
+    weight_bytes: ArrayLike = 2.0, grad_bytes: ArrayLike = 2.0, optim_bytes: ArrayLike = 12.0,
 ) -> dict[str, ArrayLike]:
     """Weights, gradients and optimizer state per GPU.
 
@@ -64,7 +64,7 @@ def layer_activation_bytes(
     ffn: ArrayLike, swiglu: bool | np.ndarray, t: ArrayLike, cp: ArrayLike,
     sequence_parallel: bool | np.ndarray, recompute: np.ndarray | int,
     flash: bool | np.ndarray = True, dropout: bool | np.ndarray = False,
-    act_bytes: float = 2.0,
+    act_bytes: ArrayLike = 2.0,
 ) -> ArrayLike:
     """Korthikanti's per-layer accounting generalised to GQA, SwiGLU, any FFN width,
     FlashAttention (no s^2 score tensors stored) and context parallelism (s/cp tokens).
@@ -93,7 +93,7 @@ def layer_activation_bytes(
 
 def eager_extra_activation_bytes(
     s: ArrayLike, b: ArrayLike, h: ArrayLike, ffn: ArrayLike, t: ArrayLike, cp: ArrayLike,
-    sequence_parallel: bool | np.ndarray, act_bytes: float = 2.0,
+    sequence_parallel: bool | np.ndarray, act_bytes: ArrayLike = 2.0,
 ) -> ArrayLike:
     """Per layer, what an eager (unfused) stack saves beyond `layer_activation_bytes`: the two
     norm outputs autograd keeps as the next matmul's input (2h, split only under SP) and the
@@ -106,7 +106,7 @@ def eager_extra_activation_bytes(
 def op_level_sac_activation_bytes(
     s: ArrayLike, b: ArrayLike, h: ArrayLike, heads: ArrayLike, kv_dim: ArrayLike,
     ffn: ArrayLike, swiglu: bool | np.ndarray, t: ArrayLike, cp: ArrayLike, mlp_mats: ArrayLike,
-    act_bytes: float = 2.0,
+    act_bytes: ArrayLike = 2.0,
 ) -> ArrayLike:
     """Op-level selective activation checkpointing (torchtitan's "selective" AC with the
     "op" policy): the layer input and the attention output are kept, and the outputs of every
@@ -132,7 +132,7 @@ def embedding_output_bytes(tokens: ArrayLike, h: ArrayLike, t: ArrayLike, sp: bo
     return tokens * h * 2 / np.where(sp, t, 1)
 
 
-def zero3_gather_bytes(layer_params: ArrayLike, weight_bytes: float = 2.0, prefetch: int = 2) -> ArrayLike:
+def zero3_gather_bytes(layer_params: ArrayLike, weight_bytes: ArrayLike = 2.0, prefetch: int = 2) -> ArrayLike:
     """ZeRO-3 / FSDP materialises full 16-bit parameters of the current and the prefetched
     layer (FSDP2 default prefetch; Rajbhandari et al. 2020, Sec. 5.3)."""
     return prefetch * layer_params * weight_bytes

@@ -5,6 +5,8 @@ boundary send. Each takes a `StepCase` and returns arrays over the cases."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from costmodels import comm, layer_ops, memory
@@ -27,9 +29,10 @@ MATH_DROPOUT_BYTES_FWD = 2 * 2.0 + 1.0
 TP_OVERLAP_CHUNKS = 4.0  # Transformer Engine userbuffers' default split of a pipelined collective
 
 
-def layer_gemms(x: StepCase) -> dict[str, np.ndarray | dict[str, np.ndarray]]:
+def layer_gemms(x: StepCase) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """GEMM time of a layer forward (`fwd`), forward + backward (`all`) and the
-    weight-gradient GEMMs alone (`w`: what zero-bubble schedules defer into the bubble)."""
+    weight-gradient GEMMs alone (`w`: what zero-bubble schedules defer into the bubble); and
+    the MoE layer's terms (`step_moe.moe_layer`)."""
     gemm, fwd_bwd, wgrad, tok, h, tp = x.gemm, x.fwd_bwd, x.wgrad, x.tok, x.h, x.tp
     qkv_n, o_k = (x.q_dim + 2 * x.kv) / tp, x.q_dim / tp
     attn_fwd = gemm(tok, qkv_n, h) + gemm(tok, h, o_k)
@@ -46,8 +49,7 @@ def layer_gemms(x: StepCase) -> dict[str, np.ndarray | dict[str, np.ndarray]]:
         "all": attn + mf * moe["gemm"] + (1 - mf) * dense,
         "w": wgrad(tok, qkv_n, h) + wgrad(tok, h, o_k) + mf * moe["gemm_w"]
         + (1 - mf) * (wgrad(tok, up, h) + wgrad(tok, h, down)),
-        "moe": moe,
-    }
+    }, moe
 
 
 def attention_fwd(x: StepCase) -> np.ndarray:
@@ -82,11 +84,11 @@ def elementwise(x: StepCase) -> tuple[np.ndarray, np.ndarray]:
     return t_fwd, (1 + layer_ops.BACKWARD_OVER_FORWARD) * t_fwd + fp8_bytes / x.bw_elem
 
 
-def layer_time(x: StepCase) -> dict[str, np.ndarray]:
+def layer_time(x: StepCase) -> dict[str, Any]:
     """A layer per micro-batch: GEMMs, attention, elementwise, recompute and kernel gaps
     (`layer`), its shares in the F / B / W steps, and the host's dispatch time (`host`)."""
     prof, recompute, rc_frac, stack = x.prof, x.recompute, x.rc_frac, x.stack
-    g = layer_gemms(x)
+    g, moe = layer_gemms(x)
     t_attn_fwd = attention_fwd(x)
     t_attn = (1 + FLASH_BWD_OVER_FWD) * t_attn_fwd
     t_elem_fwd, t_elem = elementwise(x)
@@ -103,7 +105,7 @@ def layer_time(x: StepCase) -> dict[str, np.ndarray]:
     cpu_layer = np.where(x.on_cpu, prof.layer_overhead_s, 0.0) * np.where(recompute == 2, 1 + 0.5 * rc_frac, 1.0)
     return {
         "layer": g["all"] + t_attn + t_elem + recompute_fwd + t_gaps + cpu_layer,
-        "gemm": g["all"], "attn_fwd": t_attn_fwd, "moe": g["moe"],
+        "gemm": g["all"], "attn_fwd": t_attn_fwd, "moe": moe,
         # Shares of a layer's work in forward and in the weight-gradient step; the rest (input
         # gradients, recompute) is the input-gradient step (Qi et al. 2023, Sec. 2: F, B, W).
         "fwd_share": (g["fwd"] + t_attn_fwd + t_elem_fwd) / work, "wgrad_share": g["w"] / work,
@@ -163,4 +165,4 @@ def pp_send(x: StepCase) -> np.ndarray:
     """One micro-batch's boundary activations sent to the next stage (the schedule's bubble,
     critical-path hops and idle follow in `costmodels.steptime`)."""
     p2p_bytes = x.tok * x.h * x.ab / np.where(x.sp, x.tp, 1.0)
-    return comm.p2p_time(p2p_bytes, *x.link("p2p", x.f64("pp_bw") * x.prof.link_eff, x.f64("pp_lat")))
+    return np.asarray(comm.p2p_time(p2p_bytes, *x.link("p2p", x.f64("pp_bw") * x.prof.link_eff, x.f64("pp_lat"))))

@@ -45,4 +45,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], mode: int | No
 
 
 def atomic_write_text(path: str | Path, text: str, mode: int | None = None) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), mode)
+    def write(tmp: Path) -> None:
+        tmp.write_text(text, encoding="utf-8")
+
+    atomic_write(path, write, mode)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from importlib.metadata import entry_points
+from typing import Any
 
 from costmodels.errors import MeshplanError
 
@@ -20,7 +21,7 @@ _FALLBACK = {
 }
 
 
-def _load_registrars() -> dict[str, object]:
+def _load_registrars() -> dict[str, Any]:
     found = {ep.name: ep for ep in entry_points(group="meshplan.commands")}
     if found:
         return found
@@ -30,7 +31,7 @@ def _load_registrars() -> dict[str, object]:
         def __init__(self, target: str) -> None:
             self.target = target
 
-        def load(self):
+        def load(self) -> Any:
             mod, _, attr = self.target.partition(":")
             return getattr(import_module(mod), attr)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -14,18 +13,14 @@ from costmodels.hf_config import hf_config_fields
 from costmodels.presets import get_preset
 from costmodels.specs import ClusterSpec, ModelSpec, SpecError
 from planner.planfile import read_yaml_file
+from planner.user_files import read_user_file
 
 
 def model_from_hf_config(path: str | Path, seq_len: int | None = None) -> ModelSpec:
     """Read a Hugging Face LLaMA / Mistral / Mixtral / Qwen(-MoE) / GPT-NeoX-style
     `config.json` from disk."""
     p = Path(path)
-    if not p.is_file():
-        raise SpecError(f"--hf-config {p}: file not found; pass the path of a config.json")
-    try:
-        cfg = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise SpecError(f"--hf-config {p}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    cfg = read_user_file(p, "--hf-config", "pass the path of a config.json", "json")
     if not isinstance(cfg, dict):
         raise SpecError(f"--hf-config {p}: config.json must hold a JSON object")
     return ModelSpec(**hf_config_fields(cfg, f"--hf-config {p}", seq_len,

@@ -14,6 +14,7 @@ import yaml
 
 from costmodels.errors import MeshplanError
 from costmodels.profile import Profile, parse_hardware, shipped_profile
+from planner.user_files import read_user_file
 
 MACHINE_PROFILE_ENV = "MESHPLAN_MACHINE_PROFILE"
 
@@ -66,14 +67,8 @@ def machine_hardware() -> dict[str, dict[str, float]]:
 
 def profile_file(path: str | Path) -> Profile:
     """A profile YAML written by `meshplan calibrate` / `bench --out`."""
-    p = Path(path)
-    if not p.is_file():
-        raise MeshplanError(f"--profile {p}: file not found; create one with `meshplan calibrate`")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise MeshplanError(f"--profile {p}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return Profile.from_dict(data, str(p))
+    data = read_user_file(path, "--profile", "create one with `meshplan calibrate`", "yaml")
+    return Profile.from_dict(data, str(path))
 
 
 def resolve_profile(path: str | Path | None = None, machine: bool = True) -> tuple[Profile, PricedBy]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal, overload
 
 import numpy as np
 import pandas as pd
@@ -54,6 +55,8 @@ OPTIONAL_COLUMNS = (
     "gpus_per_node", "scaleup_gbps", "scaleout_gbps",
 )
 
+MLP = Literal["swiglu", "gelu"]
+
 
 def read_runs(path: str | Path) -> pd.DataFrame:
     """Read and check a runs CSV; one clear line on any problem."""
@@ -91,9 +94,9 @@ def read_runs(path: str | Path) -> pd.DataFrame:
         bad = df[col].notna() & converted.isna()
         bad |= converted.notna() & ~np.isfinite(converted.astype(float))
         if bad.any():
-            i = int(np.flatnonzero(bad.to_numpy())[0])
+            row_i = int(np.flatnonzero(bad.to_numpy())[0])
             raise MeshplanError(
-                f"{p}: row {i + 2}, column {col}: {df[col].iloc[i]!r} is not a number; fix or empty the cell"
+                f"{p}: row {row_i + 2}, column {col}: {df[col].iloc[row_i]!r} is not a number; fix or empty the cell"
             )
         df[col] = converted
     return df
@@ -105,33 +108,49 @@ class RowModel:
     assumed: list[str]
 
 
+@overload
+def _int(v: float | None, default: int) -> int: ...
+@overload
+def _int(v: float | None, default: None = None) -> int | None: ...
 def _int(v: float | None, default: int | None = None) -> int | None:
+    """An integer cell; `default` when empty."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return default
     return int(round(float(v)))
+
+
+def _need(v: float | None, col: str) -> int:
+    """An integer cell the row cannot be priced without."""
+    out = _int(v)
+    if out is None:
+        raise SpecError(f"column {col} is empty; fill it to predict this run")
+    return out
 
 
 def model_for_row(row: pd.Series) -> RowModel:
     """Architecture of a run. MLP type and tied embeddings are not columns: choose the
     combination whose parameter count is closest to `params_b` when given, else SwiGLU
     unless FFN = 4h (GPT/MPT-style GELU), untied."""
-    base = dict(
-        name=str(row["model_name"]), layers=_int(row["layers"]), hidden=_int(row["hidden_size"]),
-        ffn_hidden=_int(row["ffn_hidden_size"]), heads=_int(row["num_heads"]),
-        kv_heads=_int(row["num_kv_heads"], _int(row["num_heads"])), vocab=_int(row["vocab_size"]),
-        seq_len=_int(row["seq_len"]),
+    heads = _need(row["num_heads"], "num_heads")
+    base: dict[str, Any] = dict(
+        name=str(row["model_name"]), layers=_need(row["layers"], "layers"),
+        hidden=_need(row["hidden_size"], "hidden_size"),
+        ffn_hidden=_need(row["ffn_hidden_size"], "ffn_hidden_size"), heads=heads,
+        kv_heads=_int(row["num_kv_heads"], heads), vocab=_need(row["vocab_size"], "vocab_size"),
+        seq_len=_need(row["seq_len"], "seq_len"),
     )
     moe = str(row.get("model_type", "dense")) == "moe" and _int(row.get("num_experts"), 0)
     if moe:
-        base.update(num_experts=_int(row["num_experts"]), experts_topk=_int(row.get("experts_topk"), 2))
+        base.update(num_experts=_need(row["num_experts"], "num_experts"), experts_topk=_int(row.get("experts_topk"), 2))
     assumed: list[str] = []
     target = row.get("params_b")
-    options = [(mlp, tied) for mlp in ("swiglu", "gelu") for tied in (False, True)]
+    mlps: tuple[MLP, ...] = ("swiglu", "gelu")
+    options = [(mlp, tied) for mlp in mlps for tied in (False, True)]
     if target is not None and not (isinstance(target, float) and math.isnan(target)):
         specs = [ModelSpec(**base, mlp=mlp, tied_embeddings=tied) for mlp, tied in options]
         best = min(specs, key=lambda s: abs(s.param_count() / 1e9 - float(target)))
         return RowModel(best, assumed)
-    mlp = "gelu" if base["ffn_hidden"] == 4 * base["hidden"] else "swiglu"
+    mlp: MLP = "gelu" if base["ffn_hidden"] == 4 * base["hidden"] else "swiglu"
     assumed.append(f"mlp={mlp} (no params_b to check against)")
     return RowModel(ModelSpec(**base, mlp=mlp), assumed)
 
@@ -172,22 +191,22 @@ def cases_from_runs(df: pd.DataFrame) -> tuple[Cases | None, list[int], dict[int
             ACCELERATORS[gpu].peak_tflops(precision)  # e.g. fp8 on an A100: named, not guessed
             rm = model_for_row(row)
             assumed = list(rm.assumed)
-            tp, pp, dp = _int(row["tp"], 1), _int(row["pp"], 1), _int(row["dp"], None)
+            tp, pp, dp = _int(row["tp"], 1), _int(row["pp"], 1), _int(row["dp"])
             cp, ep = _int(row.get("cp"), 1), _int(row.get("ep"), 1)
             vpp = _int(row.get("vpp"), 1)
             if row.get("_marker", "").startswith("vpp="):
                 layers = rm.spec.layers
                 vpp = 2 if pp > 1 and layers % (2 * pp) == 0 else 1
                 assumed.append(f"vpp={vpp} ({row['_marker']})")
-            micro = _int(row.get("micro_batch_size"), None)
+            micro = _int(row.get("micro_batch_size"))
             if micro is None:
                 micro = 1
                 assumed.append("micro_batch_size=1")
-            gpus = _int(row["num_gpus"])
+            gpus = _need(row["num_gpus"], "num_gpus")
             if dp is None:
                 dp = gpus // (tp * pp * cp)
                 assumed.append(f"dp={dp}")
-            gbs = _int(row.get("global_batch_size"), None)
+            gbs = _int(row.get("global_batch_size"))
             if gbs is None:
                 # One micro-batch per pipeline stage fills 1F1B's steady state.
                 gbs = micro * dp * max(pp, 1)

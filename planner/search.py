@@ -330,10 +330,12 @@ def _frame(cols: dict[str, np.ndarray], pred: dict[str, np.ndarray], idx: np.nda
 
 
 def row_to_layout(row: pd.Series, global_batch: int, precision: str) -> Layout:
-    return Layout(
-        tp=int(row["tp"]), pp=int(row["pp"]), dp=int(row["dp"]), cp=int(row["cp"]), ep=int(row.get("ep", 1)),
-        vpp=int(row["vpp"]), sharding=str(row["sharding"]), micro_batch=int(row["micro"]),
-        global_batch=global_batch, recompute=str(row["recompute"]), sequence_parallel=bool(row["sp"]),
-        precision=precision, schedule=str(row["schedule"]), dp_shard=int(row["dp_shard"]),
-        recompute_layers=int(row["recompute_layers"]),
-    )
+    """The Layout of one search row (the columns `enumerate_layouts` writes)."""
+    return Layout.from_dict({
+        "tp": int(row["tp"]), "pp": int(row["pp"]), "dp": int(row["dp"]), "cp": int(row["cp"]),
+        "ep": int(row.get("ep", 1)), "vpp": int(row["vpp"]), "sharding": str(row["sharding"]),
+        "micro_batch": int(row["micro"]), "global_batch": global_batch,
+        "recompute": str(row["recompute"]), "sequence_parallel": bool(row["sp"]),
+        "precision": precision, "schedule": str(row["schedule"]), "dp_shard": int(row["dp_shard"]),
+        "recompute_layers": int(row["recompute_layers"]),
+    })

@@ -90,7 +90,7 @@ def validate_runs(df: pd.DataFrame, profile: Profile, cross_validated: bool = Fa
     table["model_type"] = df["model_type"].fillna("dense").to_numpy()
     scored = table[table["ape_pct"].notna()]
     mem = table[table["measured_peak_memory_gb"].notna() & table["predicted_peak_memory_gb"].notna()]
-    mem_ape = ape_pct(mem["predicted_peak_memory_gb"], mem["measured_peak_memory_gb"]) if len(mem) else []
+    mem_ape = ape_pct(mem["predicted_peak_memory_gb"], mem["measured_peak_memory_gb"]) if len(mem) else np.zeros(0)
     dense = scored[scored["model_type"] == "dense"]
     dense_measured = table[(table["model_type"] == "dense") & table["measured_tokens_per_sec_per_gpu"].notna()]
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from costmodels.errors import MeshplanError
 from costmodels.hardware import ACCELERATORS, get_accelerator
 from costmodels.presets import PRESETS, get_preset
 from costmodels.specs import ClusterSpec, Layout, ModelSpec, SpecError
@@ -72,10 +73,10 @@ def test_hf_config_import(tmp_path):
     p.write_text(json.dumps(cfg))
     m = model_from_hf_config(p, seq_len=8192)
     assert m.param_count() == get_preset("llama3-8b").param_count()
-    with pytest.raises(SpecError, match="not found"):
+    with pytest.raises(MeshplanError, match="not found"):
         model_from_hf_config(tmp_path / "nope.json")
     (tmp_path / "bad.json").write_text("{")
-    with pytest.raises(SpecError, match="not valid JSON"):
+    with pytest.raises(MeshplanError, match="not valid JSON"):
         model_from_hf_config(tmp_path / "bad.json")
 
 
