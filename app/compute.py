@@ -16,13 +16,13 @@ import streamlit as st
 from costmodels.errors import MeshplanError
 from costmodels.profile import Profile
 from costmodels.specs import ClusterSpec, ModelSpec
+from planner.calibration.published import breakdown, validate_runs
 from planner.emitters import render_launch_files
 from planner.plan_from_row import TrainChoice, plan_data, steps_for_budget
 from planner.planfile import Plan, plan_from_dict
 from planner.profiles import PricedBy, load_profile, resolve_profile
 from planner.ranking_report import explain_runner_ups
 from planner.search import BREAKDOWN, SearchSpace, search
-from planner.validate import breakdown, validate_runs
 
 TOP_CACHED = 50  # layouts kept per search; the "show top N" slider slices these
 MEMORY_PARTS = ("weights", "gradients", "optimizer", "activations", "buffers", "overhead")
@@ -126,9 +126,9 @@ def render_plan_files(plan_json: str) -> dict[str, str]:
 @st.cache_data(max_entries=16, show_spinner="Scoring the cost model on the runs ...")
 def score_runs(csv_path: str, profile_choice: str, profile_path: str | None,
                mtimes: tuple[float, float]) -> dict[str, Any]:
-    """`planner.validate.validate_runs` under one profile; `mtimes` (CSV, profile file) key
+    """`planner.calibration.published.validate_runs` under one profile; `mtimes` (CSV, profile file) key
     the files' versions so an edited file is re-scored."""
-    from planner.runs_table import read_runs
+    from planner.calibration.runs_table import read_runs
 
     try:
         df = read_runs(csv_path)

@@ -12,7 +12,7 @@ import pandas as pd
 import yaml
 
 from costmodels.errors import MeshplanError
-from executor.metrics import read_records
+from planner.run_records import read_records
 
 
 @dataclass
@@ -63,6 +63,14 @@ class RunData:
         return pd.DataFrame(rows, columns=["quantity", "predicted", "measured"])
 
 
+def _mapping(path: Path, parse: Any) -> dict[str, Any]:
+    """A run directory's optional JSON / YAML file as a mapping ({} when absent or not one)."""
+    if not path.is_file():
+        return {}
+    loaded = parse(path.read_text(encoding="utf-8"))
+    return loaded if isinstance(loaded, dict) else {}
+
+
 def read_run(path: str | Path) -> RunData:
     p = Path(str(path).strip()).expanduser()
     if not str(path).strip():
@@ -74,22 +82,14 @@ def read_run(path: str | Path) -> RunData:
         raise MeshplanError(f"run directory {p}: no metrics.jsonl with steps yet; "
                             "is it a `meshplan run` output directory?")
     metrics = metrics.sort_values("step").drop_duplicates("step", keep="last")
-    summary: dict[str, Any] = {}
-    sp = p / "summary.json"
-    if sp.is_file():
-        try:
-            loaded = json.loads(sp.read_text(encoding="utf-8"))
-            summary = loaded if isinstance(loaded, dict) else {}
-        except json.JSONDecodeError:
-            raise MeshplanError(f"{sp}: not valid JSON; delete it to re-read the run") from None
-    plan: dict[str, Any] = {}
-    pp = p / "plan.yaml"
-    if pp.is_file():
-        try:
-            loaded = yaml.safe_load(pp.read_text(encoding="utf-8"))
-            plan = loaded if isinstance(loaded, dict) else {}
-        except yaml.YAMLError:
-            plan = {}
+    try:
+        summary = _mapping(p / "summary.json", json.loads)
+    except json.JSONDecodeError:
+        raise MeshplanError(f"{p / 'summary.json'}: not valid JSON; delete it to re-read the run") from None
+    try:
+        plan = _mapping(p / "plan.yaml", yaml.safe_load)
+    except yaml.YAMLError:
+        plan = {}
     return RunData(p, metrics.reset_index(drop=True), pd.DataFrame(read_records(p / "events.jsonl")),
                    summary, plan)
 

@@ -22,9 +22,9 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from planner.calibration.published import validate_runs  # noqa: E402
+from planner.calibration.runs_table import read_runs  # noqa: E402
 from planner.profiles import load_profile  # noqa: E402
-from planner.runs_table import read_runs  # noqa: E402
-from planner.validate import validate_runs  # noqa: E402
 
 CSV = ROOT.parent / "shared" / "data" / "published_runs.csv"
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -63,13 +61,9 @@ def start_server(port: int, timeout: float = 90.0) -> subprocess.Popen:
 
 
 def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    from executor.process_group import stop_process_group
+
+    stop_process_group(proc, 15)
 
 
 async def session(port: int, rounds: int, timeout: float) -> dict:

@@ -29,9 +29,9 @@ from costmodels.profile import dump_profile  # noqa: E402
 from costmodels.specs import ClusterSpec  # noqa: E402
 from costmodels.steptime import evaluate  # noqa: E402
 from planner.atomic import atomic_write_text  # noqa: E402
+from planner.calibration.published import breakdown, fit_on_runs, validate_runs  # noqa: E402
+from planner.calibration.runs_table import read_runs  # noqa: E402
 from planner.profiles import load_profile  # noqa: E402
-from planner.runs_table import read_runs  # noqa: E402
-from planner.validate import breakdown, fit_on_runs, validate_runs  # noqa: E402
 
 DEFAULT_CSV = ROOT.parent / "shared" / "data" / "published_runs.csv"
 
@@ -57,14 +57,14 @@ def speed(n: int = 100_000) -> float:
 
 
 def _dense_rows(df):
-    from costmodels.fit import _subset
-    from planner.runs_table import cases_from_runs
+    from costmodels.cases import subset_cases
+    from planner.calibration.runs_table import cases_from_runs
 
     cases, used, _, _ = cases_from_runs(df)
     sub = df.iloc[used]
     meas = sub["measured_tokens_per_sec_per_gpu"].to_numpy(dtype=float)
     ok = np.flatnonzero(np.isfinite(meas) & (meas > 0) & (sub["model_type"].fillna("dense").to_numpy() == "dense"))
-    return _subset(cases, ok), meas[ok], sub.iloc[ok], ok
+    return subset_cases(cases, ok), meas[ok], sub.iloc[ok], ok
 
 
 def leave_one_source_out(df) -> dict:
@@ -89,9 +89,10 @@ def moe_scores(df, prof) -> dict:
     """MoE rows predicted by the profile that scores the dense rows (in-sample), and each
     MoE row's source left out: predicted by a profile fitted on the dense rows of every other
     source (the fit never sees an MoE row)."""
-    from costmodels.fit import PUBLISHED_FIXED, PUBLISHED_PRIORS, _subset, fit_throughput
+    from costmodels.cases import subset_cases
+    from costmodels.fit import PUBLISHED_FIXED, PUBLISHED_PRIORS, fit_throughput
     from costmodels.profile import Profile
-    from planner.runs_table import cases_from_runs
+    from planner.calibration.runs_table import cases_from_runs
 
     cases, used, _, _ = cases_from_runs(df)
     sub = df.iloc[used]
@@ -101,14 +102,14 @@ def moe_scores(df, prof) -> dict:
     dense = np.flatnonzero((kind == "dense") & np.isfinite(meas) & (meas > 0))
     if not len(moe):
         return {}
-    ins = evaluate(_subset(cases, moe), prof)["tokens_per_sec_per_gpu"]
+    ins = evaluate(subset_cases(cases, moe), prof)["tokens_per_sec_per_gpu"]
     src = sub["source_id"].to_numpy()
     loso = np.full(len(moe), np.nan)
     for s_id in np.unique(src[moe]):
         train = dense[src[dense] != s_id]
-        fr = fit_throughput(_subset(cases, train), meas[train], Profile().with_(**PUBLISHED_PRIORS), PUBLISHED_FIXED)
+        fr = fit_throughput(subset_cases(cases, train), meas[train], Profile().with_(**PUBLISHED_PRIORS), PUBLISHED_FIXED)
         test = np.flatnonzero(src[moe] == s_id)
-        loso[test] = evaluate(_subset(cases, moe[test]), fr.profile)["tokens_per_sec_per_gpu"]
+        loso[test] = evaluate(subset_cases(cases, moe[test]), fr.profile)["tokens_per_sec_per_gpu"]
     return {"n": len(moe), "in_sample": float(np.mean(np.abs(ins / meas[moe] - 1)) * 100),
             "loso": float(np.mean(np.abs(loso / meas[moe] - 1)) * 100),
             "sources": sorted(set(src[moe]))}
@@ -118,7 +119,7 @@ def uncertainty_from(df, prof) -> dict:
     """Residual quantiles for prediction intervals: throughput from the leave-one-source-out
     predictions (per model-size regime), memory from the fitted profile's residuals."""
     from costmodels.uncertainty import residual_quantiles
-    from planner.runs_table import cases_from_runs
+    from planner.calibration.runs_table import cases_from_runs
 
     loso = leave_one_source_out(df)
     rows = loso["rows"]

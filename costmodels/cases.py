@@ -261,3 +261,8 @@ def single_case(
 ) -> Cases:
     return build_cases(model, cluster, layout_columns([layout]), layout.precision, hardware=hardware,
                        framework=framework)
+
+
+def subset_cases(c: Cases, idx: np.ndarray) -> Cases:
+    """The rows `idx` of a case table."""
+    return {k: np.asarray(v)[idx] for k, v in c.items()}

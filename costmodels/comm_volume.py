@@ -21,14 +21,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from costmodels.param_shapes import is_expert, numel, param_shapes
 from costmodels.pipeline import placement, rank_layer_counts
-from costmodels.specs import Layout, ModelSpec
+from costmodels.specs import ZERO_STAGE, Layout, ModelSpec
 
 KINDS: tuple[str, ...] = (
     "all_reduce", "all_gather", "reduce_scatter", "send_recv", "all_to_all", "broadcast",
 )
-
-KV_PROJECTIONS = ("attention.wk", "attention.wv")
 
 # DeepSpeed ZeRO-3 keeps parameters smaller than this many elements unpartitioned
 # (`stage3_param_persistence_threshold`, DeepSpeed config docs, default 1e5).
@@ -67,73 +66,6 @@ def _elem_bytes(precision: str) -> int:
     return 4 if precision == "fp32" else 2
 
 
-EXPERT_WEIGHTS = ("feed_forward.experts.",)
-
-
-def param_shapes(model: ModelSpec, tp: int = 1, ep: int = 1) -> list[tuple[str, tuple[int, ...]]]:
-    """Each parameter's shape on one tensor-parallel rank (the executor's module names).
-
-    Column-parallel weights split their output rows, row-parallel ones their input columns,
-    the embedding its vocabulary rows (Shoeybi et al. 2019 §3); norms are replicated. An MoE
-    layer's router (and shared-expert gate) is replicated, its experts are split over `ep`
-    and each expert's hidden units over tp, like a dense MLP (`executor.parallel.ep`).
-    """
-    h, f, kv, v, q = model.hidden, model.ffn_hidden, model.kv_dim, model.vocab, model.q_dim
-    norm = [("weight", (h,))] + ([("bias", (h,))] if model.norm == "layernorm" else [])
-    qkv_bias = model.bias or model.qkv_bias
-    out: list[tuple[str, tuple[int, ...]]] = [("tok_embeddings.weight", (v // tp, h))]
-    for i in range(model.layers):
-        p = f"layers.{i}."
-        moe = model.is_moe_layer(i)
-        out += [(p + "attention_norm." + n, s) for n, s in norm]
-        cols = [("attention.wq", q), ("attention.wk", kv), ("attention.wv", kv)]
-        if not moe:
-            cols += [("feed_forward.w1", f)] + ([("feed_forward.w3", f)] if model.mlp == "swiglu" else [])
-        for name, rows in cols:
-            # tp > kv_heads: K / V replicated, each rank computes its queries' KV head in full
-            split = 1 if name in KV_PROJECTIONS and model.kv_heads % tp else tp
-            out.append((p + name + ".weight", (rows // split, h)))
-            if model.bias or (qkv_bias and name.startswith("attention.")):
-                out.append((p + name + ".bias", (rows // split,)))
-        if model.qk_norm:
-            out += [(p + "attention.q_norm.weight", (model.head_dim,)),
-                    (p + "attention.k_norm.weight", (model.head_dim,))]
-        for name, inner in (("attention.wo", q), ("feed_forward.w2", f))[: 1 if moe else 2]:
-            out.append((p + name + ".weight", (h, inner // tp)))
-            if model.bias:
-                out.append((p + name + ".bias", (h,)))
-        if moe:
-            out += _moe_shapes(model, p + "feed_forward.", tp, ep)
-        out += [(p + "ffn_norm." + n, s) for n, s in norm]
-    out += [("norm." + n, s) for n, s in norm]
-    if not model.tied_embeddings:
-        out.append(("output.weight", (v // tp, h)))
-    return out
-
-
-def _moe_shapes(model: ModelSpec, p: str, tp: int, ep: int) -> list[tuple[str, tuple[int, ...]]]:
-    h, fe, fs, e = model.hidden, model.expert_ffn, model.shared_ffn, model.num_experts // ep
-    out = [(p + "gate.weight", (model.num_experts, h)),
-           (p + "experts.w1", (e, h, fe // tp)), (p + "experts.w2", (e, fe // tp, h))]
-    if model.mlp == "swiglu":
-        out.append((p + "experts.w3", (e, h, fe // tp)))
-    if fs:
-        out += [(p + "shared_experts.w1", (h, fs // tp)), (p + "shared_experts.w2", (fs // tp, h))]
-        if model.mlp == "swiglu":
-            out.append((p + "shared_experts.w3", (h, fs // tp)))
-        if model.shared_expert_gate:
-            out.append((p + "shared_experts.gate.weight", (1, h)))
-    return out
-
-
-def _is_expert(name: str) -> bool:
-    return any(k in name for k in EXPERT_WEIGHTS)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    return math.prod(shape)
-
-
 def _padded(shape: tuple[int, ...], shards: int) -> int:
     """FSDP2 pads dim 0 of each parameter to a multiple of the shard count."""
     rest = math.prod(shape[1:])
@@ -161,17 +93,41 @@ def _recomputed_layers_mean(model: ModelSpec, layout: Layout) -> float:
 
 
 def comm_volume(model: ModelSpec, layout: Layout) -> CommVolume:
-    """Payload bytes per rank (mean over ranks) of one optimizer step of `layout`."""
+    """Payload bytes per rank (mean over ranks) of one optimizer step of `layout`: the sum of
+    the loss / grad-norm, data-parallel, expert, TP, CP, recompute and pipeline terms."""
     vol = CommVolume()
-    s, h, L = model.seq_len, model.hidden, model.layers
-    e_act = _elem_bytes(layout.precision)
-    M, b = layout.grad_accum, layout.micro_batch
-    replicas = layout.dp * layout.cp
-
     if layout.engine == "deepspeed":
         _deepspeed_terms(vol, model, layout)
         return vol
+    _grad_norm_terms(vol, model, layout)
+    shapes = param_shapes(model, layout.tp, layout.ep)
+    own_experts = model.is_moe and (layout.ep > 1 or layout.tp > 1)
+    _dp_terms(vol, model, layout, [(n, sh) for n, sh in shapes if not (own_experts and is_expert(n))])
+    if own_experts:
+        _expert_dp_terms(vol, model, layout, [sh for n, sh in shapes if is_expert(n)])
+    if model.is_moe:
+        _moe_token_terms(vol, model, layout)
+    _tp_terms(vol, model, layout)
+    _cp_terms(vol, model, layout)
+    _recompute_terms(vol, model, layout)
+    _pp_terms(vol, model, layout)
+    return vol
 
+
+def _stage_tokens(model: ModelSpec, layout: Layout) -> tuple[float, float]:
+    """Micro-batches per step, and the tokens of one micro-batch a rank holds (s / cp of its
+    rows under context parallelism)."""
+    return layout.grad_accum, layout.micro_batch * model.seq_len / layout.cp
+
+
+def _cp_kv_bytes(model: ModelSpec, layout: Layout) -> float:
+    """K and V of one micro-batch's whole sequence on one tensor-parallel rank (a replicated
+    head when tp > kv_heads)."""
+    kv_local = model.kv_dim // layout.tp if model.kv_heads % layout.tp == 0 else model.head_dim
+    return layout.micro_batch * model.seq_len * kv_local * _elem_bytes(layout.precision)
+
+
+def _grad_norm_terms(vol: CommVolume, model: ModelSpec, layout: Layout) -> None:
     # Loss and gradient norm: an fp32 scalar all-reduce each over the world, or, where every
     # rank holds whole parameter tensors, one fp32 norm per parameter tensor (the executor
     # then combines them as torch.nn.utils.clip_grad_norm_ does in one process).
@@ -182,13 +138,15 @@ def comm_volume(model: ModelSpec, layout: Layout) -> CommVolume:
         else:
             vol.add("all_reduce", 8, "executor: loss sum + global grad-norm^2 (fp32 scalars)")
 
+
+def _dp_terms(vol: CommVolume, model: ModelSpec, layout: Layout,
+              dense_shapes: list[tuple[str, tuple[int, ...]]]) -> None:
+    """Gradient sync and parameter gathers of the parameters every dp x cp replica holds."""
+    M, replicas = layout.grad_accum, layout.dp * layout.cp
     # Every term below is per rank of one pipeline stage; the mean over stages divides the
     # model's (tensor-parallel-local) parameters by pp. MoE experts sharded over ep (or on
     # the expert mesh under TP) are reduced over their own replicas (`_expert_dp_terms`).
-    shapes = param_shapes(model, layout.tp, layout.ep)
-    own_experts = model.is_moe and (layout.ep > 1 or layout.tp > 1)
-    dense_shapes = [(n, sh) for n, sh in shapes if not (own_experts and _is_expert(n))]
-    local = sum(_numel(shape) for _, shape in dense_shapes) / layout.pp
+    local = sum(numel(shape) for _, shape in dense_shapes) / layout.pp
     if replicas > 1 and layout.sharding in ("none", "zero1"):
         vol.add("all_reduce", local * 4,
                 "DP: fp32 grads all-reduced once per step over dp x cp (DDP with no_sync on "
@@ -222,15 +180,14 @@ def comm_volume(model: ModelSpec, layout: Layout) -> CommVolume:
                     "HSDP: each fp32 grad shard all-reduced across the replica groups "
                     "(Zhao et al. 2023 §3.2.1)")
 
-    if own_experts:
-        _expert_dp_terms(vol, model, layout, [sh for n, sh in shapes if _is_expert(n)])
-    if model.is_moe:
-        _moe_token_terms(vol, model, layout)
 
-    # Per rank of one stage, then the mean over the pp stages: every layer lives on one stage
-    # (L / pp), the embedding on the first, the output head and the loss on the last (1 / pp).
-    # Each rank holds s / cp tokens of its rows (context parallelism).
-    pp, tokens = layout.pp, b * s / layout.cp
+def _tp_terms(vol: CommVolume, model: ModelSpec, layout: Layout) -> None:
+    """Tensor parallelism's activation collectives, partial-gradient all-reduces and the
+    vocab-parallel cross entropy's exchanges. Per rank of one stage, then the mean over the
+    pp stages: every layer lives on one stage (L / pp), the embedding on the first, the
+    output head and the loss on the last (1 / pp)."""
+    M, tokens = _stage_tokens(model, layout)
+    h, L, pp, e_act = model.hidden, model.layers, layout.pp, _elem_bytes(layout.precision)
     if layout.tp > 1:
         act = tokens * h * e_act
         n_ln = 2 if model.norm == "layernorm" else 1
@@ -259,33 +216,42 @@ def comm_volume(model: ModelSpec, layout: Layout) -> CommVolume:
                 "TP: vocab-parallel cross entropy exchanges per-token fp32 max, sum of "
                 "exponentials and target logit, never the logits (Shoeybi et al. 2019 §3)")
 
+
+def _cp_terms(vol: CommVolume, model: ModelSpec, layout: Layout) -> None:
+    """Context parallelism's K / V gathers and their gradients' reduce-scatters."""
+    M, L, pp = layout.grad_accum, model.layers, layout.pp
     if layout.cp > 1:
-        # K and V heads held by one tensor-parallel rank (a replicated head when tp > kv_heads).
-        kv_local = model.kv_dim // layout.tp if model.kv_heads % layout.tp == 0 else model.head_dim
-        kv = b * s * kv_local * e_act
+        kv = _cp_kv_bytes(model, layout)
         vol.add("all_gather", M * L * 2 * kv / pp,
                 "CP: K and V of the whole sequence gathered per layer and micro-batch "
                 "(Llama 3, Dubey et al. 2024 §3.3.2)")
         vol.add("reduce_scatter", M * L * 2 * kv / pp,
                 "CP: the K/V gradients reduce-scattered back in backward (adjoint of the gather)")
 
+
+def _recompute_terms(vol: CommVolume, model: ModelSpec, layout: Layout) -> None:
     # Recomputation re-runs forward collectives in the backward. Non-reentrant checkpointing
     # stops once the saved tensors are rebuilt (torch.utils.checkpoint early stop), so a
     # fully recomputed block repeats its input gathers and the attention half's reduction,
     # not the MLP's: per block and micro-batch, SP: 2 all-gathers + 1 reduce-scatter; plain
     # TP: 1 all-reduce; CP: the K / V gathers (also under selective, inside the core).
+    M, tokens = _stage_tokens(model, layout)
     recomputed = _recomputed_layers_mean(model, layout)
     if layout.recompute == "full" and layout.tp > 1:
-        act = tokens * h * e_act
+        act = tokens * model.hidden * _elem_bytes(layout.precision)
         if layout.sequence_parallel:
             vol.add("all_gather", M * recomputed * 2 * act, "TP+SP full recompute: input gathers re-run")
             vol.add("reduce_scatter", M * recomputed * act, "TP+SP full recompute: attention output reduce-scatter re-run")
         else:
             vol.add("all_reduce", M * recomputed * act, "TP full recompute: attention output all-reduce re-run")
     if layout.cp > 1 and layout.recompute in ("full", "selective"):
-        vol.add("all_gather", M * recomputed * 2 * kv,
+        vol.add("all_gather", M * recomputed * 2 * _cp_kv_bytes(model, layout),
                 "CP recompute: K / V gathered again when the attention core re-runs")
 
+
+def _pp_terms(vol: CommVolume, model: ModelSpec, layout: Layout) -> None:
+    M, tokens = _stage_tokens(model, layout)
+    h, pp, e_act = model.hidden, layout.pp, _elem_bytes(layout.precision)
     if layout.pp > 1:
         stages = layout.pp * layout.stages_per_rank
         # a V turns on the last rank: stages pp - 1 and pp sit together, nothing is sent
@@ -295,7 +261,6 @@ def comm_volume(model: ModelSpec, layout: Layout) -> CommVolume:
                 "PP: each micro-batch's activations (this rank's sequence shard under CP / SP) "
                 "cross the rank boundaries between its stages forward and their grads "
                 "backward (Narayanan et al. 2021 §2); mean over pp ranks")
-    return vol
 
 
 def _expert_dp_terms(vol: CommVolume, model: ModelSpec, layout: Layout,
@@ -307,7 +272,7 @@ def _expert_dp_terms(vol: CommVolume, model: ModelSpec, layout: Layout,
         return
     M = layout.grad_accum
     if layout.sharding == "none":
-        vol.add("all_reduce", sum(_numel(sh) for sh in expert_shapes) * 4 / layout.pp,
+        vol.add("all_reduce", sum(numel(sh) for sh in expert_shapes) * 4 / layout.pp,
                 "EP: expert fp32 grads all-reduced over the expert replicas (dp x cp / ep)")
         return
     padded = sum(_padded(sh, edp) for sh in expert_shapes) / layout.pp
@@ -350,7 +315,7 @@ def _deepspeed_terms(vol: CommVolume, model: ModelSpec, layout: Layout) -> None:
     M, P = layout.grad_accum, model.param_count()
     e_par = _elem_bytes(layout.precision)
     vol.add("all_reduce", 8, "executor: loss sum + DeepSpeed's grad-norm all-reduce")
-    stage = {"none": 0, "zero1": 1, "zero2": 2, "zero3": 3}[layout.sharding]
+    stage = ZERO_STAGE[layout.sharding]
     if stage == 0:
         vol.add("all_reduce", P * 4, "ZeRO-0: grads all-reduced at the accumulation boundary")
     elif stage == 1:
@@ -364,7 +329,7 @@ def _deepspeed_terms(vol: CommVolume, model: ModelSpec, layout: Layout) -> None:
         vol.add("all_gather", P * e_par, "ZeRO-2: updated partitions all-gathered after the step")
     else:
         shapes = param_shapes(model, 1)
-        big = sum(_numel(sh) for _, sh in shapes if _numel(sh) >= DS_PERSISTENCE_THRESHOLD)
+        big = sum(numel(sh) for _, sh in shapes if numel(sh) >= DS_PERSISTENCE_THRESHOLD)
         small = P - big
         vol.add("all_gather", (M * big + small) * e_par,
                 "ZeRO-3: large params gathered once per micro-batch (kept from forward to "

@@ -13,7 +13,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy.optimize import least_squares
 
-from costmodels.cases import GEN_ORDER, Cases
+from costmodels.cases import GEN_ORDER, Cases, subset_cases
 from costmodels.profile import Profile
 from costmodels.steptime import evaluate
 
@@ -70,10 +70,6 @@ def identifiable(c: Cases) -> set[str]:
     if (np.asarray(c.get("moe_frac", np.zeros(len(tp))), dtype=float) > 0).any():
         out.add("grouped_gemm_eff")  # only MoE runs run expert GEMMs
     return out
-
-
-def _subset(c: Cases, idx: np.ndarray) -> Cases:
-    return {k: np.asarray(v)[idx] for k, v in c.items()}
 
 
 @dataclass
@@ -166,9 +162,9 @@ def cross_validate(
     pred = np.full(len(measured_tps), np.nan)
     for f in np.unique(folds):
         train = folds != f
-        fr = fit_throughput(_subset(c, np.flatnonzero(train)), measured_tps[train], base, fixed)
+        fr = fit_throughput(subset_cases(c, np.flatnonzero(train)), measured_tps[train], base, fixed)
         test_idx = np.flatnonzero(~train)
-        pred[test_idx] = evaluate(_subset(c, test_idx), fr.profile)["tokens_per_sec_per_gpu"]
+        pred[test_idx] = evaluate(subset_cases(c, test_idx), fr.profile)["tokens_per_sec_per_gpu"]
     return pred
 
 

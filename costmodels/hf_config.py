@@ -6,13 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from costmodels.specs import SpecError
-
-
-def _require(cond: bool, message: str) -> None:
-    if not cond:
-        raise SpecError(message)
-
+from costmodels.spec_checks import require as _require
 
 # model_type -> what its architecture adds beyond LLaMA's (transformers' modeling files)
 _HF_QK_NORM = ("qwen3", "qwen3_moe")  # Qwen3Attention.q_norm / k_norm

@@ -8,12 +8,14 @@ one line naming the field and the fix.
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
 from costmodels import pipeline
-from costmodels.errors import MeshplanError
+from costmodels.spec_checks import SpecError
+from costmodels.spec_checks import one_of as _one_of
+from costmodels.spec_checks import positive_int as _positive_int
+from costmodels.spec_checks import require as _require
 
 MlpKind = Literal["swiglu", "gelu"]
 NormKind = Literal["rmsnorm", "layernorm"]
@@ -24,33 +26,10 @@ Engine = Literal["torch", "deepspeed"]
 Schedule = Literal["gpipe", "1f1b", "interleaved", "zbh1", "interleaved_zb", "zbv", "dualpipev"]
 
 SHARDINGS: tuple[str, ...] = ("none", "zero1", "zero2", "zero3")
+# The ZeRO stage of each sharding (Rajbhandari et al. 2020, Sec. 5): its index in SHARDINGS.
+ZERO_STAGE: dict[str, int] = {name: stage for stage, name in enumerate(SHARDINGS)}
 RECOMPUTES: tuple[str, ...] = ("none", "selective", "full")
 PRECISIONS: tuple[str, ...] = ("bf16", "fp8", "fp16", "fp32", "fp4")
-
-
-class SpecError(MeshplanError):
-    """A user-facing specification error: one line naming the field and the fix."""
-
-
-def _require(cond: bool, message: str) -> None:
-    if not cond:
-        raise SpecError(message)
-
-
-def _positive_int(obj: object, name: str, minimum: int = 1) -> None:
-    value = getattr(obj, name)
-    _require(
-        isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
-        f"{type(obj).__name__}.{name}={value!r}: must be an integer >= {minimum}",
-    )
-
-
-def _one_of(obj: object, name: str, allowed: tuple[str, ...]) -> None:
-    value = getattr(obj, name)
-    _require(
-        value in allowed,
-        f"{type(obj).__name__}.{name}={value!r}: must be one of {', '.join(allowed)}",
-    )
 
 
 # --------------------------------------------------------------------------- model
@@ -379,44 +358,5 @@ class Layout:
         return cls(**data)
 
 
-# --------------------------------------------------------------------------- cluster
-
-
-@dataclass(frozen=True)
-class ClusterSpec:
-    """Nodes of identical accelerators: an NVLink (scale-up) domain inside each node and
-    NICs (scale-out) between nodes. Bandwidths default to the accelerator catalog's.
-    """
-
-    accelerator: str
-    num_gpus: int
-    gpus_per_node: int = 8
-    scaleup_gbps: float = 0.0  # GB/s per GPU per direction inside a node; 0 = catalog
-    scaleout_gbps: float = 0.0  # GB/s per GPU per direction across nodes; 0 = catalog
-    nvlink_domain: int = 0  # GPUs sharing the scale-up fabric (NVL72: 72); 0 = gpus_per_node
-    extra: dict[str, float] = field(default_factory=dict, compare=False, hash=False)
-
-    def __post_init__(self) -> None:
-        _positive_int(self, "num_gpus")
-        _positive_int(self, "gpus_per_node")
-        if self.num_gpus > self.gpus_per_node:
-            _require(
-                self.num_gpus % self.gpus_per_node == 0,
-                f"cluster: {self.num_gpus} GPUs is not a whole number of {self.gpus_per_node}-GPU "
-                "nodes; change --gpus or --gpus-per-node",
-            )
-
-    @property
-    def num_nodes(self) -> int:
-        return max(1, math.ceil(self.num_gpus / self.gpus_per_node))
-
-    @property
-    def domain_size(self) -> int:
-        """GPUs reachable over the scale-up fabric."""
-        domain = self.nvlink_domain
-        if not domain:
-            from costmodels.hardware import ACCELERATORS  # the catalog's rack-scale domains
-
-            acc = ACCELERATORS.get(self.accelerator)
-            domain = max(acc.nvlink_domain if acc else 0, self.gpus_per_node)
-        return min(self.num_gpus, domain)
+# A re-export: specs is where callers read the three descriptions from.
+from costmodels.cluster import ClusterSpec  # noqa: E402, F401

@@ -16,7 +16,7 @@ import numpy as np
 
 from costmodels.errors import MeshplanError
 from costmodels.presets import get_preset
-from executor.calibrate import calibrate_runs, chart, predict_runs
+from planner.calibration.measured_runs import calibrate_runs, chart, predict_runs
 from planner.planfile import plan_from_dict, save_plan
 from planner.profiles import load_profile
 

@@ -28,6 +28,7 @@ from executor.continual import (
 from executor.data.batch import Batch
 from executor.data.loader import PackedLoader
 from executor.evaluation import domain_eval_losses
+from executor.run_state import TrainState
 
 if TYPE_CHECKING:
     from executor.train import Trainer
@@ -103,8 +104,6 @@ def initialize_continual(t: Trainer) -> None:
     cont = t.plan.continual
     if cont.branch_step is not None:
         extra = t.strategy.load_checkpoint(src.path)
-        from executor.train import TrainState
-
         t.state = TrainState.from_json(extra["train"])
         t.detector.load_state_dict(extra["detector"])
         restore_rng_state(extra["rng"])

@@ -16,12 +16,13 @@ import os
 import signal
 import subprocess
 import sys
-from typing import Any
 
 from costmodels.errors import MeshplanError
+from executor.process_group import stop_process_group
+from planner.planfile import Plan
 
 
-def preflight(plan: Any, nproc: int | None = None) -> int:
+def preflight(plan: Plan, nproc: int | None = None) -> int:
     """Check the layout against the processes to start and the executor; returns nproc."""
     lay = plan.layout
     spec = plan.model_spec()
@@ -120,12 +121,7 @@ def launch_local(args: argparse.Namespace) -> int:
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process_group(proc, 30)
         print(f"meshplan: error: run exceeded MESHPLAN_LAUNCH_TIMEOUT_S={timeout:g}s; "
               "workers stopped", file=sys.stderr)
         return 124

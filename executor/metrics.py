@@ -16,7 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 from rich.text import Text
 
-from costmodels.errors import MeshplanError
+from planner.run_records import read_records
 
 
 def _clean(x: Any) -> Any:
@@ -27,12 +27,6 @@ def _clean(x: Any) -> Any:
         return {k: _clean(v) for k, v in x.items()}
     if isinstance(x, list):
         return [_clean(v) for v in x]
-    return x
-
-
-def _load_float(x: Any) -> Any:
-    if isinstance(x, str) and x in ("nan", "inf", "-inf"):
-        return float(x)
     return x
 
 
@@ -50,28 +44,6 @@ class JsonlLog:
 
     def read_all(self) -> list[dict[str, Any]]:
         return read_records(self.path)
-
-
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """The objects of a metrics.jsonl / events.jsonl, the one reader of the tree: [] if the
-    file is missing; a torn LAST line (a crash mid-write) is skipped; an unreadable line
-    before it means the file is corrupt (one-line error naming the line)."""
-    p = Path(path)
-    if not p.is_file():
-        return []
-    lines = [ln.strip() for ln in p.read_text(encoding="utf-8", errors="replace").splitlines()]
-    numbered = [(i, ln) for i, ln in enumerate(lines, 1) if ln]
-    out = []
-    for k, (i, line) in enumerate(numbered):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            if k == len(numbered) - 1:
-                break  # torn last line
-            raise MeshplanError(f"{p}: line {i} is not JSON (corrupt log); remove that line") from None
-        if isinstance(rec, dict):
-            out.append({key: _load_float(v) for key, v in rec.items()})
-    return out
 
 
 class EventLog(JsonlLog):

@@ -27,6 +27,7 @@ from costmodels.errors import MeshplanError
 from executor.attention import resolve_backend
 from executor.checkpoint import read_extra_state, read_single_process, write_single_process
 from executor.data.batch import IGNORE_INDEX, Batch
+from planner.planfile import Plan
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -37,7 +38,7 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
-def pick_device(plan: Any) -> torch.device:
+def pick_device(plan: Plan) -> torch.device:
     """CUDA when the plan targets an accelerator and one is present, else the CPU."""
     if plan.cluster.accelerator != "cpu" and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
@@ -99,7 +100,7 @@ class Strategy:
         self.applied: dict[str, Any] = {}  # summary.json["applied"], see executor.applied
 
     # ------------------------------------------------------------------ setup
-    def setup(self, model: nn.Module, plan: Any) -> None:
+    def setup(self, model: nn.Module, plan: Plan) -> None:
         self.device = pick_device(plan)
         self.amp_dtype = autocast_dtype(plan.train.precision)
         model.attention_backend = resolve_backend(plan.train.attention_backend, self.device)
@@ -280,7 +281,7 @@ class Strategy:
         return None
 
 
-def make_strategy(plan: Any) -> Strategy:
+def make_strategy(plan: Plan) -> Strategy:
     """`Strategy()` for a world size of 1, else the distributed factory's choice."""
     if plan.layout.world_size == 1 and plan.layout.engine == "torch":
         return Strategy()

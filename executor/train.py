@@ -11,15 +11,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-import torch
 
 from costmodels.errors import MeshplanError
 from costmodels.lr_schedule import LRSchedule, branch_schedule, continual_schedule
@@ -46,9 +41,11 @@ from executor.faults import Fault, FaultInjector
 from executor.metrics import EventLog, MetricsLog, Reporter
 from executor.model import build_model, count_params
 from executor.phase_timer import PhaseTimer
+from executor.run_state import StopFlag, TrainState, seed_everything
 from executor.run_summary import run_summary
 from executor.stability import SpikeDetector
 from executor.strategy import Strategy, make_strategy
+from planner.planfile import Plan
 
 MAX_ROLLBACKS = 5
 
@@ -62,65 +59,7 @@ class RunOptions:
     quiet: bool = False  # no terminal output at all (benchmarks); files are still written
 
 
-@dataclass
-class TrainState:
-    """Everything besides model and optimizer that a resume needs."""
-
-    step: int = 0  # optimizer steps completed (skipped ones included)
-    tokens: int = 0  # tokens consumed
-    cursor: int = 0  # next sample id of the data stream
-    blacklist: set[int] = field(default_factory=set)
-    rollbacks: int = 0
-    skipped: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "step": self.step, "tokens": self.tokens, "cursor": self.cursor,
-            "blacklist": sorted(self.blacklist), "rollbacks": self.rollbacks,
-            "skipped": self.skipped,
-        }
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> TrainState:
-        return cls(
-            step=int(d["step"]), tokens=int(d["tokens"]), cursor=int(d["cursor"]),
-            blacklist={int(x) for x in d.get("blacklist", [])},
-            rollbacks=int(d.get("rollbacks", 0)), skipped=int(d.get("skipped", 0)),
-        )
-
-
-class _StopFlag:
-    """SIGTERM / SIGINT ask the loop to checkpoint and exit after the current step."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopFlag:
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:  # second signal: give up at once
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def plan_fingerprint(plan: Any) -> dict[str, Any]:
+def plan_fingerprint(plan: Plan) -> dict[str, Any]:
     """What must not change across a resume (else the run is a different run)."""
     return {
         "model": plan.model, "objective": plan.train.objective, "seed": plan.train.seed,
@@ -130,7 +69,7 @@ def plan_fingerprint(plan: Any) -> dict[str, Any]:
 
 
 class Trainer:
-    def __init__(self, plan: Any, run_dir: str | Path, options: RunOptions | None = None,
+    def __init__(self, plan: Plan, run_dir: str | Path, options: RunOptions | None = None,
                  strategy: Strategy | None = None) -> None:
         self.plan = plan
         self.run_dir = Path(run_dir)
@@ -390,7 +329,7 @@ class Trainer:
         interrupted = False
         streak_samples: list[int] = []
         streak_start = 0
-        with _StopFlag() as stop, self.reporter.progress(max_steps, self.state.step) as prog:
+        with StopFlag() as stop, self.reporter.progress(max_steps, self.state.step) as prog:
             while self.state.step < max_steps:
                 step = self.state.step + 1
                 rec = self.train_step(step)
@@ -438,7 +377,7 @@ class Trainer:
         return run_summary(self, interrupted)
 
 
-def run_training(plan: Any, run_dir: str | Path, options: RunOptions | None = None,
+def run_training(plan: Plan, run_dir: str | Path, options: RunOptions | None = None,
                  strategy: Strategy | None = None) -> dict[str, Any]:
     """Train `plan` into `run_dir` (resuming if it holds checkpoints); returns the summary."""
     if not math.isfinite(plan.train.lr):

@@ -109,12 +109,12 @@ def run(args: argparse.Namespace) -> int:
     base = load_profile(args.profile)
     out: dict = {}
     if args.published and args.fit_published:
-        from planner.runs_table import read_runs
-        from planner.validate import fit_on_runs
+        from planner.calibration.published import fit_on_runs
+        from planner.calibration.runs_table import read_runs
 
         base = fit_on_runs(read_runs(args.published), base, source=f"fitted on {Path(args.published).name}")
     if args.runs or args.log:
-        from executor.calibrate import calibrate_runs, chart, run_from_log
+        from planner.calibration.measured_runs import calibrate_runs, chart, run_from_log
 
         logged = [run_from_log(log, plan, args.framework)
                   for log, plan in zip(args.log, plans_for_logs(args) if args.log else [], strict=True)]
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
             pts = [(r["layout"], r["measured_step_time_s"], r["loro_step_time_s"] or r["after_step_time_s"]) for r in cal.rows]
             out["chart"] = str(chart(pts, args.chart, "predicted (leave-one-run-out) vs measured"))
     if args.published:
-        from executor.calibrate import published_cv_report
+        from planner.calibration.measured_runs import published_cv_report
 
         out["published"] = published_cv_report(args.published, base)
     if args.out:

@@ -14,6 +14,7 @@ import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,6 +48,43 @@ def _training_sample(docs: dict[str, list[str]]) -> list[str]:
     return [t for ds in docs.values() for t in ds[::stride]]
 
 
+def _collect_documents(sources: dict[str, Iterable[str]],
+                       max_docs_per_domain: int | None) -> dict[str, list[str]]:
+    """The non-empty documents of each domain (at most `max_docs_per_domain`)."""
+    docs: dict[str, list[str]] = {}
+    for name, it in sources.items():
+        if not name.isidentifier():
+            raise MeshplanError(f"domain name {name!r}: use letters, digits and _ only")
+        items: list[str] = []
+        for text in it:
+            if text.strip():
+                items.append(text)
+            if max_docs_per_domain and len(items) >= max_docs_per_domain:
+                break
+        if not items:
+            raise MeshplanError(f"domain {name!r}: no non-empty documents found in its source")
+        docs[name] = items
+    return docs
+
+
+def _write_domain(tok: Any, name: str, items: list[str], tmp: Path, dtype: np.dtype, eot: int,
+                  bar: Any) -> dict[str, object]:
+    """One domain's token stream (`NAME.bin`, each document ending in <eot>) and its
+    document offsets (`NAME.idx.npy`); returns its meta entry."""
+    task = bar.add_task(f"tokenizing {name}", total=len(items))
+    offsets = [0]
+    with (tmp / f"{name}.bin").open("wb") as fh:
+        for i in range(0, len(items), _ENCODE_CHUNK):
+            chunk = items[i:i + _ENCODE_CHUNK]
+            for enc in tok.encode_batch(chunk, add_special_tokens=False):
+                arr = np.asarray(enc.ids + [eot], dtype=dtype)
+                fh.write(arr.tobytes())
+                offsets.append(offsets[-1] + len(arr))
+            bar.advance(task, len(chunk))
+    np.save(tmp / f"{name}.idx.npy", np.asarray(offsets, dtype=np.int64))
+    return {"bin": f"{name}.bin", "idx": f"{name}.idx.npy", "docs": len(items), "tokens": offsets[-1]}
+
+
 def prepare_dataset(
     sources: dict[str, Iterable[str]],
     out_dir: str | Path,
@@ -70,19 +108,7 @@ def prepare_dataset(
         )
     if out.exists() and any(out.iterdir()):
         raise MeshplanError(f"{out}: exists and is not empty; choose another --out")
-    docs: dict[str, list[str]] = {}
-    for name, it in sources.items():
-        if not name.isidentifier():
-            raise MeshplanError(f"domain name {name!r}: use letters, digits and _ only")
-        items: list[str] = []
-        for text in it:
-            if text.strip():
-                items.append(text)
-            if max_docs_per_domain and len(items) >= max_docs_per_domain:
-                break
-        if not items:
-            raise MeshplanError(f"domain {name!r}: no non-empty documents found in its source")
-        docs[name] = items
+    docs = _collect_documents(sources, max_docs_per_domain)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -94,23 +120,8 @@ def prepare_dataset(
             actual_vocab = tok.get_vocab_size()
             dtype = token_dtype(actual_vocab)
             eot = tok.token_to_id("<eot>")
-            meta_domains: dict[str, dict[str, object]] = {}
-            for name, items in docs.items():
-                task = bar.add_task(f"tokenizing {name}", total=len(items))
-                offsets = [0]
-                with (tmp / f"{name}.bin").open("wb") as fh:
-                    for i in range(0, len(items), _ENCODE_CHUNK):
-                        chunk = items[i:i + _ENCODE_CHUNK]
-                        for enc in tok.encode_batch(chunk, add_special_tokens=False):
-                            arr = np.asarray(enc.ids + [eot], dtype=dtype)
-                            fh.write(arr.tobytes())
-                            offsets.append(offsets[-1] + len(arr))
-                        bar.advance(task, len(chunk))
-                np.save(tmp / f"{name}.idx.npy", np.asarray(offsets, dtype=np.int64))
-                meta_domains[name] = {
-                    "bin": f"{name}.bin", "idx": f"{name}.idx.npy",
-                    "docs": len(items), "tokens": offsets[-1],
-                }
+            meta_domains = {name: _write_domain(tok, name, items, tmp, dtype, eot, bar)
+                            for name, items in docs.items()}
         files = ["tokenizer.json"] + [
             f for d in meta_domains.values() for f in (str(d["bin"]), str(d["idx"]))
         ]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -25,13 +24,16 @@ from costmodels.comm_volume import whole_tensor_grad_norm
 from costmodels.errors import MeshplanError
 from executor.applied import applied_layout, check_applied
 from executor.data.batch import Batch
-from executor.parallel.comm import KINDS, WAIT_CLOCK, CommCounter
+from executor.parallel.comm import CommCounter
+from executor.parallel.comm_accounting import CommAccounting
 from executor.parallel.data_parallel import fsdp_param_group, fsdp_reshards_after_forward
+from executor.parallel.expert_grads import ExpertGrads
 from executor.parallel.mesh import ParallelDims, axis, build_mesh, init_distributed, release_meshes
-from executor.parallel.parallelize import all_reduce_gradients, apply_recompute
+from executor.parallel.parallelize import apply_recompute
 from executor.parallel.tp import local_tensor
 from executor.parallel.zero1 import Zero1Partition
 from executor.strategy import Strategy, autocast_dtype, build_optimizer, token_loss_sum
+from planner.planfile import Plan
 
 __all__ = ["DistributedStrategy", "token_loss_sum"]
 
@@ -53,12 +55,12 @@ def _is_dtensor(t: Any) -> bool:
     return isinstance(t, DTensor)
 
 
-class DistributedStrategy(Strategy):
+class DistributedStrategy(CommAccounting, ExpertGrads, Strategy):
     """Base class of the torch.distributed strategies (the seam of `executor.strategy`)."""
 
     name = "distributed"
 
-    def __init__(self, plan: Any) -> None:
+    def __init__(self, plan: Plan) -> None:
         super().__init__()
         from costmodels.capabilities import unsupported
 
@@ -97,62 +99,6 @@ class DistributedStrategy(Strategy):
         """One rank per (dp, cp) coordinate contributes its loss to the global sum."""
         return self.tp_rank == 0 and self.pp_rank == self.dims.pp - 1
 
-    @contextmanager
-    def counting(self):
-        """Count collectives issued inside this block towards the current step."""
-        if not self.comm_enabled:
-            yield
-            return
-        with self.comm:
-            yield
-
-    def begin_step_accounting(self) -> None:
-        self.comm.reset()
-        WAIT_CLOCK.install()
-        WAIT_CLOCK.reset()
-
-    def comm_bytes(self) -> dict[str, int]:
-        """Payload bytes this rank moved since the step began, by collective kind."""
-        return self.comm.snapshot()
-
-    def comm_bytes_mean(self) -> dict[str, float]:
-        """The per-rank mean over the world (not counted itself) of the payload bytes by
-        kind, and of the seconds blocked on collectives (`comm_wait_s`) and on pipeline
-        neighbours (`pipeline_wait_s`)."""
-        waits = WAIT_CLOCK.snapshot()
-        vals = torch.tensor([float(self.comm.bytes.get(k, 0)) for k in KINDS]
-                            + [waits["comm"], waits["pipeline"]], dtype=torch.float64)
-        dist.all_reduce(vals)
-        keys = [*KINDS, "comm_wait_s", "pipeline_wait_s"]
-        return {k: float(v) / self.world_size for k, v in zip(keys, vals.tolist(), strict=True)}
-
-    def pipeline_idle(self) -> dict[str, float]:
-        """Pipeline strategies: the step's idle time in the schedule (`pp_idle_s`)."""
-        return {}
-
-    def predicted_comm(self) -> dict[str, float]:
-        from costmodels.comm_volume import comm_volume
-
-        if not hasattr(self, "_predicted_comm"):
-            self._predicted_comm = comm_volume(
-                self.plan.model_spec(), self.plan.layout_spec()).by_kind()
-        return self._predicted_comm
-
-    def step_comm_metrics(self) -> dict[str, Any]:
-        """metrics.jsonl fields: this step's measured payload bytes per rank (mean over
-        ranks) and the cost model's prediction for the layout, by collective kind."""
-        if not self.comm_enabled:
-            return {}
-        measured = self.comm_bytes_mean()
-        waits = {k: measured.pop(k) for k in ("comm_wait_s", "pipeline_wait_s")}
-        predicted = self.predicted_comm()
-        return {
-            **waits,
-            "comm_bytes": {k: int(v) for k, v in measured.items() if v or predicted.get(k)},
-            "comm_bytes_predicted": {k: int(v) for k, v in predicted.items()
-                                     if v or measured.get(k)},
-        }
-
     # ------------------------------------------------------------------ data
     def local_rows(self, global_batch: Batch) -> Batch:
         """This data-parallel rank's contiguous share of the global batch's rows."""
@@ -163,7 +109,7 @@ class DistributedStrategy(Strategy):
         return global_batch.select(slice(self.dp_rank * per, (self.dp_rank + 1) * per))
 
     # ------------------------------------------------------------------ setup
-    def setup(self, model: nn.Module, plan: Any) -> None:
+    def setup(self, model: nn.Module, plan: Plan) -> None:
         raise NotImplementedError
 
     def build_optimizers(self) -> None:
@@ -214,56 +160,6 @@ class DistributedStrategy(Strategy):
 
     def microbatches_applied(self) -> int:
         return self.plan.layout.grad_accum
-
-    def configure_moe(self) -> None:
-        """The MoE layers' routing losses and forced balance (`executor.moe.configure_moe`):
-        one micro-batch's losses weigh 1 / (micro-batches in the global batch) in the step
-        objective, times the gradient replicas the reduction averages over, over the
-        context-parallel ranks that each hold a part of it (the balance loss's f is counted
-        over them)."""
-        from executor.moe import configure_moe
-
-        lay = self.plan.layout_spec()
-        micro_batches = max(lay.global_batch // lay.micro_batch, 1)
-        cp_mesh = axis(self.mesh, self.dims, "cp")
-        configure_moe(self.model_parts(), self.plan.train,
-                      self.grad_replicas / (micro_batches * self.dims.cp),
-                      cp_mesh.get_group() if cp_mesh is not None else None, self.dims.cp)
-
-    def _unsynced_expert_params(self) -> set[int]:
-        """ids of the experts' weights sharded over ep that no FSDP reduction manages: their
-        replicas are the expert-data-parallel group, not dp x cp."""
-        from torch.distributed.fsdp import FSDPModule
-
-        from executor.parallel.ep import moe_layers
-
-        if self.plan.layout.ep == 1:
-            return set()
-        return {id(p) for part in self.model_parts() for m in moe_layers(part)
-                if not isinstance(m.experts, FSDPModule) for p in m.experts.parameters()}
-
-    def sync_replicated_grads(self) -> None:
-        """sharding none / zero1 without DDP: one flat all-reduce over every replica; experts
-        sharded over ep: over their expert replicas (edp), divided by all dp x cp replicas
-        (each expert's gradient already sums the tokens of its whole ep group)."""
-        experts = self._unsynced_expert_params()
-        if self.grad_sync == "allreduce":
-            dense = [p for part in self.model_parts() for p in part.parameters() if id(p) not in experts]
-            all_reduce_gradients(dense, axis(self.mesh, self.dims, "dp_cp").get_group(),
-                                 self.grad_replicas)
-        if experts:
-            from executor.parallel.ep import edp_group
-
-            ordered = [p for part in self.model_parts() for p in part.parameters() if id(p) in experts]
-            all_reduce_gradients(ordered, edp_group(self.dims, self.plan.layout.ep), self.grad_replicas)
-
-    @property
-    def moe_stat_replicas(self) -> int:  # TP ranks route the same tokens: counted once
-        return self.dims.tp
-
-    def reduce_moe_stats(self, stats: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(stats)
-        return stats
 
     # ------------------------------------------------------------------ step
     def _sum_loss(self, local: torch.Tensor) -> torch.Tensor:

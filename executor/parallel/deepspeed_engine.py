@@ -27,10 +27,12 @@ import torch
 from torch import nn
 
 from costmodels.errors import MeshplanError
+from costmodels.specs import ZERO_STAGE
 from executor.attention import resolve_backend
 from executor.checkpoint import STATE_FILE, read_extra_state
 from executor.data.batch import Batch
 from executor.parallel.base import DistributedStrategy, token_loss_sum
+from planner.planfile import Plan
 
 CHECKPOINT_TAG = "deepspeed"
 
@@ -39,7 +41,7 @@ def deepspeed_available() -> bool:
     return importlib.util.find_spec("deepspeed") is not None
 
 
-def engine_config(plan: Any) -> dict[str, Any]:
+def engine_config(plan: Plan) -> dict[str, Any]:
     """The planner's DeepSpeed JSON for this plan (the single shared builder)."""
     from planner.emitters import deepspeed_config
 
@@ -47,7 +49,7 @@ def engine_config(plan: Any) -> dict[str, Any]:
 
 
 class DeepSpeedStrategy(DistributedStrategy):
-    def __init__(self, plan: Any) -> None:
+    def __init__(self, plan: Plan) -> None:
         if not deepspeed_available():
             raise MeshplanError(
                 "layout.engine=deepspeed: DeepSpeed is not installed; "
@@ -56,13 +58,13 @@ class DeepSpeedStrategy(DistributedStrategy):
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         super().__init__(plan)
-        self.stage = {"none": 0, "zero1": 1, "zero2": 2, "zero3": 3}[plan.layout.sharding]
+        self.stage = ZERO_STAGE[plan.layout.sharding]
         self.name = f"deepspeed-zero{self.stage}"
         self.grad_sync = "deepspeed"
         self.engine: Any = None
         self._pending_boundary = False
 
-    def setup(self, model: nn.Module, plan: Any) -> None:
+    def setup(self, model: nn.Module, plan: Plan) -> None:
         import deepspeed
 
         model.attention_backend = resolve_backend(plan.train.attention_backend, self.device)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from planner.planfile import Plan
 
-def make_strategy(plan: Any) -> Any:
+
+def make_strategy(plan: Plan) -> Any:
     lay = plan.layout
     if lay.engine == "deepspeed":
         from executor.parallel.deepspeed_engine import DeepSpeedStrategy

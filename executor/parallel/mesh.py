@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from costmodels.errors import MeshplanError
+from planner.planfile import Plan
 
 DIM_ORDER: tuple[str, ...] = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 # Flattened axes the strategies reduce over, each a product of mesh dimensions.
@@ -53,7 +54,7 @@ class ParallelDims:
         return cls(pp=lay.pp, dp_replicate=lay.dp // shard, dp_shard=shard, cp=lay.cp, tp=lay.tp)
 
     @classmethod
-    def from_plan(cls, plan: Any) -> ParallelDims:
+    def from_plan(cls, plan: Plan) -> ParallelDims:
         return cls.from_layout(plan.layout)
 
     @property

@@ -40,6 +40,7 @@ from executor.parallel.cp import shard_sequence
 from executor.parallel.parallelize import gradient_sync, parallelize_chunk
 from executor.parallel.spmd import strategy_name
 from executor.parallel.tp import loss_context, materialize
+from planner.planfile import Plan
 
 
 def split_layers(layers: int, stages: int, sizes: list[int] | None = None) -> list[range]:
@@ -77,7 +78,7 @@ def prune_to_stage(model: nn.Module, keep: range, first: bool, last: bool) -> nn
 
 
 class PipelineStrategy(DistributedStrategy):
-    def __init__(self, plan: Any) -> None:
+    def __init__(self, plan: Plan) -> None:
         super().__init__(plan)
         lay = plan.layout
         spec = plan.layout_spec()
@@ -106,7 +107,7 @@ class PipelineStrategy(DistributedStrategy):
         return pipeline.rank_stage_ids(self.pp_rank, self.dims.pp, self.stages_per_rank,
                                        self.schedule_kind.placement)
 
-    def setup(self, model: nn.Module, plan: Any) -> None:
+    def setup(self, model: nn.Module, plan: Plan) -> None:
         model.attention_backend = resolve_backend(plan.train.attention_backend, self.device)
         from torch.distributed.pipelining import PipelineStage
         self.remember_parameter_order(model)

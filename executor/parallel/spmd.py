@@ -18,6 +18,7 @@ from executor.parallel.data_parallel import apply_ddp
 from executor.parallel.mesh import axis
 from executor.parallel.parallelize import gradient_sync, parallelize_chunk
 from executor.parallel.tp import loss_context, materialize
+from planner.planfile import Plan
 
 
 def strategy_name(lay: Any, dims: Any, grad_sync: str) -> str:
@@ -35,7 +36,7 @@ def strategy_name(lay: Any, dims: Any, grad_sync: str) -> str:
 
 
 class SPMDStrategy(DistributedStrategy):
-    def __init__(self, plan: Any) -> None:
+    def __init__(self, plan: Plan) -> None:
         super().__init__(plan)
         lay = plan.layout
         self.sharding = lay.sharding
@@ -43,7 +44,7 @@ class SPMDStrategy(DistributedStrategy):
         self.name = strategy_name(lay, self.dims, self.grad_sync)
         self._inner: nn.Module | None = None  # the unwrapped model
 
-    def setup(self, model: nn.Module, plan: Any) -> None:
+    def setup(self, model: nn.Module, plan: Plan) -> None:
         model.attention_backend = resolve_backend(plan.train.attention_backend, self.device)
         model.to(self.device)
         self.remember_parameter_order(model)

@@ -7,10 +7,10 @@ import json
 
 from rich.table import Table
 
+from planner.calibration.published import NO_MEASUREMENT, breakdown, validate_runs
+from planner.calibration.runs_table import read_runs
 from planner.profiles import load_profile
 from planner.render import console
-from planner.runs_table import read_runs
-from planner.validate import NO_MEASUREMENT, breakdown, validate_runs
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -7,11 +7,11 @@ import json
 from typing import Any
 
 from costmodels.errors import MeshplanError
+from costmodels.specs import ZERO_STAGE
 from planner.emit.common import on_cpu
 from planner.planfile import Plan
 
 DEEPSPEED_FILE = "deepspeed_config.json"
-_ZERO_STAGE = {"none": 0, "zero1": 1, "zero2": 2, "zero3": 3}
 DEEPSPEED_MOE_REFUSAL = (
     "model: mixture-of-experts layers are DeepSpeed model code (deepspeed.moe.layer.MoE with "
     "its ep_size), not config keys; launch this plan with torchrun (meshplan's executor) or "
@@ -55,7 +55,7 @@ def deepspeed_config(plan: Plan, include_scheduler: bool = True) -> dict[str, An
     reason = deepspeed_unsupported(plan)
     if reason is not None:
         raise MeshplanError(reason)
-    stage = _ZERO_STAGE[lay.sharding]
+    stage = ZERO_STAGE[lay.sharding]
     zero: dict[str, Any] = {"stage": stage}
     if stage >= 1:
         zero.update(overlap_comm=not on_cpu(plan), contiguous_gradients=True)

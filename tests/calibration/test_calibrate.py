@@ -12,7 +12,7 @@ from costmodels.profile import Profile, dump_profile
 from costmodels.specs import ClusterSpec, Layout
 from costmodels.steptime import evaluate
 from executor.bench import fit_alpha_beta, layer_gemm_shapes
-from executor.calibrate import calibrate_runs, chart, load_run, predict_runs
+from planner.calibration.measured_runs import calibrate_runs, chart, load_run, predict_runs
 from planner.planfile import plan_from_dict, save_plan
 from planner.profiles import load_profile
 from tests.conftest import assert_clean_error, run_cli

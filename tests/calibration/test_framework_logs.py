@@ -16,7 +16,7 @@ import yaml
 
 from costmodels.cases import single_case
 from costmodels.steptime import evaluate
-from planner.framework_logs import parse_log
+from planner.calibration.framework_logs import parse_log
 from planner.planfile import load_plan
 from planner.profiles import load_profile
 from tests.conftest import assert_clean_error, cli_in_process, run_cli

@@ -16,7 +16,7 @@ from costmodels.presets import get_preset
 from costmodels.profile import Profile
 from costmodels.specs import ClusterSpec
 from costmodels.steptime import evaluate
-from executor.calibrate import calibrate_runs, predict_runs
+from planner.calibration.measured_runs import calibrate_runs, predict_runs
 from planner.planfile import plan_from_dict, save_plan
 from tests.calibration.test_calibrate import HW, fake_run
 from tests.calibration.test_calibrate import LAYOUTS as DENSE_LAYOUTS

@@ -8,17 +8,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from costmodels.cases import subset_cases
 from costmodels.fit import (
     PUBLISHED_FIXED,
     PUBLISHED_PRIORS,
-    _subset,
     ape_pct,
     cross_validate,
     random_halves,
 )
 from costmodels.profile import Profile
 from costmodels.steptime import evaluate
-from planner.runs_table import cases_from_runs
+from planner.calibration.runs_table import cases_from_runs
 
 NO_MEASUREMENT = "no measured_tokens_per_sec_per_gpu to score against"
 
@@ -59,7 +59,7 @@ def validate_runs(df: pd.DataFrame, profile: Profile, cross_validated: bool = Fa
             meas = df["measured_tokens_per_sec_per_gpu"].to_numpy(dtype=float)[used]
             ok = np.flatnonzero(np.isfinite(meas) & (meas > 0))
             if len(ok) >= 4:
-                cv = cross_validate(_subset(cases, ok), meas[ok], random_halves(len(ok), seed), profile,
+                cv = cross_validate(subset_cases(cases, ok), meas[ok], random_halves(len(ok), seed), profile,
                                     fixed=PUBLISHED_FIXED)
                 pred_tps[np.asarray(used)[ok]] = cv
     rows: list[dict[str, Any]] = []
@@ -135,9 +135,9 @@ def fit_on_runs(df: pd.DataFrame, base: Profile | None = None, dense_only: bool 
     if dense_only:
         ok &= sub["model_type"].fillna("dense").to_numpy() == "dense"
     idx = np.flatnonzero(ok)
-    prof = fit_throughput(_subset(cases, idx), meas[idx], base, fixed=PUBLISHED_FIXED, source=source).profile
+    prof = fit_throughput(subset_cases(cases, idx), meas[idx], base, fixed=PUBLISHED_FIXED, source=source).profile
     mem = sub["measured_peak_memory_gb"].to_numpy(dtype=float)
     midx = np.flatnonzero(np.isfinite(mem) & (mem > 0))
     if len(midx) >= 2:
-        prof = fit_memory(_subset(cases, midx), mem[midx], prof)
+        prof = fit_memory(subset_cases(cases, midx), mem[midx], prof)
     return prof

@@ -19,8 +19,8 @@ from costmodels.errors import MeshplanError
 from costmodels.fit import cross_validate, fit_throughput
 from costmodels.profile import Profile
 from costmodels.steptime import evaluate
-from executor.metrics import read_records
 from planner.planfile import Plan, load_plan
+from planner.run_records import read_records
 
 WARMUP_STEPS = 3  # first steps include allocator growth and lazy init: not steady state
 # With few runs only the parameters a CPU run can identify are fitted; the rest keep the
@@ -183,7 +183,7 @@ def run_from_log(path: str | Path, plan: Plan, framework: str | None = None) -> 
     """A measured run from a Megatron / torchtitan / DeepSpeed / NeMo training log and the
     plan (or flags) that give its layout: the median steady-state step time (warm-up steps
     dropped, as for meshplan runs) and the peak memory the log prints."""
-    from planner.framework_logs import read_log
+    from planner.calibration.framework_logs import read_log
 
     lay = plan.layout
     logs = read_log(path, framework, tokens_per_step=lay.global_batch_size * plan.model_spec().seq_len,
@@ -244,8 +244,8 @@ def chart(points: list[tuple[str, float, float]], path: str | Path, title: str) 
 def published_cv_report(csv: str | Path, profile: Profile, seed: int = 0) -> dict[str, Any]:
     """Cross-validated (random halves) MAPE of `profile` refitted on published runs, by GPU
     and by source."""
-    from planner.runs_table import read_runs
-    from planner.validate import breakdown, validate_runs
+    from planner.calibration.published import breakdown, validate_runs
+    from planner.calibration.runs_table import read_runs
 
     df = read_runs(csv)
     v = validate_runs(df, profile, cross_validated=True, seed=seed)

@@ -78,38 +78,34 @@ def _megatron(lines: list[str], **_: int) -> LogSteps:
     return out
 
 
-def _torchtitan(lines: list[str], tokens_per_step: int = 0, gpus: int = 0, **_: int) -> LogSteps:
-    out = LogSteps("torchtitan")
+def _rate_steps(name: str, lines: list[str], step_re: re.Pattern[str], mem_re: re.Pattern[str],
+                per_step: float, mem_scale: float) -> LogSteps:
+    """A log whose step lines carry a throughput (group 2) rather than a time: the step time
+    is `per_step` / rate (1 / rate without it); memory is group 1 of `mem_re` x `mem_scale`."""
+    out = LogSteps(name)
     for line in lines:
-        m = _TITAN_STEP.search(line)
-        if not m:
-            continue
-        tps = _f(m.group(2))
-        if tps <= 0:
-            continue
-        out.steps.append(int(m.group(1)))
-        out.step_time_s.append(tokens_per_step / (tps * gpus) if tokens_per_step and gpus else 1.0 / tps)
-        mem = _TITAN_MEM.search(line)
-        if mem:
-            out.peak_memory_gb = max(out.peak_memory_gb or 0.0, _f(mem.group(1)) * GIB)
-    return out
-
-
-def _deepspeed(lines: list[str], samples_per_step: int = 0, **_: int) -> LogSteps:
-    out = LogSteps("deepspeed")
-    for line in lines:
-        m = _DS_STEP.search(line)
+        m = step_re.search(line)
         if not m:
             continue
         rate = _f(m.group(2))
         if rate <= 0:
             continue
         out.steps.append(int(m.group(1)))
-        out.step_time_s.append(samples_per_step / rate if samples_per_step else 1.0 / rate)
-        mem = _DS_MEM.search(line)
+        out.step_time_s.append(per_step / rate if per_step else 1.0 / rate)
+        mem = mem_re.search(line)
         if mem:
-            out.peak_memory_gb = max(out.peak_memory_gb or 0.0, _f(mem.group(1)))
+            out.peak_memory_gb = max(out.peak_memory_gb or 0.0, _f(mem.group(1)) * mem_scale)
     return out
+
+
+def _torchtitan(lines: list[str], tokens_per_step: int = 0, gpus: int = 0, **_: int) -> LogSteps:
+    # tps is per GPU: a step of `tokens_per_step` tokens over `gpus` GPUs
+    per_step = tokens_per_step / gpus if tokens_per_step and gpus else 0.0
+    return _rate_steps("torchtitan", lines, _TITAN_STEP, _TITAN_MEM, per_step, GIB)
+
+
+def _deepspeed(lines: list[str], samples_per_step: int = 0, **_: int) -> LogSteps:
+    return _rate_steps("deepspeed", lines, _DS_STEP, _DS_MEM, float(samples_per_step), 1.0)
 
 
 def _nemo(lines: list[str], **_: int) -> LogSteps:

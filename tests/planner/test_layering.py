@@ -1,0 +1,29 @@
+"""The arrows point one way: `costmodels` imports none of the other packages, `planner` imports
+`costmodels` only (never the executor, the app or torch), so planning and calibration run
+where torch is not installed."""
+
+from __future__ import annotations
+
+import ast
+
+import pytest
+
+from tests.conftest import ROOT
+
+FORBIDDEN = {"costmodels": {"planner", "executor", "app", "torch"},
+             "planner": {"executor", "app", "torch"}}
+
+
+def _imports(path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_package_imports_point_one_way(package):
+    bad = [(str(p.relative_to(ROOT)), name) for p in sorted((ROOT / package).rglob("*.py"))
+           for name in _imports(p) if name.split(".")[0] in FORBIDDEN[package]]
+    assert not bad, bad
