@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from costmodels import pipeline
-from costmodels.cases import SCHEDULES as SCHEDULE_NAMES
+from costmodels.pipeline import SCHEDULE_NAMES
 from costmodels.specs import RECOMPUTES, SHARDINGS, Layout, ModelSpec, SpecError
 
 EXECUTOR_PRECISIONS: tuple[str, ...] = ("bf16", "fp32")

@@ -21,7 +21,6 @@ from costmodels.stacks import stack_columns, stack_for
 Cases = dict[str, np.ndarray]
 
 GEN_ORDER = ("ampere", "hopper", "blackwell", "cdna3", "cpu", "cdna4")
-SCHEDULES = SCHEDULE_NAMES
 TP_COLLECTIVE_FALLBACK = {"tp_allgather": "allgather", "tp_reduce_scatter": "reduce_scatter"}
 
 
@@ -149,7 +148,7 @@ def layout_columns(layouts: Iterable[Layout]) -> dict[str, np.ndarray]:
         "micro": col(lambda r: r.micro_batch), "gbs": col(lambda r: r.global_batch),
         "recompute": col(lambda r: RECOMPUTES.index(r.recompute)),
         "sp": col(lambda r: r.sequence_parallel),
-        "schedule": col(lambda r: SCHEDULES.index(r.effective_schedule)),
+        "schedule": col(lambda r: SCHEDULE_NAMES.index(r.effective_schedule)),
         "precision_idx": col(lambda r: PRECISIONS.index(r.precision)),
         "dp_shard": col(lambda r: r.dp_shard),
         "recompute_layers": col(lambda r: r.recompute_layers),

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from costmodels.capabilities import RULES, refused_mask
-from costmodels.cases import SCHEDULES, build_cases
+from costmodels.cases import build_cases
 from costmodels.errors import MeshplanError
 from costmodels.pipeline import SCHEDULE_NAMES, microbatches_admitted
 from costmodels.profile import Profile
@@ -113,7 +113,7 @@ def _degree_axes(model: ModelSpec, cluster: ClusterSpec, space: SearchSpace) -> 
     shard = [SHARDINGS.index(s) for s in space.shardings]
     rec = [RECOMPUTES.index(r) for r in space.recomputes]
     single = {"interleaved": "1f1b", "interleaved_zb": "zbh1"}
-    sched = sorted({SCHEDULES.index(single.get(s, s)) for s in space.schedules})
+    sched = sorted({SCHEDULE_NAMES.index(single.get(s, s)) for s in space.schedules})
     if not tps:
         raise MeshplanError(
             f"no tensor-parallel degree divides {model.heads} heads and {g} GPUs within max TP "
@@ -134,7 +134,7 @@ def _valid_grid(model: ModelSpec, g: int, global_batch: int, space: SearchSpace,
     # Interleaving needs PP; chunks may be uneven (the slowest stage gets ceil(L/(p v)) layers
     # per chunk, as Megatron-Core's uneven pipeline split does), but every chunk needs a layer.
     ok &= (vpp == 1) | (pp > 1)
-    code = {name: SCHEDULES.index(name) for name in SCHEDULES}
+    code = {name: SCHEDULE_NAMES.index(name) for name in SCHEDULE_NAMES}
     # interleaving: 1F1B -> interleaved 1F1B, ZB-H1 -> interleaved zero bubble
     ok &= (vpp == 1) | (sc == code["1f1b"]) | (sc == code["zbh1"])
     ok &= (sc == code["1f1b"]) | (pp > 1)  # the other schedules only differ under PP
@@ -223,7 +223,7 @@ def _nothing_runs(model: ModelSpec, cols: dict[str, np.ndarray], contract_cols: 
     rule = next(r for r in RULES if r.name == name)
     row = {k: v[i] for k, v in cols.items()}
     row.update(sharding=SHARDINGS[row["sharding"]], recompute=RECOMPUTES[row["recompute"]],
-               schedule=SCHEDULES[row["schedule"]])
+               schedule=SCHEDULE_NAMES[row["schedule"]])
     why = rule.message(model, row_to_layout(pd.Series(row), global_batch, precision))
     hint = "" if "--any-framework" in why else "; or pass --any-framework to plan for another stack"
     return MeshplanError(f"no layout meshplan's executor can run: {why}{hint}")
@@ -306,12 +306,12 @@ def search(
     table.attrs["precision"] = space.precision
     elapsed = time.perf_counter() - t0
     per_schedule = np.bincount(np.asarray(cols["schedule"], dtype=np.int64)[np.asarray(cols["pp"]) > 1],
-                               minlength=len(SCHEDULES))
+                               minlength=len(SCHEDULE_NAMES))
     # every schedule the space tries, with the pipelined candidates evaluated under it
     tried = set(space.schedules)
     res = SearchResult(model, cluster, global_batch, table, n, elapsed, ranked.reset_index(drop=True),
                        _frame(cols, pred, front).reset_index(drop=True),
-                       schedules_evaluated={name: int(k) for name, k in zip(SCHEDULES, per_schedule, strict=True)
+                       schedules_evaluated={name: int(k) for name, k in zip(SCHEDULE_NAMES, per_schedule, strict=True)
                                             if name in tried})
     res.notes.append(f"{n} candidates, {len(refused)} evaluated in {elapsed_eval:.3f} s; {fits.size} fit in memory"
                      + (f" and run on meshplan's executor ({n_refused} refused by its "
@@ -324,7 +324,7 @@ def _frame(cols: dict[str, np.ndarray], pred: dict[str, np.ndarray], idx: np.nda
                        **{k: v[idx] for k, v in pred.items()}})
     df["sharding"] = np.array(SHARDINGS)[df["sharding"].to_numpy()]
     df["recompute"] = np.array(RECOMPUTES)[df["recompute"].to_numpy()]
-    df["schedule"] = np.array(SCHEDULES)[df["schedule"].to_numpy()]
+    df["schedule"] = np.array(SCHEDULE_NAMES)[df["schedule"].to_numpy()]
     df["mfu_pct"] = df["mfu"] * 100
     return df
 

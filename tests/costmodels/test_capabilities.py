@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from costmodels.capabilities import RULES, layout_columns, refused_mask, unsupported
-from costmodels.cases import SCHEDULES
+from costmodels.pipeline import SCHEDULE_NAMES as SCHEDULES
 from costmodels.presets import PRESETS
 from costmodels.specs import RECOMPUTES, SHARDINGS, ClusterSpec, Layout
 from planner.profiles import load_profile

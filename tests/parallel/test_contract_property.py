@@ -11,7 +11,7 @@ from distutil import run_distributed
 from workers import SEQ, contract_worker
 
 from costmodels.capabilities import unsupported
-from costmodels.cases import SCHEDULES
+from costmodels.pipeline import SCHEDULE_NAMES as SCHEDULES
 from costmodels.presets import PRESETS
 from costmodels.specs import RECOMPUTES, SHARDINGS, ClusterSpec
 from planner.search import SearchSpace, enumerate_layouts

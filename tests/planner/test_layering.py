@@ -27,3 +27,14 @@ def test_package_imports_point_one_way(package):
     bad = [(str(p.relative_to(ROOT)), name) for p in sorted((ROOT / package).rglob("*.py"))
            for name in _imports(p) if name.split(".")[0] in FORBIDDEN[package]]
     assert not bad, bad
+
+
+def test_schedule_names_have_one_home():
+    """`costmodels.pipeline.SCHEDULES` names the schedules; the plan file's type (a Literal,
+    which a checker must see spelled out) is checked against it so the two cannot drift."""
+    from typing import get_args
+
+    from costmodels.pipeline import SCHEDULE_NAMES
+    from costmodels.specs import Schedule
+
+    assert get_args(Schedule) == SCHEDULE_NAMES
