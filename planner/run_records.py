@@ -18,20 +18,23 @@ def _load_float(x: Any) -> Any:
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """The objects of a metrics.jsonl / events.jsonl, the one reader of the tree: [] if the
-    file is missing; a torn LAST line (a crash mid-write) is skipped; an unreadable line
-    before it means the file is corrupt (one-line error naming the line)."""
+    """The objects of a metrics.jsonl / events.jsonl: [] if the file is missing. A last line
+    the writer never finished (no newline after it: a crash mid-write) is skipped; any
+    complete line that is not JSON means the file is corrupt (one line naming it)."""
     p = Path(path)
     if not p.is_file():
         return []
-    lines = [ln.strip() for ln in p.read_text(encoding="utf-8", errors="replace").splitlines()]
-    numbered = [(i, ln) for i, ln in enumerate(lines, 1) if ln]
+    text = p.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    unfinished = lines.pop()  # "" when the file ends with a newline
     out = []
-    for k, (i, line) in enumerate(numbered):
+    for i, line in enumerate([*lines, unfinished], 1):
+        if not line.strip():
+            continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
-            if k == len(numbered) - 1:
+            if i == len(lines) + 1:
                 break  # torn last line
             raise MeshplanError(f"{p}: line {i} is not JSON (corrupt log); remove that line") from None
         if isinstance(rec, dict):

@@ -15,7 +15,7 @@ from executor.bench import fit_alpha_beta, layer_gemm_shapes
 from planner.calibration.measured_runs import calibrate_runs, chart, load_run, predict_runs
 from planner.planfile import plan_from_dict, save_plan
 from planner.profiles import load_profile
-from tests.conftest import assert_clean_error, run_cli
+from tests.conftest import assert_clean_error, cli_in_process, run_cli
 
 HW = {"fp32_tflops": 0.05, "bf16_tflops": 0.1, "hbm_tb_s": 0.01, "scaleout_gbps": 1.0,
       "scaleup_gbps": 1.0, "link_latency_s": 5e-4}
@@ -127,14 +127,14 @@ def test_calibrate_cli(tmp_path):
     prof_in = tmp_path / "in.yaml"
     prof_in.write_text(dump_profile(truth))
     out = tmp_path / "fitted.yaml"
-    proc = run_cli("calibrate", *dirs, str(tmp_path / "nope"), "--profile", str(prof_in), "--out", str(out),
+    proc = cli_in_process("calibrate", *dirs, str(tmp_path / "nope"), "--profile", str(prof_in), "--out", str(out),
                    "--chart", str(tmp_path / "c.png"), "--json")
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
     assert len(res["runs"]) == 3 and str(tmp_path / "nope") in res["unusable"]
     assert load_profile(out).hardware["cpu"] == HW
-    assert_clean_error(run_cli("calibrate"), "--local-loop")
-    assert_clean_error(run_cli("calibrate", str(tmp_path / "nope")), "no usable run")
+    assert_clean_error(cli_in_process("calibrate"), "--local-loop")
+    assert_clean_error(cli_in_process("calibrate", str(tmp_path / "nope")), "no usable run")
 
 
 def test_bench_records_this_machine_and_plans_use_it(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ from costmodels.steptime import evaluate
 from planner.calibration.framework_logs import parse_log
 from planner.planfile import load_plan
 from planner.profiles import load_profile
-from tests.conftest import assert_clean_error, cli_in_process, run_cli
+from tests.conftest import assert_clean_error, cli_in_process
 
 STEPS = 30
 NOISE = 0.015
@@ -168,18 +168,18 @@ def test_each_log_format_is_read(plans):
 def test_bad_logs_get_one_line_errors(plans, tmp_path):
     empty = tmp_path / "empty.log"
     empty.write_text("nothing to see\n")
-    assert_clean_error(run_cli("calibrate", "--log", str(empty), "--plan", str(plans["megatron"])),
+    assert_clean_error(cli_in_process("calibrate", "--log", str(empty), "--plan", str(plans["megatron"])),
                        "no megatron / torchtitan / deepspeed / nemo step lines")
-    assert_clean_error(run_cli("calibrate", "--log", str(tmp_path / "missing.log"), "--plan",
+    assert_clean_error(cli_in_process("calibrate", "--log", str(tmp_path / "missing.log"), "--plan",
                                str(plans["megatron"])), "file not found")
     plan = load_plan(plans["megatron"])
     short = tmp_path / "short.log"
     short.write_text(megatron_log(plan, np.array([1.0, 1.0, 1.0, 1.0])))
-    assert_clean_error(run_cli("calibrate", "--log", str(short), "--plan", str(plans["megatron"])),
+    assert_clean_error(cli_in_process("calibrate", "--log", str(short), "--plan", str(plans["megatron"])),
                        "fewer than 2 logged steps")
     other = tmp_path / "other.log"
     other.write_text(megatron_log(plan, np.ones(8)).replace(
         f"global batch size: {plan.layout.global_batch_size:5d}", "global batch size:    7"))
-    assert_clean_error(run_cli("calibrate", "--log", str(other), "--plan", str(plans["megatron"])),
+    assert_clean_error(cli_in_process("calibrate", "--log", str(other), "--plan", str(plans["megatron"])),
                        "layout.global_batch_size")
-    assert_clean_error(run_cli("calibrate", "--log", str(other)), "--plan PLAN.yaml")
+    assert_clean_error(cli_in_process("calibrate", "--log", str(other)), "--plan PLAN.yaml")

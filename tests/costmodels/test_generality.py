@@ -23,7 +23,7 @@ from costmodels.stacks import STACKS, stack_for
 from costmodels.steptime import evaluate
 from costmodels.uncertainty import interval, residual_quantiles
 from planner.profiles import load_profile
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, cli_in_process
 
 
 def _predict(model: str, layout: Layout, cluster: ClusterSpec, framework: str | None = None,
@@ -133,7 +133,7 @@ def test_shipped_profile_carries_intervals():
 
 
 def test_predict_json_gives_intervals():
-    proc = run_cli("predict", "--model", "llama3-8b", "--gpu", "h100-sxm", "--gpus", "8",
+    proc = cli_in_process("predict", "--model", "llama3-8b", "--gpu", "h100-sxm", "--gpus", "8",
                    "--sharding", "zero3", "--global-batch", "16", "--framework", "torchtitan", "--json")
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
@@ -147,7 +147,7 @@ def test_predict_json_gives_intervals():
 
 
 def test_plan_json_marks_layouts_within_uncertainty():
-    proc = run_cli("plan", "--model", "llama3-8b", "--gpu", "h100-sxm", "--gpus", "64",
+    proc = cli_in_process("plan", "--model", "llama3-8b", "--gpu", "h100-sxm", "--gpus", "64",
                    "--seq-len", "8192", "--global-batch-tokens", "4M", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
@@ -178,14 +178,14 @@ def test_validate_accepts_cluster_columns_and_names_unknown_rows(tmp_path, publi
     df = pd.concat(rows, ignore_index=True)
     p = tmp_path / "cluster.csv"
     df.to_csv(p, index=False)
-    out = json.loads(run_cli("validate", str(p), "--json").stdout)
+    out = json.loads(cli_in_process("validate", str(p), "--json").stdout)
     by = {r["run_id"]: r for r in out["rows"]}
     for rid in ("gb200", "b300", "gb300", "mi355x", "mi350x", "slownet"):
         assert by[rid]["predicted_tokens_per_sec_per_gpu"] > 0, by[rid]
     assert by["slownet"]["predicted_tokens_per_sec_per_gpu"] < by["gb200"]["predicted_tokens_per_sec_per_gpu"]
     assert "tpu-v9" in by["badgpu"]["skipped_reason"]
     assert "int4" in by["badprec"]["skipped_reason"]
-    text = run_cli("validate", str(p)).stdout.splitlines()
+    text = cli_in_process("validate", str(p)).stdout.splitlines()
     named = [ln for ln in text if ln.startswith("not predicted:")]
     assert len(named) == 2 and any("badgpu" in ln for ln in named) and any("badprec" in ln for ln in named)
 

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import cli_in_process
 from tests.executor.test_moe import MIXTRAL_8X7B, QWEN3_30B_A3B
 
 # Mixtral-8x7B: 46,702,792,704 (transformers' count); active: 32 layers x 6 idle experts x
@@ -23,13 +23,13 @@ def test_predict_counts_hf_moe_parameters(tmp_path, name):
     cfg, total, active = COUNTS[name]
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg))
-    proc = run_cli("predict", "--hf-config", str(path), "--gpu", "h100-sxm", "--gpus", "64", "--dp", "64",
+    proc = cli_in_process("predict", "--hf-config", str(path), "--gpu", "h100-sxm", "--gpus", "64", "--dp", "64",
                    "--ep", "8", "--seq-len", "4096", "--micro-batch", "1", "--global-batch", "512", "--json")
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
     assert (r["params"], r["active_params"]) == (total, active)
     assert r["step_time_s"]["moe_comm"] > 0  # dispatch / combine over 8 expert ranks
-    worse = run_cli("predict", "--hf-config", str(path), "--gpu", "h100-sxm", "--gpus", "64", "--dp", "64",
+    worse = cli_in_process("predict", "--hf-config", str(path), "--gpu", "h100-sxm", "--gpus", "64", "--dp", "64",
                     "--ep", "8", "--seq-len", "4096", "--micro-batch", "1", "--global-batch", "512",
                     "--moe-imbalance", "1.5", "--json")
     assert json.loads(worse.stdout)["tokens_per_sec_per_gpu"] < r["tokens_per_sec_per_gpu"]
@@ -39,12 +39,12 @@ def test_deepseek_mla_config_is_refused_in_one_line(tmp_path):
     cfg = {**MIXTRAL_8X7B, "model_type": "deepseek_v3", "kv_lora_rank": 512, "q_lora_rank": 1536}
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg))
-    proc = run_cli("predict", "--hf-config", str(path), "--gpu", "h100-sxm", "--gpus", "8")
+    proc = cli_in_process("predict", "--hf-config", str(path), "--gpu", "h100-sxm", "--gpus", "8")
     assert proc.returncode != 0 and "kv_lora_rank" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_plan_searches_expert_parallelism_for_mixtral(tmp_path):
-    proc = run_cli("plan", "--model", "mixtral-8x7b", "--gpu", "h100-sxm", "--gpus", "256",
+    proc = cli_in_process("plan", "--model", "mixtral-8x7b", "--gpu", "h100-sxm", "--gpus", "256",
                    "--seq-len", "4096", "--global-batch-tokens", "4M", "--json", "--out", str(tmp_path / "p"))
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)

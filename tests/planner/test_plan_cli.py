@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from planner.planfile import PlanError, apply_overrides, load_plan, plan_from_dict, save_plan
-from tests.conftest import assert_clean_error, run_cli
+from tests.conftest import assert_clean_error, cli_in_process, run_cli
 
 TOP_KEYS = {
     "tp", "pp", "dp", "cp", "vpp", "sharding", "micro_batch_size", "recompute", "sequence_parallel",
@@ -76,7 +76,7 @@ def test_405b_winner_is_runnable_by_the_executor_contract(llama405, llama405_mco
 
 def test_tiny_cpu_plan_writes_runnable_files(tmp_path):
     out = tmp_path / "plan"
-    proc = run_cli("plan", "--model", "tiny", "--gpu", "cpu", "--gpus", "1", "--seq-len", "128",
+    proc = cli_in_process("plan", "--model", "tiny", "--gpu", "cpu", "--gpus", "1", "--seq-len", "128",
                    "--global-batch-tokens", "4096", "--out", str(out), "--json")
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
@@ -95,7 +95,7 @@ def test_tiny_cpu_plan_writes_runnable_files(tmp_path):
 
 
 def test_plan_overrides_are_applied(tmp_path):
-    proc = run_cli("plan", "--model", "tiny", "--gpu", "cpu", "--gpus", "2", "--seq-len", "64",
+    proc = cli_in_process("plan", "--model", "tiny", "--gpu", "cpu", "--gpus", "2", "--seq-len", "64",
                    "--global-batch-tokens", "1024", "--out", str(tmp_path), "--override", "train.max_steps=40",
                    "--override", "train.objective=fim")
     assert proc.returncode == 0, proc.stderr
@@ -156,7 +156,7 @@ def test_plan_file_errors(tmp_path):
     ],
 )
 def test_impossible_requests(args, needles):
-    assert_clean_error(run_cli("plan", *args), *needles)
+    assert_clean_error(cli_in_process("plan", *args), *needles)
 
 
 def test_uneven_interleaving_emits_megatron_layout():

@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from tests.conftest import assert_clean_error, cli_in_process, run_cli
+from tests.conftest import assert_clean_error, cli_in_process
 
 ROW_KEYS = {
     "run_id", "predicted_tokens_per_sec_per_gpu", "measured_tokens_per_sec_per_gpu", "ape_pct",
@@ -19,7 +19,7 @@ SUMMARY_KEYS = {
 
 @pytest.fixture(scope="module")
 def validation(published_runs):
-    proc = run_cli("validate", str(published_runs), "--json")
+    proc = cli_in_process("validate", str(published_runs), "--json")
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -44,7 +44,7 @@ def test_dense_accuracy_target(validation, published_runs):
 
 
 def test_cross_validated_halves_stay_accurate(published_runs):
-    proc = run_cli("validate", str(published_runs), "--json", "--cross-validate", "--seed", "1")
+    proc = cli_in_process("validate", str(published_runs), "--json", "--cross-validate", "--seed", "1")
     assert proc.returncode == 0, proc.stderr
     s = json.loads(proc.stdout)["summary"]
     assert s["cross_validated"] is True
@@ -52,7 +52,7 @@ def test_cross_validated_halves_stay_accurate(published_runs):
 
 
 def test_validate_human_table(published_runs):
-    proc = run_cli("validate", str(published_runs))
+    proc = cli_in_process("validate", str(published_runs))
     assert proc.returncode == 0, proc.stderr
     assert "llmfoundry_bench" in proc.stdout and "MAPE" in proc.stdout
 
@@ -63,7 +63,7 @@ def test_missing_micro_batch_is_defaulted_not_skipped(tmp_path, published_runs):
     df["recompute"] = None
     p = tmp_path / "runs.csv"
     df.to_csv(p, index=False)
-    out = json.loads(run_cli("validate", str(p), "--json").stdout)
+    out = json.loads(cli_in_process("validate", str(p), "--json").stdout)
     assert out["summary"]["n_scored"] == 3
     assert any("micro_batch_size=1" in a for a in out["rows"][0]["assumed"])
 
@@ -72,18 +72,18 @@ def test_validate_bad_inputs(tmp_path, published_runs):
     df = pd.read_csv(published_runs).head(4)
     p = tmp_path / "missing.csv"
     df.drop(columns=["tp"]).to_csv(p, index=False)
-    assert_clean_error(run_cli("validate", str(p)), "missing column", "tp")
+    assert_clean_error(cli_in_process("validate", str(p)), "missing column", "tp")
     bad = df.copy()
     bad["hidden_size"] = bad["hidden_size"].astype(object)
     bad.loc[bad.index[1], "hidden_size"] = "lots"
     p2 = tmp_path / "nonnumeric.csv"
     bad.to_csv(p2, index=False)
-    assert_clean_error(run_cli("validate", str(p2)), "hidden_size", "not a number")
-    assert_clean_error(run_cli("validate", str(tmp_path / "nope.csv")), "not found")
+    assert_clean_error(cli_in_process("validate", str(p2)), "hidden_size", "not a number")
+    assert_clean_error(cli_in_process("validate", str(tmp_path / "nope.csv")), "not found")
 
 
 def test_predict_json_breakdowns():
-    proc = run_cli("predict", "--model", "llama3-8b", "--gpu", "h100-sxm", "--gpus", "8",
+    proc = cli_in_process("predict", "--model", "llama3-8b", "--gpu", "h100-sxm", "--gpus", "8",
                    "--sharding", "zero3", "--micro-batch", "2", "--global-batch", "64", "--json")
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
@@ -98,7 +98,7 @@ def test_predict_json_breakdowns():
 def test_predict_from_yaml(tmp_path):
     cfg = tmp_path / "job.yaml"
     cfg.write_text("model: llama3-70b\ncluster: {gpu: h100-sxm, gpus: 64}\nlayout: {tp: 8, pp: 2, dp: 4, global_batch: 64, sequence_parallel: true}\n")
-    proc = run_cli("predict", "--config", str(cfg), "--json")
+    proc = cli_in_process("predict", "--config", str(cfg), "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["layout"]["tp"] == 8
 
@@ -114,7 +114,7 @@ def test_predict_from_yaml(tmp_path):
     ],
 )
 def test_predict_bad_inputs(args, needles):
-    assert_clean_error(run_cli("predict", *args), *needles)
+    assert_clean_error(cli_in_process("predict", *args), *needles)
 
 
 def _plan_and_predict(tmp_path, *plan_flags, predict_flags=()):

@@ -16,11 +16,11 @@ from planner.planfile import Plan
 from planner.profiles import load_profile
 from planner.schedule_choice import compare_schedules
 from planner.search import SearchSpace, search
-from tests.conftest import run_cli
+from tests.conftest import cli_in_process
 
 
 def test_plan_json_lists_schedules_and_the_winner_under_each():
-    proc = run_cli("plan", "--model", "llama3-405b", "--gpu", "h100-sxm", "--gpus", "16384",
+    proc = cli_in_process("plan", "--model", "llama3-405b", "--gpu", "h100-sxm", "--gpus", "16384",
                    "--seq-len", "8192", "--global-batch-tokens", "16M", "--json")
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
@@ -62,7 +62,7 @@ def test_zero_bubble_schedules_trade_memory_for_bubble():
 
 
 def test_predict_json_reports_memory_per_stage_for_each_schedule():
-    proc = run_cli("predict", "--model", "llama3-8b", "--gpu", "h100-sxm", "--gpus", "8", "--pp", "4",
+    proc = cli_in_process("predict", "--model", "llama3-8b", "--gpu", "h100-sxm", "--gpus", "8", "--pp", "4",
                    "--tp", "2", "--micro-batch", "1", "--global-batch", "16", "--schedule", "zbv", "--json")
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
@@ -77,7 +77,7 @@ def test_predict_json_reports_memory_per_stage_for_each_schedule():
 
 
 def test_predict_refuses_a_v_schedule_with_three_stages_per_rank():
-    proc = run_cli("predict", "--model", "llama3-8b", "--gpu", "h100-sxm", "--gpus", "8", "--pp", "4",
+    proc = cli_in_process("predict", "--model", "llama3-8b", "--gpu", "h100-sxm", "--gpus", "8", "--pp", "4",
                    "--vpp", "3", "--micro-batch", "1", "--global-batch", "16", "--schedule", "dualpipev")
     assert proc.returncode == 2 and "vpp=3: schedule dualpipev holds two stages per rank" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
