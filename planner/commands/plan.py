@@ -13,6 +13,7 @@ from rich.table import Table
 
 from costmodels.errors import MeshplanError
 from costmodels.pipeline import BY_NAME, SCHEDULE_NAMES
+from costmodels.profile import Profile
 from costmodels.specs import RECOMPUTES, SHARDINGS
 from costmodels.stacks import stack_for
 from planner import datamix
@@ -31,7 +32,7 @@ from planner.planfile import (
     plan_from_dict,
     save_plan,
 )
-from planner.profiles import resolve_profile
+from planner.profiles import PricedBy, resolve_profile
 from planner.ranking_report import explain_runner_ups, top_json, trial_runs
 from planner.render import console
 from planner.schedule_advice import parse_count
@@ -215,8 +216,9 @@ def continual_summary(res: SearchResult, args: argparse.Namespace) -> dict[str, 
     return out
 
 
-def build_plan(res: SearchResult, args: argparse.Namespace) -> Plan:
-    profile, priced_by = resolve_profile(args.profile)
+def build_plan(res: SearchResult, args: argparse.Namespace, profile: Profile,
+               priced_by: PricedBy) -> Plan:
+    """The winner's plan, priced with the profile the search used."""
     train = TrainChoice(steps=_steps(res, args), objective=args.objective, lr=args.lr,
                         schedule=args.schedule)
     data = plan_data(res.model, res.cluster, res.ranked.iloc[0], res.global_batch, args.precision,
@@ -288,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
         continual_section(args)  # flag errors before any file is written
         out["continual"] = continual_summary(res, args)
     if args.out:
-        plan = build_plan(res, args)
+        plan = build_plan(res, args, profile, priced_by)
         plan_path = save_plan(plan, Path(args.out) / "plan.yaml")
         files = write_launch_files(plan, args.out)
         out["plan_path"] = str(plan_path)
