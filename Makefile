@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_STEPS ?= 150
 
-.PHONY: demo test test-cluster lint typecheck setup clean
+.PHONY: demo test test-full test-cluster lint typecheck setup clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -52,6 +52,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# The suite at the sizes the issues name (200 drawn layouts, 20 steps on 8 ranks, every
+# 8-rank layout, the whole calibration loop): longer than CI's 20-minute budget.
+test-full: $(STAMP)
+	MESHPLAN_TEST_SCALE=full $(BIN)/python -m pytest -q tests
 
 # The cluster tests alone: a real SLURM controller + node and multi-node torchrun on this host.
 test-cluster: $(STAMP)

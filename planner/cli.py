@@ -45,14 +45,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every subcommand, or with `command`'s alone when it names one (a
+    `meshplan run` rank then never imports the planner's pandas / scipy commands)."""
+    registrars = _load_registrars()
+    if command in registrars:
+        registrars = {command: registrars[command]}
     parser = _Parser(
         prog="meshplan",
         description="Plan, run and calibrate LLM pretraining layouts.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for _name, ep in sorted(_load_registrars().items()):
+    for _name, ep in sorted(registrars.items()):
         try:
             register = ep.load()
         except ModuleNotFoundError:
@@ -62,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     try:
         rc = args.func(args)

@@ -15,8 +15,9 @@ from costmodels.pipeline import SCHEDULE_NAMES as SCHEDULES
 from costmodels.presets import PRESETS
 from costmodels.specs import RECOMPUTES, SHARDINGS, ClusterSpec
 from planner.search import SearchSpace, enumerate_layouts
+from tests.scale import scaled
 
-DRAWS = 120
+DRAWS = scaled(60, 200)  # the 200 at full scale (`tests.scale`)
 SEED = 20261202
 MODEL = PRESETS["tiny-mha"].with_(seq_len=SEQ, layers=4)
 ROWS = 4  # sequences per step: up to 4 micro-batches, dp up to 4
@@ -24,7 +25,7 @@ ROWS = 4  # sequences per step: up to 4 micro-batches, dp up to 4
 
 # World sizes drawn in these proportions (8-rank layouts run in test_three_d, through the
 # CLI): the draw leans small to keep the suite inside its budget (the 200 layouts took
-# 153 s on 2 cores once the zero-bubble and V schedules joined the space; 120 draws since).
+# 153 s on 2 cores once the zero-bubble and V schedules joined the space).
 WORLD_WEIGHTS = {1: 0.4, 2: 0.5, 4: 0.1}
 
 
