@@ -1,7 +1,7 @@
 """Planner under load: N random valid layout-search requests in one process (as a planning
 service would serve them), with latency percentiles and resident memory before / after.
 
-    .venv/bin/python benchmarks/planner_load.py [--requests 1000] [--seed 0] [--json]
+    .venv/bin/python benchmarks/planner_load.py [--requests 1000] [--clients 4] [--json]
 
 Each request draws a model preset, an accelerator, a GPU count (whole 8-GPU nodes, or a
 single node), a sequence length and a global batch (sequences), then runs
@@ -10,6 +10,8 @@ single node), a sequence length and a global batch (sequences), then runs
 layout fits, say) counts as served and is reported separately; any other exception fails
 the benchmark. Memory is the process's resident set (VmRSS) after a warm-up of the first
 10% of requests and after the last one: a planner that keeps state per request grows.
+Then the same requests are served by `--clients` processes at once (a shared planning host):
+p50 / p99 latency per request and requests per second, next to the run alone.
 """
 
 from __future__ import annotations
@@ -125,6 +127,41 @@ def serve(req: Request, profile) -> bool:
     return len(res.ranked) > 0
 
 
+def percentile(sorted_ms: list[float], p: float) -> float:
+    """Nearest-rank percentile (the p-th percentile is the ceil(p/100 * n)-th value)."""
+    return sorted_ms[max(0, min(len(sorted_ms) - 1, -(-len(sorted_ms) * p // 100) - 1))]
+
+
+def _client(reqs: list[Request]) -> list[float]:
+    """One client process: serve its requests in turn; their latencies (s)."""
+    from planner.profiles import load_profile
+
+    serve.rejections = {}  # type: ignore[attr-defined]
+    profile = load_profile()
+    lat = []
+    for req in reqs:
+        t = time.perf_counter()
+        serve(req, profile)
+        lat.append(time.perf_counter() - t)
+    return lat
+
+
+def run_clients(n: int, clients: int, seed: int = 0, max_gpus: int = GPU_COUNTS[-1]) -> dict:
+    """The same n requests served by `clients` processes at once (n / clients each)."""
+    import multiprocessing
+
+    reqs = random_requests(n, seed, max_gpus, MODELS)
+    chunks = [reqs[i::clients] for i in range(clients)]
+    t0 = time.perf_counter()
+    with multiprocessing.get_context("fork").Pool(clients) as pool:
+        lats = pool.map(_client, chunks)
+    seconds = time.perf_counter() - t0
+    ms = sorted(x * 1000 for lat in lats for x in lat)
+    return {"clients": clients, "requests": n, "p50_ms": percentile(ms, 50),
+            "p99_ms": percentile(ms, 99), "max_ms": ms[-1], "seconds": seconds,
+            "requests_per_s": n / seconds}
+
+
 def run_load(n: int = 1000, seed: int = 0, max_gpus: int = GPU_COUNTS[-1],
              models: tuple[str, ...] = MODELS) -> LoadReport:
     from planner.profiles import load_profile
@@ -154,8 +191,7 @@ def run_load(n: int = 1000, seed: int = 0, max_gpus: int = GPU_COUNTS[-1],
     ms = sorted(x * 1000 for x in lat)
 
     def pct(p: float) -> float:
-        # Nearest-rank percentile (the p-th percentile is the ceil(p/100 * n)-th value).
-        return ms[max(0, min(len(ms) - 1, -(-len(ms) * p // 100) - 1))]
+        return percentile(ms, p)
 
     half = len(lat) // 2
     return LoadReport(
@@ -175,13 +211,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-gpus", type=int, default=GPU_COUNTS[-1],
                     help="largest GPU count drawn (default 1024)")
+    ap.add_argument("--clients", type=int, default=4,
+                    help="concurrent client processes for the second measurement (0: none)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.requests < 1:
         ap.error("--requests must be >= 1")
+    if args.clients < 0:
+        ap.error("--clients must be >= 0")
     rep = run_load(args.requests, args.seed, args.max_gpus)
+    alone = {"clients": 1, "requests": rep.requests, "p50_ms": rep.p50_ms, "p99_ms": rep.p99_ms,
+             "max_ms": rep.max_ms, "seconds": rep.seconds,
+             "requests_per_s": rep.requests / rep.seconds}
+    many = run_clients(args.requests, args.clients, args.seed, args.max_gpus) if args.clients else None
     if args.json:
-        print(json.dumps(asdict(rep), indent=1))
+        print(json.dumps({**asdict(rep), "alone": alone,
+                          f"clients_{args.clients}": many}, indent=1))
         return 0
     print(f"{rep.requests} search requests in {rep.seconds:.1f} s: {rep.served} served, "
           f"{rep.rejected} rejected with a one-line error")
@@ -191,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"RSS MB: start {rep.rss_start_mb:.0f}, after warm-up {rep.rss_warm_mb:.0f}, end "
           f"{rep.rss_end_mb:.0f} (growth after warm-up {rep.rss_growth_after_warmup_mb:+.1f}); "
           f"every 10%: {', '.join(f'{x:.0f}' for x in rep.rss_samples_mb)}")
+    if many:
+        print(f"{args.clients} concurrent clients, the same {many['requests']} requests: p50 "
+              f"{many['p50_ms']:.1f} ms, p99 {many['p99_ms']:.1f} ms, "
+              f"{many['requests_per_s']:.1f} requests/s (alone {alone['requests_per_s']:.1f})")
     for reason, count in sorted(rep.rejections.items(), key=lambda kv: -kv[1]):
         print(f"  rejected x{count}: {reason}")
     return 0

@@ -144,7 +144,10 @@ class ModelSpec:
 
     @property
     def moe_layers(self) -> int:
-        return sum(self.is_moe_layer(i) for i in range(self.layers))
+        """How many layers `is_moe_layer` holds, in closed form (no loop over the layers)."""
+        if not self.is_moe or self.layers <= self.dense_layers:
+            return 0
+        return -(-(self.layers - self.dense_layers) // self.moe_layer_freq)
 
     @property
     def mlp_matrices(self) -> int:
@@ -186,8 +189,10 @@ class ModelSpec:
         return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
 
     def param_count(self, active_only: bool = False) -> int:
+        moe = self.moe_layers
+        dense = self.attention_params() + self.mlp_params() + 2 * self.norm_params()
         return (
-            sum(self.layer_params(active_only, i) for i in range(self.layers))
+            moe * self.layer_params(active_only) + (self.layers - moe) * dense
             + self.embedding_params()
             + self.norm_params()  # final norm
         )

@@ -5,6 +5,8 @@
   its loss scaled by SPIKE_SCALE (a data-borne spike, so a replay that blacklists them is
   clean again).
 * ``garbage@S``: the samples of step S are poisoned with uniformly random tokens.
+* ``nangrad@S``: after step S's backward, this rank's first gradient is NaN: a fault local
+  to one rank or pipeline stage (a bad device, a corrupted buffer) that nothing propagates.
 
 Any kind takes an optional ``:R`` suffix (``nan@S:1``) that plants it on data-parallel
 process rank R only (env ``RANK``), e.g. a NaN in one rank's gradients: the skip decision
@@ -21,7 +23,7 @@ import torch
 from costmodels.errors import MeshplanError
 from executor.data.batch import IGNORE_INDEX, Batch
 
-KINDS = ("nan", "spike", "garbage")
+KINDS = ("nan", "spike", "garbage", "nangrad")
 SPIKE_SCALE = 1000.0
 
 
@@ -64,7 +66,7 @@ class FaultInjector:
         """The batch as step `step` sees it, and the faults that touched it."""
         notes: list[str] = []
         for f in self.faults:
-            if f.step != step or f in self.fired:
+            if f.step != step or f in self.fired or f.kind == "nangrad":
                 continue
             self.fired.add(f)
             if f.rank is not None and f.rank != self.rank:
@@ -91,3 +93,16 @@ class FaultInjector:
             batch = replace(batch, input_ids=input_ids, labels=labels)
             notes.append("garbage")
         return batch, notes
+
+    def corrupt_grads(self, step: int, params) -> list[str]:
+        """Fire step `step`'s `nangrad` faults of this rank on the gradients of `params`."""
+        hit = [f for f in self.faults if f.kind == "nangrad" and f.step == step
+               and f not in self.fired and f.rank in (None, self.rank)]
+        if not hit:
+            return []
+        self.fired.update(hit)
+        with torch.no_grad():
+            for p in params:
+                p.grad.fill_(float("nan"))
+                break
+        return ["nangrad"]

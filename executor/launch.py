@@ -5,7 +5,8 @@ a misconfigured layout fails with one line before any process starts. Then the s
 `meshplan run` command line is re-executed by `python -m torch.distributed.run --standalone`
 with the plan's process count (or `--nproc`), gloo on the CPU with the host's cores split
 among the ranks (OMP_NUM_THREADS, unless set), `--max-restarts` (env MESHPLAN_MAX_RESTARTS, default 0) and an optional wall-clock timeout
-(env MESHPLAN_LAUNCH_TIMEOUT_S). A restarted worker group resumes from the newest intact
+(env MESHPLAN_LAUNCH_TIMEOUT_S). The launcher holds the run directory's lock
+(`executor.dir_lock`) for every rank and restart it starts. A restarted worker group resumes from the newest intact
 checkpoint in the run directory, so a killed rank costs at most the steps since then.
 """
 
@@ -16,8 +17,10 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from costmodels.errors import MeshplanError
+from executor.dir_lock import HELD_ENV, dir_lock
 from executor.process_group import stop_process_group
 from planner.planfile import Plan
 
@@ -117,7 +120,13 @@ def launch_local(args: argparse.Namespace) -> int:
     if plan.layout.engine == "deepspeed":
         env.setdefault("DS_ACCELERATOR", "cpu" if plan.cluster.accelerator == "cpu" else "cuda")
     cmd = torchrun_argv(nproc, _rebuild_run_argv(args), restarts)
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    out = Path(args.out)
+    with dir_lock(out, "--out"):  # held for every rank and restart it starts
+        env[HELD_ENV] = str(out.resolve())
+        return _wait(subprocess.Popen(cmd, env=env, start_new_session=True), timeout)
+
+
+def _wait(proc: subprocess.Popen, timeout: float | None) -> int:
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:

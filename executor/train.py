@@ -226,6 +226,7 @@ class Trainer:
         loss_t = self.strategy.forward_backward(micro, targets)
         loss = float(loss_t)
         ewc_penalty = self.ewc.apply(self.strategy.model) if self.ewc is not None else None
+        faults += self.faults.corrupt_grads(step, self.strategy.parameters())
         grad_norm = self.strategy.clip_grad_norm(self.plan.train.grad_clip)
         clock.mark("compute_s")
         decision = self.detector.check(step, loss, grad_norm)

@@ -92,11 +92,15 @@ def run(args: argparse.Namespace) -> int:
     from planner.atomic import atomic_write_text
 
     if args.local_loop:
-        from executor.calibration_loop import LOOP_STEPS, local_loop
+        from executor.calibration_loop import LOOP_STEPS, local_loop, select_runs
+        from executor.dir_lock import dir_lock
 
         say = (lambda m: print(m, file=sys.stderr)) if args.json else print
         names = [n.strip() for n in args.loop_runs.split(",") if n.strip()] or None
-        res = local_loop(args.workdir, steps=args.steps or LOOP_STEPS, progress=say, runs=names)
+        select_runs(names)  # a bad --loop-runs fails before the workdir is touched
+        with dir_lock(args.workdir, "--workdir"):
+            res = local_loop(args.workdir, steps=args.steps or LOOP_STEPS, progress=say,
+                             runs=names)
         if args.out:
             atomic_write_text(Path(args.out), Path(res["profile_path"]).read_text())
         if args.json:

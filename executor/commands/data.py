@@ -54,8 +54,11 @@ def handle_prepare(args: argparse.Namespace) -> int:
     else:
         sources = default_corpus(args.max_docs or 4000)
         fp = f"default-{corpus_fingerprint()}-v{args.vocab}-d{args.max_docs or 4000}"
-    out = prepare_dataset(sources, args.out, args.vocab, args.max_docs,
-                          progress=not args.no_progress, fingerprint=fp)
+    from executor.dir_lock import sibling_lock
+
+    with sibling_lock(args.out, "--out"):  # the folder itself appears whole, by rename
+        out = prepare_dataset(sources, args.out, args.vocab, args.max_docs,
+                              progress=not args.no_progress, fingerprint=fp)
     ds = PreparedDataset(out)
     for name, info in ds.summary().items():
         print(f"{name}: {info['docs']} documents, {info['tokens']} tokens")

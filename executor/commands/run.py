@@ -24,30 +24,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="processes for a multi-rank layout (default: the plan's world size)")
     p.add_argument("--inject-fault", action="append", default=[], metavar="KIND@STEP",
                    help="plant a fault to exercise the stability policy: nan@S, spike@S, "
-                        "garbage@S (repeatable)")
+                        "garbage@S, nangrad@S (a NaN in this rank's gradients; :R for rank R only)"
+                        " (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=handle)
 
 
 def handle(args: argparse.Namespace) -> int:
-    from planner.planfile import load_plan, save_plan
+    from executor.dir_lock import run_dir_lock
+    from planner.planfile import load_plan
 
     plan = load_plan(args.plan, args.override, resize_cluster=True)
     if args.stop_after_steps is not None and args.stop_after_steps < 1:
         raise MeshplanError("--stop-after-steps: must be >= 1")
-    if plan.layout.world_size > 1 and "LOCAL_RANK" not in os.environ:
-        from executor.launch import launch_local
-
-        return launch_local(args)
-    from executor.faults import Fault
-    from executor.train import RunOptions, run_training
-
-    if plan.cluster.accelerator == "cpu":
-        _set_cpu_threads()
-
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise MeshplanError(f"--out {out}: exists and is not a folder; pass a folder path")
+    if plan.layout.world_size > 1 and "LOCAL_RANK" not in os.environ:
+        from executor.launch import launch_local
+
+        return launch_local(args)  # it holds the lock for its ranks
+
+    with run_dir_lock(out):  # before anything is written (executor.dir_lock)
+        return _train(plan, out, args)
+
+
+def _train(plan, out: Path, args: argparse.Namespace) -> int:
+    from executor.faults import Fault
+    from executor.train import RunOptions, run_training
+    from planner.planfile import save_plan
+
+    if plan.cluster.accelerator == "cpu":
+        _set_cpu_threads()
     if int(os.environ.get("RANK", "0")) == 0:
         out.mkdir(parents=True, exist_ok=True)
         save_plan(plan, out / "plan.yaml")

@@ -5,16 +5,25 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.reliability.helpers import CASE_COUNTS, FAULT_RESULTS
+from tests.reliability.helpers import CASE_COUNTS, FAULT_RESULTS, PARTIAL_FILES, TRACEBACKS
 
 
 @pytest.fixture(autouse=True)
 def _threads() -> None:
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def corpus() -> Path:
+    """The embedded corpus (200 docs per domain), prepared once and cached."""
+    from executor.data.prepare import prepare_default_corpus
+
+    return prepare_default_corpus(8192, 200, progress=False)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ARG001
@@ -34,4 +43,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # no
     if path and (FAULT_RESULTS or CASE_COUNTS):
         with open(path, "w", encoding="utf-8") as fh:
             json.dump({"faults": FAULT_RESULTS, "bad_input_cases": dict(CASE_COUNTS),
+                       "tracebacks": TRACEBACKS, "partial_files": PARTIAL_FILES,
                        "exitstatus": int(exitstatus)}, fh, indent=1)

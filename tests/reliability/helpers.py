@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Generated bad-input cases per suite, printed in the terminal summary (conftest.py).
 CASE_COUNTS: Counter[str] = Counter()
+# Bad-input cases that ended in a traceback, or left a partial file (test_bad_input.call_cli).
+TRACEBACKS: list[str] = []
+PARTIAL_FILES: list[str] = []
 # One entry per injected fault: fault, times, outcome, lost, duplicated, loss_diff.
 FAULT_RESULTS: list[dict[str, Any]] = []
 

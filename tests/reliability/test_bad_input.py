@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -20,11 +21,56 @@ from costmodels.hardware import ACCELERATORS
 from costmodels.presets import PRESETS
 from tests.reliability.helpers import (
     CASE_COUNTS,
+    PARTIAL_FILES,
     ROOT,
+    TRACEBACKS,
     assert_clean,
-    call_cli,
     run_subprocess,
 )
+from tests.reliability.helpers import call_cli as _call_cli
+
+
+def _out_path(argv: list[str]) -> Path | None:
+    for i, a in enumerate(argv):
+        if a == "--out" and i + 1 < len(argv):
+            return Path(argv[i + 1])
+        if a.startswith("--out="):
+            return Path(a[len("--out="):])
+    return None
+
+
+def _files(root: Path) -> set[str]:
+    return {str(p) for p in root.rglob("*") if p.is_file()} if root.is_dir() else set()
+
+
+def call_cli(argv: list[str], timeout: float = 30.0) -> tuple[int, str, str]:
+    """`helpers.call_cli`, counting what a user must never see: a traceback (an exception
+    that is not a one-line error), or files a failed command left under its `--out`
+    (and temp files beside it, whatever the outcome)."""
+    out = _out_path(argv)
+    before = _files(out) if out else set()
+    try:
+        rc, stdout, err = _call_cli(argv, timeout)
+    except Exception as exc:
+        TRACEBACKS.append(f"{argv!r}: {type(exc).__name__}: {exc}"[:500])
+        raise
+    if "Traceback" in err + stdout:
+        TRACEBACKS.append(f"{argv!r}: {err[-300:]}")
+    if out is not None:
+        left = sorted(_files(out) - before) if rc != 0 else []
+        left += [str(p) for p in out.parent.glob("*") if ".tmp" in p.name]
+        if left:
+            PARTIAL_FILES.append(f"{argv!r}: {left[:3]}")
+        assert not left, (argv, rc, left)
+    return rc, stdout, err
+
+# `benchmarks/bad_input.py` scales every family's case count (env MESHPLAN_BAD_INPUT_SCALE).
+SCALE = float(os.environ.get("MESHPLAN_BAD_INPUT_SCALE", "1"))
+
+
+def examples(n: int) -> int:
+    return max(1, round(n * SCALE))
+
 
 SETTINGS = settings(deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -114,7 +160,7 @@ PREDICT_FLAGS = {
 }
 
 
-@settings(SETTINGS, max_examples=150)
+@settings(SETTINGS, max_examples=examples(150))
 @given(data=st.data())
 def test_predict_flags(data) -> None:
     flags = _draw_flags(data, PREDICT_FLAGS, required=("model", "gpus"))
@@ -154,7 +200,7 @@ PLAN_FLAGS = {
 }
 
 
-@settings(SETTINGS, max_examples=60)
+@settings(SETTINGS, max_examples=examples(60))
 @given(data=st.data())
 def test_plan_flags(data, tmp_path_factory) -> None:
     flags = _draw_flags(data, PLAN_FLAGS, required=("model", "gpus", "global-batch"),
@@ -194,7 +240,7 @@ SIZE_FLAGS = {
 }
 
 
-@settings(SETTINGS, max_examples=120)
+@settings(SETTINGS, max_examples=examples(120))
 @given(data=st.data())
 def test_size_flags(data) -> None:
     flags = _draw_flags(data, SIZE_FLAGS, required=("compute-flops",))
@@ -245,7 +291,7 @@ def _set(d: dict, path: tuple[str, ...], value: object) -> None:
     node[path[-1]] = value
 
 
-@settings(SETTINGS, max_examples=200)
+@settings(SETTINGS, max_examples=examples(200))
 @given(mutations=st.lists(st.tuples(st.sampled_from(SCHEMA_PATHS), nasty_value), min_size=1,
                           max_size=3),
        drop=st.lists(st.sampled_from(["model", "cluster", "layout", "train"]), max_size=1))
@@ -264,7 +310,7 @@ def test_plan_schema_fields(mutations, drop, tmp_path_factory) -> None:
     assert_clean(rc, err, argv=(mutations, drop))
 
 
-@settings(SETTINGS, max_examples=80)
+@settings(SETTINGS, max_examples=examples(80))
 @given(key=st.one_of(st.sampled_from([".".join(p) for p in SCHEMA_PATHS] + ["", ".", "a..b",
                                                                              "layout", "=", "model.layers.x"]),
                      st.text(max_size=12)),
@@ -280,7 +326,7 @@ def test_plan_overrides(key, value, raw, tmp_path_factory) -> None:
     assert_clean(rc, err, argv=argv)
 
 
-@settings(SETTINGS, max_examples=80)
+@settings(SETTINGS, max_examples=examples(80))
 @given(text=st.one_of(st.text(max_size=200), st.binary(max_size=200).map(
     lambda b: b.decode("latin-1")), st.sampled_from([
         "", "---", "[1, 2]", "model: 3", "model: {}", "? [a]\n: b", "a: &x [*x]",
@@ -324,7 +370,7 @@ GOOD_ROW = {
 }
 
 
-@settings(SETTINGS, max_examples=120)
+@settings(SETTINGS, max_examples=examples(120))
 @given(rows=st.lists(st.dictionaries(st.sampled_from(CSV_COLUMNS), nasty_text, max_size=4),
                      min_size=0, max_size=3),
        dropped=st.lists(st.sampled_from(CSV_COLUMNS), max_size=2),
@@ -347,7 +393,7 @@ def test_validate_csv(rows, dropped, extra, cross, tmp_path_factory) -> None:
         json.loads(out)
 
 
-@settings(SETTINGS, max_examples=40)
+@settings(SETTINGS, max_examples=examples(40))
 @given(blob=st.one_of(st.binary(max_size=300), st.sampled_from([
     b"", b"\n", b"run_id\n", b"\xff\xfe\x00", b'"unterminated\n', b"a,b\n1,2,3,4\n",
     (",".join(CSV_COLUMNS) + "\n").encode(), (",".join(CSV_COLUMNS) + "\n" + ","
@@ -362,10 +408,71 @@ def test_validate_csv_garbage_bytes(blob, tmp_path_factory) -> None:
     assert_clean(rc, err, argv=blob)
 
 
+# --------------------------------------------------------------------------- HF config.json
+
+HF_BASE = {"model_type": "llama", "num_hidden_layers": 4, "hidden_size": 256,
+           "intermediate_size": 688, "num_attention_heads": 8, "num_key_value_heads": 4,
+           "vocab_size": 8192, "max_position_embeddings": 1024, "hidden_act": "silu",
+           "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False}
+HF_KEYS = [*HF_BASE, "head_dim", "num_local_experts", "num_experts_per_tok", "n_routed_experts",
+           "moe_intermediate_size", "first_k_dense_replace", "rope_parameters", "kv_lora_rank",
+           "q_lora_rank", "sliding_window", "n_layer", "n_embd", "torch_dtype"]
+
+
+@settings(SETTINGS, max_examples=examples(100))
+@given(mutations=st.lists(st.tuples(st.sampled_from(HF_KEYS), nasty_value), max_size=3),
+       dropped=st.lists(st.sampled_from(list(HF_BASE)), max_size=2),
+       raw=st.one_of(st.none(), st.text(max_size=80), st.sampled_from(
+           ["", "{", "[]", "null", "1", '{"model_type": "gpt9"}', "\ufeff{}", "NaN"])))
+def test_hf_config_files(mutations, dropped, raw, tmp_path_factory) -> None:
+    cfg = {k: v for k, v in HF_BASE.items() if k not in dropped}
+    for key, value in mutations:
+        cfg[key] = value
+    path = tmp_path_factory.mktemp("hf") / "config.json"
+    text = raw if raw is not None else json.dumps(cfg, allow_nan=True)
+    path.write_text(text, encoding="utf-8", errors="surrogatepass")
+    argv = ["predict", "--hf-config", str(path), "--gpus", "8", "--json"]
+    CASE_COUNTS["hf config.json"] += 1
+    rc, out, err = call_cli(argv)
+    assert_clean(rc, err, argv=(mutations, dropped, raw))
+    if rc == 0:
+        assert _finite_tree(json.loads(out)), (cfg, out)
+
+
+# --------------------------------------------------------------------------- training logs
+
+LOG_LINES = {
+    "megatron": ["iteration {a}/ 100 | consumed samples: 80 | elapsed time per iteration (ms): {b} "
+                 "| global batch size: {c} |", "[Rank 0] memory (MB) | allocated: 1 | max allocated: {b}"],
+    "torchtitan": ["step: {a}  loss: 7.1  memory: {b}GiB(10%)  tps: {c}  mfu: 40%"],
+    "deepspeed": ["global_step={a}, RunningAvgSamplesPerSec={b}, CurrSamplesPerSec={c}, "
+                  "MemAllocated=1GB, MaxMemAllocated={b}GB"],
+    "nemo": ["Epoch 0: global_step: {a} train_step_timing in s: {b} reduced_train_loss={c}"],
+}
+
+
+@settings(SETTINGS, max_examples=examples(100))
+@given(framework=st.sampled_from([*LOG_LINES, None]),
+       lines=st.lists(st.tuples(st.integers(0, 3), nasty_text, nasty_text, nasty_text), max_size=8),
+       noise=st.lists(st.text(max_size=40), max_size=3))
+def test_calibration_logs(framework, lines, noise, tmp_path_factory) -> None:
+    tmp = tmp_path_factory.mktemp("log")
+    templates = [t for ts in LOG_LINES.values() for t in ts] if framework is None else LOG_LINES[framework]
+    text = [templates[i % len(templates)].format(a=a, b=b, c=c) for i, a, b, c in lines] + noise
+    log = tmp / "train.log"
+    log.write_text("\n".join(text), encoding="utf-8", errors="surrogatepass")
+    argv = ["calibrate", "--log", str(log), "--model", "llama3-8b", "--gpu", "h100-sxm",
+            "--gpus", "8", "--out", str(tmp / "profile.yaml"), "--json",
+            *(["--framework", framework] if framework else [])]
+    CASE_COUNTS["calibration logs"] += 1
+    rc, _, err = call_cli(argv)
+    assert_clean(rc, err, argv=(framework, text))
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
-@settings(SETTINGS, max_examples=60)
+@settings(SETTINGS, max_examples=examples(60))
 @given(manifest=st.one_of(
     st.text(max_size=50),
     st.recursive(st.one_of(st.none(), st.integers(), st.text(max_size=5), st.floats()),

@@ -117,14 +117,6 @@ def check_run(run: Path, reference: list[dict[str, Any]], fault: str, outcome: s
 
 
 @pytest.fixture(scope="module")
-def corpus() -> Path:
-    """The embedded corpus (200 docs per domain), prepared once and cached."""
-    from executor.data.prepare import prepare_default_corpus
-
-    return prepare_default_corpus(8192, 200, progress=False)
-
-
-@pytest.fixture(scope="module")
 def single_plan(tmp_path_factory, corpus) -> Path:
     return write_plan(tmp_path_factory.mktemp("plan1"), plan_data())
 

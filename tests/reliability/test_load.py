@@ -63,3 +63,10 @@ def test_planner_load_report_fields() -> None:
     assert rep.requests == 20 and rep.served + rep.rejected == 20
     assert 0 < rep.p50_ms <= rep.p99_ms <= rep.max_ms
     assert len(rep.rss_samples_mb) == 10
+
+
+def test_planner_load_with_concurrent_clients() -> None:
+    many = _bench().run_clients(12, clients=2, seed=5, max_gpus=16)
+    assert many["clients"] == 2 and many["requests"] == 12
+    assert 0 < many["p50_ms"] <= many["p99_ms"] <= many["max_ms"]
+    assert many["requests_per_s"] == 12 / many["seconds"]
