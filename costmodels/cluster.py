@@ -23,8 +23,9 @@ class ClusterSpec:
     extra: dict[str, float] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        positive_int(self, "num_gpus")
-        positive_int(self, "gpus_per_node")
+        # 2**24 GPUs: rank strides and group sizes pack into one int64 key (costmodels.cases)
+        positive_int(self, "num_gpus", maximum=2**24)
+        positive_int(self, "gpus_per_node", maximum=2**24)
         if self.num_gpus > self.gpus_per_node:
             require(
                 self.num_gpus % self.gpus_per_node == 0,

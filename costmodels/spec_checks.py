@@ -15,11 +15,15 @@ def require(cond: bool, message: str) -> None:
         raise SpecError(message)
 
 
-def positive_int(obj: object, name: str, minimum: int = 1) -> None:
+# Sizes and counts fit the int64 arrays the search and the step-time model vectorise over.
+MAX_INT = 2**31 - 1
+
+
+def positive_int(obj: object, name: str, minimum: int = 1, maximum: int = MAX_INT) -> None:
     value = getattr(obj, name)
     require(
-        isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
-        f"{type(obj).__name__}.{name}={value!r}: must be an integer >= {minimum}",
+        isinstance(value, int) and not isinstance(value, bool) and minimum <= value <= maximum,
+        f"{type(obj).__name__}.{name}={value!r}: must be an integer from {minimum} to {maximum}",
     )
 
 
