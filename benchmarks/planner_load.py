@@ -219,11 +219,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--requests must be >= 1")
     if args.clients < 0:
         ap.error("--clients must be >= 0")
+    # The clients first, forked from a process that has served nothing (no warm caches).
+    many = run_clients(args.requests, args.clients, args.seed, args.max_gpus) if args.clients else None
     rep = run_load(args.requests, args.seed, args.max_gpus)
     alone = {"clients": 1, "requests": rep.requests, "p50_ms": rep.p50_ms, "p99_ms": rep.p99_ms,
              "max_ms": rep.max_ms, "seconds": rep.seconds,
              "requests_per_s": rep.requests / rep.seconds}
-    many = run_clients(args.requests, args.clients, args.seed, args.max_gpus) if args.clients else None
     if args.json:
         print(json.dumps({**asdict(rep), "alone": alone,
                           f"clients_{args.clients}": many}, indent=1))

@@ -41,8 +41,10 @@ def _pid_alive(pid: int) -> bool:
 
 def _describe(holder: dict) -> str:
     started = holder.get("started")
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(
-        started, int | float) else "?"
+    try:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(started)))  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError, OSError):
+        when = "?"
     return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} since {when}"
 
 
@@ -59,32 +61,47 @@ def _read_holder(fd: int) -> dict:
 class DirLock:
     """The exclusive lock on `path` (a lock file), held from `acquire` to `release`."""
 
-    def __init__(self, path: Path, field: str) -> None:
+    def __init__(self, path: Path, field: str, shown: Path) -> None:
         self.path = path
         self.field = field  # the user's flag for the directory, for the error line
+        self.shown = shown  # the directory as the user named it
         self._fd: int | None = None
 
+    def fileno(self) -> int:
+        assert self._fd is not None, "not held"
+        return self._fd
+
     def acquire(self) -> DirLock:
+        where = f"{self.field} {self.shown}"
         if self.path.parent.exists() and not self.path.parent.is_dir():
-            raise MeshplanError(f"{self.field} {self.path.parent}: exists and is not a folder; "
-                                "pass a folder path")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            raise MeshplanError(f"{where}: {self.path.parent} is not a folder; pass a folder path")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise MeshplanError(f"{where}: cannot create the lock file {self.path} "
+                                f"({exc.strerror}); choose a writable {self.field}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
             raise MeshplanError(
-                f"{self.field} {self.path.parent}: in use by meshplan {_describe(holder)} "
-                f"(lock {self.path}); wait for it to finish or choose another {self.field}"
+                f"{where}: in use by meshplan {_describe(holder)} (lock {self.path}); wait for "
+                f"it to finish or choose another {self.field}"
             ) from None
+        except OSError as exc:  # a filesystem without flock support
+            os.close(fd)
+            raise MeshplanError(f"{where}: cannot lock {self.path} ({exc.strerror}); use a "
+                                f"{self.field} on a filesystem with flock support") from None
         left = _read_holder(fd)
         if left.get("pid") is not None:  # its holder ended without releasing it: it died
             here = left.get("host") == socket.gethostname()
-            state = "gone" if here and not _pid_alive(int(left["pid"])) else "no longer holding it"
-            print(f"meshplan: warning: {self.field} {self.path.parent}: taking over the lock "
-                  f"left by {_describe(left)} ({state})", file=sys.stderr)
+            pid = left["pid"]
+            gone = here and isinstance(pid, int) and 0 < pid < 2**31 and not _pid_alive(pid)
+            print(f"meshplan: warning: {where}: taking over the lock left by "
+                  f"{_describe(left)} ({'gone' if gone else 'no longer holding it'})",
+                  file=sys.stderr)
         holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
                   "command": " ".join(sys.argv)[:500]}
         os.ftruncate(fd, 0)
@@ -111,13 +128,13 @@ class DirLock:
 
 def dir_lock(directory: str | Path, field: str) -> DirLock:
     """The lock of an output directory, kept inside it (`LOCK_NAME`)."""
-    return DirLock(Path(directory) / LOCK_NAME, field)
+    return DirLock(Path(directory) / LOCK_NAME, field, Path(directory))
 
 
 def sibling_lock(target: str | Path, field: str) -> DirLock:
     """The lock of a folder that appears whole by rename, kept beside it."""
-    t = Path(target)
-    return DirLock(t.parent / f".{t.name}{LOCK_NAME}", field)
+    t = Path(target).resolve()
+    return DirLock(t.parent / f".{t.name or 'root'}{LOCK_NAME}", field, Path(target))
 
 
 def run_dir_lock(directory: str | Path) -> contextlib.AbstractContextManager:
@@ -126,6 +143,6 @@ def run_dir_lock(directory: str | Path) -> contextlib.AbstractContextManager:
     held = os.environ.get(HELD_ENV)
     if held and Path(held).resolve() == Path(directory).resolve():
         return contextlib.nullcontext()
-    if os.environ.get("RANK", "0") != "0":
-        return contextlib.nullcontext()
+    if "LOCAL_RANK" in os.environ and os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()  # a rank of an external launch: global rank 0 locks
     return dir_lock(directory, "--out")

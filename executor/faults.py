@@ -104,5 +104,5 @@ class FaultInjector:
         with torch.no_grad():
             for p in params:
                 p.grad.fill_(float("nan"))
-                break
-        return ["nangrad"]
+                return ["nangrad"]
+        return []  # no gradient held here (DeepSpeed keeps its own; refused in `meshplan run`)

@@ -13,6 +13,7 @@ checkpoint in the run directory, so a killed rank costs at most the steps since 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -121,12 +122,31 @@ def launch_local(args: argparse.Namespace) -> int:
         env.setdefault("DS_ACCELERATOR", "cpu" if plan.cluster.accelerator == "cpu" else "cuda")
     cmd = torchrun_argv(nproc, _rebuild_run_argv(args), restarts)
     out = Path(args.out)
-    with dir_lock(out, "--out"):  # held for every rank and restart it starts
+    # Held for every rank and restart it starts; torchrun holds the lock file open too, so the
+    # directory stays locked while it lives even if this process is killed.
+    with dir_lock(out, "--out") as lock:
         env[HELD_ENV] = str(out.resolve())
-        return _wait(subprocess.Popen(cmd, env=env, start_new_session=True), timeout)
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, pass_fds=(lock.fileno(),))
+        return _wait(proc, timeout)
+
+
+def _forward_signals(proc: subprocess.Popen) -> dict[int, object]:
+    """SIGTERM / SIGHUP to this launcher go to torchrun's whole group (which stops its
+    workers), so the lock is released only once they are gone; the previous handlers."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def forward(signum: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signum)
+
+    return {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGHUP)}
 
 
 def _wait(proc: subprocess.Popen, timeout: float | None) -> int:
+    previous = _forward_signals(proc)
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -138,3 +158,6 @@ def _wait(proc: subprocess.Popen, timeout: float | None) -> int:
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait()
         raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]

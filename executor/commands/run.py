@@ -40,6 +40,12 @@ def handle(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise MeshplanError(f"--out {out}: exists and is not a folder; pass a folder path")
+    from executor.faults import Fault
+
+    faults = [Fault.parse(f) for f in args.inject_fault]  # a typo fails before anything runs
+    if plan.layout.engine == "deepspeed" and any(f.kind == "nangrad" for f in faults):
+        raise MeshplanError("--inject-fault nangrad: DeepSpeed keeps its gradients in its own "
+                            "buffers; use layout.engine=torch or the nan fault")
     if plan.layout.world_size > 1 and "LOCAL_RANK" not in os.environ:
         from executor.launch import launch_local
 

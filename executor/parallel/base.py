@@ -229,15 +229,18 @@ class DistributedStrategy(CommAccounting, ExpertGrads, Strategy):
     def _whole_tensor_clip(self, max_norm: float) -> float:
         """torch.nn.utils.clip_grad_norm_(foreach=True) over the whole model, bit for bit:
         each tensor's norm by `torch._foreach_norm`, one owner rank per tensor (data-parallel
-        rank 0 of its stage), summed into the one-process order (x + 0 is exact), the norm
+        rank 0 of its stage; the other copies add only a non-finite flag), summed into the one-process order (x + 0 is exact), the norm
         of the norms, and the clamped fp32 coefficient applied to every gradient."""
         named = [(n, p.grad) for part in self.model_parts() for n, p in part.named_parameters()
                  if p.grad is not None]
         norms = torch.zeros(len(self._param_index), dtype=torch.float32, device=self.device)
-        if named and self.dp_rank == 0 and self.cp_rank == 0:
+        if named:
             local = torch._foreach_norm([g for _, g in named], 2)
-            idx = torch.tensor([self._param_index[_plain_name(n)] for n, _ in named], device=self.device)
-            norms[idx] = torch.stack(local).to(torch.float32)
+            if self.dp_rank == 0 and self.cp_rank == 0:
+                idx = torch.tensor([self._param_index[_plain_name(n)] for n, _ in named], device=self.device)
+                norms[idx] = torch.stack(local).to(torch.float32)
+            else:  # + 0 when finite (exact); a NaN / inf in this copy reaches every rank's total
+                norms[:1] += torch.stack(local).sum().to(torch.float32) * 0
         with self.counting():
             dist.all_reduce(norms)
         total = torch.linalg.vector_norm(norms, 2)

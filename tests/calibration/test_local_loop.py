@@ -10,10 +10,10 @@ from planner.profiles import load_profile
 from tests.conftest import run_cli
 from tests.scale import FULL, scaled
 
-# The held-out runs, four fitted ones (one process at two micro-batches, DDP, TP) and the
-# large one-process check, 6 steps a run (3 warm-up, median of 3): 128 s here. The whole
-# loop (LOOP_RUNS at LOOP_STEPS) runs in `make demo` and at full scale (`tests.scale`).
-QUICK = ("single_mbs2", "single_mbs8", "ddp2", "tp2", "fsdp2_zero3", "pp2", "tp2_sp", "single_mbs32")
+# The three held-out runs and four fitted ones (one process at two micro-batches, DDP, TP),
+# 6 steps a run (3 warm-up, median of 3). The whole loop (LOOP_RUNS at LOOP_STEPS, with its
+# checks) runs in `make demo` and at full scale (`tests.scale`).
+QUICK = ("single_mbs2", "single_mbs8", "ddp2", "tp2", "fsdp2_zero3", "pp2", "tp2_sp")
 SUBSET = list(LOOP_RUNS) if FULL else [r for r in LOOP_RUNS if r.name in QUICK]
 STEPS = scaled(6, LOOP_STEPS)
 
@@ -26,7 +26,7 @@ def test_local_loop_contract(tmp_path):
     res = json.loads(proc.stdout)
     held = res["heldout"]
     assert len(held) == sum(r.held_out for r in SUBSET) and not res["failed_runs"]
-    assert len(res["checks"]) == sum(r.check for r in SUBSET) >= 1
+    assert len(res["checks"]) == sum(r.check for r in SUBSET)
     unseen = [h["ape_pct"] for h in held + res["checks"]]
     assert res["unseen_max_ape_pct"] == pytest.approx(max(unseen))
     for h in held:

@@ -1,4 +1,5 @@
-"""Every layout trains the one-process model: 10 fp32 steps on gloo whose losses match the
+"""Every layout trains the one-process model: fp32 steps on gloo (5; 20 at full scale,
+`tests.scale`) whose losses match the
 single-process executor within 1e-4 relative, and whose measured collective payload per
 step is within 5% of `costmodels.comm_volume` (tiny-mha, seq 32, 8 rows, micro-batch 2)."""
 
@@ -11,7 +12,9 @@ import pytest
 from distutil import run_distributed
 from workers import compare_worker
 
-STEPS = 10
+from tests.scale import scaled
+
+STEPS = scaled(5, 20)
 
 
 def _check(layouts: list[dict[str, Any]], results: list[dict[str, Any]]) -> None:

@@ -1,4 +1,4 @@
-"""Zero-bubble and DualPipe-V schedules train the one-process model: 10 fp32 steps on gloo
+"""Zero-bubble and DualPipe-V schedules train the one-process model: fp32 steps on gloo
 whose losses match the single-process executor within 1e-4 relative (bit for bit here: the
 whole-tensor gradient clip combines norms as one process does), with the collective payload
 `costmodels.comm_volume` predicts (V placements send nothing at their turn)."""

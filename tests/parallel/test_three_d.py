@@ -36,9 +36,11 @@ LAYOUTS: dict[str, dict[str, object]] = {
 }
 
 
-# `tp2 pp2 dp2` is `tp2 pp2 vpp2 dp2 zero1` without the chunks and the sharding: run at full
-# scale only (`tests.scale`), to keep the 8-rank runs few.
-CASES = list(LAYOUTS) if FULL else [n for n in LAYOUTS if n != "tp2 pp2 dp2"]
+# At quick scale (`tests.scale`) three of them, to keep the 8-rank runs few: `tp2 pp2 dp2` is
+# `tp2 pp2 vpp2 dp2 zero1` without the chunks and the sharding, and CP x PP composes in
+# test_contract_property's 8-rank tp2 pp2 cp2 run.
+QUICK = ("tp2 cp2 dp2", "tp2 pp2 vpp2 dp2 zero1", "pp2 dp4 dp_shard=2 zero3")
+CASES = list(LAYOUTS) if FULL else list(QUICK)
 
 
 def _overrides(layout: dict[str, object]) -> list[str]:

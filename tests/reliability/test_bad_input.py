@@ -576,6 +576,8 @@ SUBPROCESS_CASES = [
 def test_subprocess_bad_input_exits_2_without_traceback(argv: list[str], needle: str) -> None:
     proc = run_subprocess(*argv, timeout=120)
     CASE_COUNTS["subprocess"] += 1
+    if "Traceback" in proc.stderr:
+        TRACEBACKS.append(f"{argv!r}: {proc.stderr[-300:]}")
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     err = proc.stderr.strip()
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
@@ -588,6 +590,8 @@ def test_subprocess_evil_plan_for_run(tmp_path: Path) -> None:
     f.write_text(EVIL_YAML[1].format(marker=marker))
     proc = run_subprocess("run", str(f), "--out", str(tmp_path / "run"), timeout=120)
     CASE_COUNTS["subprocess"] += 1
+    if "Traceback" in proc.stderr:
+        TRACEBACKS.append(f"run evil plan: {proc.stderr[-300:]}")
     assert proc.returncode == 2 and not marker.exists(), proc.stderr
     err = proc.stderr.strip()
     assert "Traceback" not in err and len(err.splitlines()) == 1, err

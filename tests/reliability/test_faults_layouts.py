@@ -1,8 +1,8 @@
-"""Faults in the composed layouts: a rank SIGKILLed mid-step and another during a
-distributed-checkpoint save under TP x PP x DP on 8 ranks, and during a save under HSDP; torchrun
-restarts the group, the run resumes from the newest intact checkpoint, every sample id is
+"""Faults in the composed layouts: a rank SIGKILLed during a distributed-checkpoint save under
+TP x PP x DP on 8 ranks and as it enters a step under HSDP (both kills on each at full scale,
+`tests.scale`); torchrun restarts the group, the run resumes from the newest intact checkpoint, every sample id is
 consumed exactly once and the final loss equals the unfaulted run's. A NaN in one pipeline
-stage's gradients: every rank skips that step (the decision is taken on all-reduced values)."""
+stage's or one replica's gradients: every rank skips that step (decided on all-reduced values)."""
 
 from __future__ import annotations
 
@@ -98,27 +98,36 @@ def test_rank_killed_mid_step_or_in_a_dcp_save_resumes_exactly(tmp_path, referen
                           "lost": lost, "duplicated": duplicated, "loss_diff": diff})
 
 
+# (layout, the rank whose gradients turn NaN): the first pipeline stage (nothing carries its
+# gradients to the last), and a data-parallel rank whose gradient copy is not the one the
+# whole-tensor norm reads (its non-finite flag must still reach every rank).
+NAN_CASES = {"pp2 stage 0": ({"pp": 2}, 0), "dp2 rank 1": ({"dp": 2}, 1)}
+
+
 @pytest.mark.timeout(300)
-def test_nan_in_one_pipeline_stage_skips_on_every_rank(tmp_path, reference) -> None:
+@pytest.mark.parametrize("name", list(NAN_CASES))
+def test_nan_in_one_rank_or_stage_skips_on_every_rank(tmp_path, corpus, name) -> None:
     from tests.parallel.distutil import run_distributed
     from tests.reliability.dist_workers import train_with_fault
 
+    layout, bad = NAN_CASES[name]
     nan_step = 3
-    data = layout_plan({"pp": 2}, 2)
+    data = layout_plan(layout, 2)
     results = run_distributed(train_with_fault, 2, data, str(tmp_path / "run"),
-                              [f"nangrad@{nan_step}:0"], timeout=240)
+                              [f"nangrad@{nan_step}:{bad}"], timeout=240)
     by_rank = {r["rank"]: r for r in results}
-    # Only the first stage's gradients went bad; nothing carries them to the last stage...
     planted = {rank: [s["step"] for s in by_rank[rank]["steps"] if s["faults"]] for rank in (0, 1)}
-    assert planted == {0: [nan_step], 1: []}, planted
-    # ...yet both stages skipped that update, and only that one.
+    assert planted == {bad: [nan_step], 1 - bad: []}, planted
+    # Only one rank's gradients went bad, yet every rank skipped that update, and only that one.
     for rank in (0, 1):
         skipped = [(s["step"], s["reason"]) for s in by_rank[rank]["steps"] if s["skipped"]]
         assert skipped == [(nan_step, "nonfinite")], (rank, skipped)
         assert all(v == v for v in by_rank[rank]["checksum"].values())  # no NaN weights
+    if "dp" in layout:  # the replicas still hold the same weights
+        assert by_rank[0]["checksum"] == by_rank[1]["checksum"]
     recs = read_metrics(tmp_path / "run")
     assert [r["step"] for r in recs if r["skipped"]] == [nan_step]
     assert all(r["loss"] == r["loss"] for r in recs)
-    FAULT_RESULTS.append({"fault": f"NaN in pipeline stage 0's gradients (step {nan_step}, pp2)",
-                          "times": 1, "outcome": "recovered (step skipped on both stages)",
+    FAULT_RESULTS.append({"fault": f"NaN in {name}'s gradients (step {nan_step})",
+                          "times": 1, "outcome": "recovered (step skipped on both ranks)",
                           "lost": 0, "duplicated": 0, "loss_diff": float("nan")})

@@ -28,6 +28,13 @@ def _start(plan: Path, run: Path) -> subprocess.Popen:
         stderr=subprocess.PIPE, text=True)
 
 
+def _lock_text(run: Path) -> str:
+    try:
+        return (run / LOCK_NAME).read_text()
+    except OSError:
+        return ""
+
+
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("dp", [1, 2])
 def test_two_runs_on_one_directory_train_once(tmp_path: Path, dp: int) -> None:
@@ -35,7 +42,9 @@ def test_two_runs_on_one_directory_train_once(tmp_path: Path, dp: int) -> None:
                                           layout={"dp": dp, "global_batch_size": 4 * dp}))
     run = tmp_path / "run"
     first = _start(plan, run)
-    time.sleep(0.3)  # "started together": the second a moment later, as a resubmission
+    deadline = time.monotonic() + 60  # the second starts once the first holds the lock
+    while time.monotonic() < deadline and f'"pid": {first.pid}' not in _lock_text(run):
+        time.sleep(0.05)
     t0 = time.monotonic()
     second = _start(plan, run)
     _, err2 = second.communicate(timeout=60)
@@ -98,11 +107,15 @@ def test_only_the_first_writer_of_a_launch_takes_the_lock(tmp_path: Path, monkey
             pass
         monkeypatch.delenv(HELD_ENV)
         monkeypatch.setenv("RANK", "3")
+        monkeypatch.setenv("LOCAL_RANK", "1")
         with run_dir_lock(run):
             pass
+        monkeypatch.delenv("LOCAL_RANK")  # a stray RANK without a launcher locks as usual
+        with pytest.raises(Exception, match="in use by meshplan"):
+            run_dir_lock(run).__enter__()
         monkeypatch.setenv("RANK", "0")
         with pytest.raises(Exception, match="in use by meshplan"):
             run_dir_lock(run).__enter__()
     (run_file := tmp_path / "file").write_text("x")
-    with pytest.raises(Exception, match="exists and is not a folder"):
+    with pytest.raises(Exception, match="is not a folder"):
         dir_lock(run_file, "--out").acquire()
