@@ -11,11 +11,11 @@ from tests.conftest import run_cli
 from tests.scale import FULL, scaled
 
 # The three held-out runs and four fitted ones (one process at two micro-batches, DDP, TP),
-# 6 steps a run (3 warm-up, median of 3). The whole loop (LOOP_RUNS at LOOP_STEPS, with its
+# 5 steps a run (3 warm-up, median of 2). The whole loop (LOOP_RUNS at LOOP_STEPS, with its
 # checks) runs in `make demo` and at full scale (`tests.scale`).
 QUICK = ("single_mbs2", "single_mbs8", "ddp2", "tp2", "fsdp2_zero3", "pp2", "tp2_sp")
 SUBSET = list(LOOP_RUNS) if FULL else [r for r in LOOP_RUNS if r.name in QUICK]
-STEPS = scaled(6, LOOP_STEPS)
+STEPS = scaled(5, LOOP_STEPS)
 
 
 @pytest.mark.timeout(900)

@@ -3,7 +3,7 @@ the CLI with the layout's process count): each 3D / 4D layout matches the one-pr
 within 1e-4 relative at every step, records in summary.json what it applied (mesh, groups,
 recompute), re-executes exactly the blocks its recompute mode says, and moves the
 collective payload per rank that `costmodels.comm_volume` predicts (tiny-mha with 4
-layers, seq 64, 8 rows per step, fp32; 20 steps at full scale, 6 by default: `tests.scale`)."""
+layers, seq 64, 8 rows per step, fp32; 20 steps at full scale, 4 by default: `tests.scale`)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from planner.planfile import plan_from_dict, save_plan
 from tests.scale import FULL, scaled
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = scaled(6, 20)
+STEPS = scaled(4, 20)
 ROWS = 8
 
 # name -> layout overrides (each also sets a recompute mode, so every strategy is seen
