@@ -44,7 +44,7 @@ demo: $(STAMP)
 		--global-batch-tokens 2048 --precision fp32 --out $(DEMO)/plan \
 		--override train.max_steps=$(DEMO_STEPS) --override train.lr=1e-3
 	$(BIN)/meshplan run $(DEMO)/plan/plan.yaml --out $(DEMO)/run
-	# Calibrate: bench this machine, run eight short layouts, fit on five, predict the other three.
+	# Calibrate: bench this machine, run 14 short layouts, fit on eight, predict the rest.
 	$(BIN)/meshplan calibrate --local-loop --workdir $(DEMO)/calibration
 	# Report: the demo run as the calibrated profile predicts it (it never saw this run).
 	$(BIN)/meshplan calibrate $(DEMO)/run --profile $(DEMO)/calibration/profile.yaml \
