@@ -26,14 +26,14 @@ def _bench():
 
 
 def test_planner_sweep_keeps_memory_and_latency_flat() -> None:
-    """The same 6 random requests four times: Python-level allocations (tracemalloc) must
+    """The same 12 random requests four times: Python-level allocations (tracemalloc) must
     not grow after the first pass (a per-request leak grows with every pass), resident
     memory must level off, and the median latency must not drift."""
     from planner.profiles import load_profile
 
     pl = _bench()
     pl.serve.rejections = {}
-    reqs = pl.random_requests(6, seed=3, max_gpus=32, models=QUICK_MODELS)
+    reqs = pl.random_requests(12, seed=3, max_gpus=32, models=QUICK_MODELS)
     profile = load_profile()
     medians: list[float] = []
     rss: list[float] = []
