@@ -101,8 +101,9 @@ class FaultInjector:
         if not hit:
             return []
         self.fired.update(hit)
+        first = next(iter(params), None)
+        if first is None:  # no gradient held here (DeepSpeed keeps its own; refused in `meshplan run`)
+            return []
         with torch.no_grad():
-            for p in params:
-                p.grad.fill_(float("nan"))
-                return ["nangrad"]
-        return []  # no gradient held here (DeepSpeed keeps its own; refused in `meshplan run`)
+            first.grad.fill_(float("nan"))
+        return ["nangrad"]

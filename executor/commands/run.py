@@ -52,11 +52,10 @@ def handle(args: argparse.Namespace) -> int:
         return launch_local(args)  # it holds the lock for its ranks
 
     with run_dir_lock(out):  # before anything is written (executor.dir_lock)
-        return _train(plan, out, args)
+        return _train(plan, out, args, faults)
 
 
-def _train(plan, out: Path, args: argparse.Namespace) -> int:
-    from executor.faults import Fault
+def _train(plan, out: Path, args: argparse.Namespace, faults: list) -> int:
     from executor.train import RunOptions, run_training
     from planner.planfile import save_plan
 
@@ -67,7 +66,7 @@ def _train(plan, out: Path, args: argparse.Namespace) -> int:
         save_plan(plan, out / "plan.yaml")
     opts = RunOptions(
         stop_after_steps=args.stop_after_steps,
-        faults=[Fault.parse(f) for f in args.inject_fault],
+        faults=faults,
         progress=not args.no_progress,
     )
     summary = run_training(plan, out, opts)
