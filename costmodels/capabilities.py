@@ -148,12 +148,21 @@ def layout_columns(layout: Layout) -> Cols:
     }
 
 
-def refused_mask(model: ModelSpec, cols: Cols) -> np.ndarray:
-    """True on the candidate rows the executor cannot run exactly."""
+def refused_mask(model: ModelSpec, cols: Cols, rules: tuple[Rule, ...] = RULES) -> np.ndarray:
+    """True on the candidate rows `rules` refuse (default: the executor's contract)."""
     out = np.zeros(len(np.asarray(cols["tp"])), dtype=bool)
-    for rule in RULES:
+    for rule in rules:
         out |= np.asarray(rule.refused(model, cols), dtype=bool)
     return out
+
+
+def first_refusal(model: ModelSpec, layout: Layout, rules: tuple[Rule, ...]) -> str | None:
+    """The message of the first of `rules` refusing `layout`, or None."""
+    cols = layout_columns(layout)
+    for rule in rules:
+        if bool(np.asarray(rule.refused(model, cols))[0]):
+            return rule.message(model, layout)
+    return None
 
 
 def unsupported(model: ModelSpec, layout: Layout) -> str | None:
@@ -164,8 +173,4 @@ def unsupported(model: ModelSpec, layout: Layout) -> str | None:
         layout.check_against(model)
     except SpecError as exc:
         return str(exc)
-    cols = layout_columns(layout)
-    for rule in RULES:
-        if bool(np.asarray(rule.refused(model, cols))[0]):
-            return rule.message(model, layout)
-    return None
+    return first_refusal(model, layout, RULES)

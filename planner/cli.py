@@ -45,6 +45,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def add_action_command(subparsers: argparse._SubParsersAction, name: str,
+                       help: str) -> argparse._SubParsersAction:
+    """`meshplan NAME ACTION ...`: registers NAME and returns the subparsers its actions
+    (required; `args.NAME_command` holds the one chosen) are added to."""
+    p = subparsers.add_parser(name, help=help)
+    actions = p.add_subparsers(dest=f"{name}_command", metavar="ACTION")
+    actions.required = True
+    return actions
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser with every subcommand, or with `command`'s alone when it names one (a
     `meshplan run` rank then never imports the planner's pandas / scipy commands)."""

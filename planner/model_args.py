@@ -43,6 +43,13 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--nic-gbps", type=float, default=0.0, help="scale-out GB/s per GPU per direction")
 
 
+def add_old_available_arg(g: argparse._ArgumentGroup, example: str) -> None:
+    """`--old-available D=T,...` (plan and size): the unique tokens of each old domain, which
+    the replay share's epochs are counted against."""
+    g.add_argument("--old-available", metavar="D=T,...",
+                   help=f"unique tokens available per old domain, e.g. {example} (replay epochs)")
+
+
 def add_framework_arg(p: argparse.ArgumentParser) -> None:
     from costmodels.stacks import STACKS
 

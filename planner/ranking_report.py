@@ -6,7 +6,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from planner.search import BREAKDOWN, SearchResult
+import pandas as pd
+
+from planner.plan_sections import layout_section
+from planner.search import BREAKDOWN, SearchResult, row_to_layout
+
+
+def row_layout_fields(result: SearchResult, row: pd.Series) -> dict[str, Any]:
+    """A ranked / Pareto row's layout in the plan's `layout:` spelling
+    (`plan_sections.layout_section`), the batch and the engine left to the plan."""
+    lay = row_to_layout(row, result.global_batch, result.table.attrs["precision"])
+    fields = layout_section(lay)
+    del fields["engine"], fields["global_batch_size"]
+    return fields
 
 
 def top_json(result: SearchResult) -> list[dict[str, Any]]:
@@ -18,10 +30,7 @@ def top_json(result: SearchResult) -> list[dict[str, Any]]:
     best_low = float(result.ranked.loc[fastest, "tokens_per_sec_per_gpu_low"]) if fastest is not None else 0.0
     for _, r in result.ranked.iterrows():
         out.append({
-            "tp": int(r.tp), "pp": int(r.pp), "dp": int(r.dp), "cp": int(r.cp), "ep": int(r.ep), "vpp": int(r.vpp),
-            "sharding": str(r.sharding), "micro_batch_size": int(r.micro), "recompute": str(r.recompute),
-            "sequence_parallel": bool(r.sp), "schedule": str(r.schedule),
-            "dp_shard": int(r.dp_shard), "recompute_layers": int(r.recompute_layers),
+            **row_layout_fields(result, r),
             "grad_accum": int(r.micro_batches),
             "runnable_by_executor": bool(r.runnable),
             "predicted_tokens_per_sec_per_gpu": round(float(r.tokens_per_sec_per_gpu), 3),

@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from costmodels.capabilities import RULES, refused_mask
+from costmodels.capabilities import RULES, Rule, refused_mask
 from costmodels.cases import build_cases
 from costmodels.errors import MeshplanError
 from costmodels.pipeline import SCHEDULE_NAMES, microbatches_admitted
 from costmodels.profile import Profile
 from costmodels.specs import PRECISIONS, RECOMPUTES, SHARDINGS, ClusterSpec, Layout, ModelSpec
+from costmodels.stack_contracts import stack_rules
 from costmodels.steptime import evaluate_schedules
 from costmodels.uncertainty import interval
 
@@ -57,6 +58,9 @@ class SearchSpace:
     # Rank only layouts meshplan's executor runs exactly (`costmodels.capabilities`); False
     # with --any-framework or a plan for another stack.
     executor_only: bool = True
+    # For a plan for another stack: rank only layouts that stack runs exactly, where it has
+    # a contract (`costmodels.stack_contracts`: Megatron-Core, NeMo); False with --any-framework.
+    stack_contract: bool = False
 
 
 @dataclass
@@ -215,18 +219,19 @@ def _expand_expert_parallel(model: ModelSpec, cols: dict[str, np.ndarray]) -> di
 
 
 def _nothing_runs(model: ModelSpec, cols: dict[str, np.ndarray], contract_cols: dict[str, np.ndarray],
-                  global_batch: int, precision: str) -> MeshplanError:
+                  global_batch: int, precision: str, rules: tuple[Rule, ...] = RULES,
+                  runner: str = "meshplan's executor") -> MeshplanError:
     """The rule refusing the most candidates, in the words of the first one it refuses."""
-    counts = {r.name: np.asarray(r.refused(model, contract_cols), dtype=bool) for r in RULES}
+    counts = {r.name: np.asarray(r.refused(model, contract_cols), dtype=bool) for r in rules}
     name = max(counts, key=lambda k: int(counts[k].sum()))
     i = int(np.flatnonzero(counts[name])[0])
-    rule = next(r for r in RULES if r.name == name)
+    rule = next(r for r in rules if r.name == name)
     row = {k: v[i] for k, v in cols.items()}
     row.update(sharding=SHARDINGS[row["sharding"]], recompute=RECOMPUTES[row["recompute"]],
                schedule=SCHEDULE_NAMES[row["schedule"]])
     why = rule.message(model, row_to_layout(pd.Series(row), global_batch, precision))
     hint = "" if "--any-framework" in why else "; or pass --any-framework to plan for another stack"
-    return MeshplanError(f"no layout meshplan's executor can run: {why}{hint}")
+    return MeshplanError(f"no layout {runner} can run: {why}{hint}")
 
 
 def _nothing_fits(cols: dict[str, np.ndarray], pred: dict[str, np.ndarray], cand: np.ndarray) -> MeshplanError:
@@ -283,6 +288,16 @@ def search(
     if space.executor_only:  # only what the executor runs is evaluated and ranked
         keep = np.flatnonzero(~refused)
         cols, refused = {k: v[keep] for k, v in cols.items()}, refused[keep]
+    rules = stack_rules(space.framework) if space.stack_contract and not space.executor_only else ()
+    n_stack_refused = 0
+    if rules:  # only what the plan's stack runs is evaluated and ranked
+        by_stack = refused_mask(model, contract_cols, rules)
+        if by_stack.all():
+            raise _nothing_runs(model, cols, contract_cols, global_batch, space.precision, rules,
+                                space.framework)
+        keep = np.flatnonzero(~by_stack)
+        n_stack_refused = int(by_stack.sum())
+        cols, refused = {k: v[keep] for k, v in cols.items()}, refused[keep]
     pred = _predict(model, cluster, cols, profile, space)
     elapsed_eval = time.perf_counter() - t0
     mem = pred["peak_memory_gb"]
@@ -315,7 +330,9 @@ def search(
                                             if name in tried})
     res.notes.append(f"{n} candidates, {len(refused)} evaluated in {elapsed_eval:.3f} s; {fits.size} fit in memory"
                      + (f" and run on meshplan's executor ({n_refused} refused by its "
-                        "capability contract first)" if space.executor_only else ""))
+                        "capability contract first)" if space.executor_only else "")
+                     + (f" and run on {space.framework} ({n_stack_refused} refused by its "
+                        "contract first, costmodels.stack_contracts)" if rules else ""))
     return res
 
 

@@ -8,12 +8,11 @@ import argparse
 from pathlib import Path
 
 from costmodels.errors import MeshplanError
+from planner.cli import add_action_command
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("checkpoint", help="inspect checkpoints")
-    sub = p.add_subparsers(dest="checkpoint_command", metavar="ACTION")
-    sub.required = True
+    sub = add_action_command(subparsers, "checkpoint", "inspect checkpoints")
     v = sub.add_parser(
         "verify", help="verify manifests and sha256 checksums",
         description="DIR is one checkpoint (step_NNNNNN), a checkpoints folder, or a run "

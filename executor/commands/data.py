@@ -7,12 +7,11 @@ import json
 from pathlib import Path
 
 from costmodels.errors import MeshplanError
+from planner.cli import add_action_command
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("data", help="prepare training data")
-    sub = p.add_subparsers(dest="data_command", metavar="ACTION")
-    sub.required = True
+    sub = add_action_command(subparsers, "data", "prepare training data")
     prep = sub.add_parser(
         "prepare", help="text / JSONL / Parquet -> local BPE + token shards",
         description="Train a byte-level BPE on the documents and write memory-mapped token "

@@ -22,6 +22,7 @@ from planner.model_args import (
     add_cluster_args,
     add_framework_arg,
     add_model_args,
+    add_old_available_arg,
     cluster_from_args,
     model_from_args,
 )
@@ -33,7 +34,7 @@ from planner.planfile import (
     save_plan,
 )
 from planner.profiles import PricedBy, resolve_profile
-from planner.ranking_report import explain_runner_ups, top_json, trial_runs
+from planner.ranking_report import explain_runner_ups, row_layout_fields, top_json, trial_runs
 from planner.render import console
 from planner.schedule_advice import parse_count
 from planner.schedule_choice import compare_schedules, why_schedule
@@ -111,8 +112,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="WSD branch: decay for D steps after --branch-step")
     k.add_argument("--new-available", metavar="D=T,...",
                    help="unique tokens per new domain, e.g. code=30B (for epochs)")
-    k.add_argument("--old-available", metavar="D=T,...",
-                   help="unique tokens per old domain, e.g. english=2T (for replay epochs)")
+    add_old_available_arg(k, "english=2T")
     o = p.add_argument_group("output")
     o.add_argument("--rank-by", choices=["throughput", "memory"], default="throughput")
     o.add_argument("--top", type=int, default=10)
@@ -251,6 +251,7 @@ def run(args: argparse.Namespace) -> int:
         # the schedules the target stack runs (`costmodels.stacks`; Megatron-LM: 1F1B, interleaved)
         schedules=tuple(stack_for(args.framework).pipeline_schedules),
         executor_only=not args.any_framework and args.framework == "meshplan",
+        stack_contract=not args.any_framework,
     )
     profile, priced_by = resolve_profile(args.profile)
     res = search(model, cluster, gbs, profile, space, args.top, args.rank_by)
@@ -273,11 +274,10 @@ def run(args: argparse.Namespace) -> int:
         "schedule_choice": why_schedule(by_schedule, winner.effective_schedule) if by_schedule
         else "the winner has no pipeline (pp=1): the schedule does not apply",
         "pareto": [
-            {"tp": int(r.tp), "pp": int(r.pp), "dp": int(r.dp), "cp": int(r.cp), "ep": int(r.ep), "vpp": int(r.vpp),
-             "sharding": r.sharding, "micro_batch_size": int(r.micro), "recompute": r.recompute,
+            {**row_layout_fields(res, r),
              "predicted_peak_memory_gb": round(float(r.peak_memory_gb), 3),
              "predicted_tokens_per_sec_per_gpu": round(float(r.tokens_per_sec_per_gpu), 3)}
-            for r in res.pareto.itertuples()
+            for _, r in res.pareto.iterrows()
         ],
         "why_not_runner_ups": explain_runner_ups(res),
         "framework": args.framework,

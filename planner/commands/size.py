@@ -25,6 +25,7 @@ from costmodels import scaling
 from costmodels.errors import MeshplanError
 from planner import datamix, schedule_advice, sizing
 from planner.commands.size_render import render_size
+from planner.model_args import add_old_available_arg
 
 
 def register(subparsers: Any) -> None:
@@ -75,8 +76,7 @@ def register(subparsers: Any) -> None:
                    help="share of the budget replayed from the old mixture, e.g. 0.15")
     c.add_argument("--old-mixture", metavar="D=W,...",
                    help="the original run's domain weights (what replay draws from)")
-    c.add_argument("--old-available", metavar="D=T,...",
-                   help="unique tokens available per old domain, e.g. web=5T")
+    add_old_available_arg(c, "web=5T")
     t = p.add_argument_group("batch and LR schedule")
     t.add_argument("--seq-len", type=int, help="sequence length in tokens")
     t.add_argument("--global-batch-tokens", metavar="T", help="tokens per step, e.g. 4Mi")

@@ -7,7 +7,7 @@ import shlex
 
 from costmodels.errors import MeshplanError
 from costmodels.specs import ModelSpec
-from costmodels.stacks import stack_for
+from costmodels.stack_contracts import stack_unsupported
 from planner.emit.common import file_header, fmt_num
 from planner.planfile import Plan
 
@@ -38,29 +38,8 @@ def megatron_layout_string(plan: Plan) -> str | None:
 
 
 def megatron_unsupported(plan: Plan) -> str | None:
-    """Why Megatron-LM cannot run this plan exactly, or None."""
-    lay = plan.layout
-    runs = stack_for("megatron-core").pipeline_schedules
-    if lay.pp > 1 and plan.layout_spec().effective_schedule not in runs:
-        return (f"layout.schedule={plan.layout_spec().effective_schedule}: Megatron-LM pipelines run "
-                f"{' / '.join(runs)} only; plan with schedule 1f1b (vpp > 1 for interleaved) "
-                "for Megatron, or launch with meshplan's executor")
-    if plan.model_spec().is_moe and lay.tp > 1 and not lay.sequence_parallel:
-        return ("layout.sequence_parallel=false: Megatron-Core runs MoE layers under tensor "
-                "parallelism only with sequence parallelism; set layout.sequence_parallel=true")
-    if lay.sharding == "zero3" and plan.model_spec().tied_embeddings:
-        return ("model.tied_embeddings=true: Megatron-Core's FSDP2 path (--use-torch-fsdp2) needs "
-                "untied input and output embeddings; untie them, or plan with zero1/zero2")
-    if lay.sharding == "zero3" and lay.pp > 1:
-        return (f"layout.pp={lay.pp}: Megatron-Core's FSDP2 path (--use-torch-fsdp2) does not "
-                "run with pipeline parallelism; plan zero1/zero2 with pp, or pp=1 with zero3")
-    if lay.sharding == "zero3" and lay.dp_shard and lay.dp_shard < lay.dp:
-        return (f"layout.dp_shard={lay.dp_shard}: Megatron-Core's FSDP2 path shards over all of "
-                "dp; set layout.dp_shard=0, or plan zero1/zero2 (distributed-optimizer instances)")
-    if lay.recompute == "full" and lay.recompute_layers % lay.vpp:
-        return (f"layout.recompute_layers={lay.recompute_layers}: Megatron-LM's "
-                f"--recompute-num-layers counts per virtual chunk; use a multiple of vpp={lay.vpp}")
-    return None
+    """Why Megatron-LM cannot run this plan exactly (`costmodels.stack_contracts`), or None."""
+    return stack_unsupported("megatron-core", plan.model_spec(), plan.layout_spec())
 
 
 def moe_megatron_args(spec: ModelSpec, plan: Plan) -> list[str]:
@@ -117,7 +96,7 @@ def megatron_args(plan: Plan) -> list[str]:
     a = _parallel_args(plan, spec)
     if spec.is_moe:
         a += moe_megatron_args(spec, plan)
-    return a + _model_args(plan, spec) + _training_args(plan)
+    return a + _value_args(plan, spec) + _model_args(plan, spec) + _training_args(plan)
 
 
 def _parallel_args(plan: Plan, spec: ModelSpec) -> list[str]:
@@ -158,20 +137,33 @@ def _parallel_args(plan: Plan, spec: ModelSpec) -> list[str]:
     return a
 
 
-def _model_args(plan: Plan, spec: ModelSpec) -> list[str]:
-    """Batch, sequence and the architecture."""
-    lay = plan.layout
+# Megatron-LM flags that carry one plan value each, by the plan object holding it (the
+# switches and the conditional flags follow in `_model_args` / `_training_args`).
+_VALUE_FLAGS: dict[str, dict[str, str]] = {
+    "layout": {"--micro-batch-size": "micro_batch_size", "--global-batch-size": "global_batch_size"},
+    "model": {"--seq-length": "seq_len", "--max-position-embeddings": "seq_len", "--num-layers": "layers",
+              "--hidden-size": "hidden", "--ffn-hidden-size": "ffn_hidden", "--num-attention-heads": "heads"},
+    "train": {"--train-iters": "max_steps", "--lr": "lr", "--min-lr": "resolved_min_lr",
+              "--lr-warmup-iters": "resolved_warmup_steps", "--lr-decay-iters": "max_steps",
+              "--weight-decay": "weight_decay", "--adam-beta1": "beta1", "--adam-beta2": "beta2",
+              "--adam-eps": "eps", "--clip-grad": "grad_clip", "--seed": "seed", "--log-interval": "log_every"},
+}
+
+
+def _value_args(plan: Plan, spec: ModelSpec) -> list[str]:
+    """`_VALUE_FLAGS` with their values (floats in `fmt_num`'s shortest exact form)."""
+    holders = {"layout": plan.layout, "model": spec, "train": plan.train}
     a: list[str] = []
-    a += [
-        "--micro-batch-size", str(lay.micro_batch_size),
-        "--global-batch-size", str(lay.global_batch_size),
-        "--seq-length", str(spec.seq_len),
-        "--max-position-embeddings", str(spec.seq_len),
-        "--num-layers", str(spec.layers),
-        "--hidden-size", str(spec.hidden),
-        "--ffn-hidden-size", str(spec.ffn_hidden),
-        "--num-attention-heads", str(spec.heads),
-    ]
+    for holder, flags in _VALUE_FLAGS.items():
+        for flag, field in flags.items():
+            v = getattr(holders[holder], field)
+            a += [flag, fmt_num(v) if isinstance(v, float) else str(v)]
+    return a
+
+
+def _model_args(plan: Plan, spec: ModelSpec) -> list[str]:
+    """The architecture's switches and conditional flags."""
+    a: list[str] = []
     if spec.kv_heads != spec.heads:
         a += ["--group-query-attention", "--num-query-groups", str(spec.kv_heads)]
     if spec.attn_head_dim:
@@ -193,7 +185,7 @@ def _model_args(plan: Plan, spec: ModelSpec) -> list[str]:
 
 
 def _training_args(plan: Plan) -> list[str]:
-    """Precision, the LR schedule, the optimizer, logging and checkpoints."""
+    """Precision, the LR decay style and checkpoints."""
     tr = plan.train
     a: list[str] = []
     if tr.precision == "bf16":
@@ -203,28 +195,12 @@ def _training_args(plan: Plan) -> list[str]:
     elif tr.precision == "fp8":
         a += ["--bf16", "--fp8-format", "hybrid"]
     warmup = tr.resolved_warmup_steps
-    a += [
-        "--train-iters", str(tr.max_steps),
-        "--lr", fmt_num(tr.lr),
-        "--min-lr", fmt_num(tr.resolved_min_lr),
-        "--lr-warmup-iters", str(warmup),
-        "--lr-decay-iters", str(tr.max_steps),
-    ]
     if tr.schedule == "wsd":
         decay = max(0, min(int(round(tr.wsd_decay_frac * tr.max_steps)), tr.max_steps - warmup))
         a += ["--lr-decay-style", "WSD", "--lr-wsd-decay-style", "linear",
               "--lr-wsd-decay-iters", str(decay)]
     else:
         a += ["--lr-decay-style", tr.schedule]  # "cosine" / "constant"
-    a += [
-        "--weight-decay", fmt_num(tr.weight_decay),
-        "--adam-beta1", fmt_num(tr.beta1),
-        "--adam-beta2", fmt_num(tr.beta2),
-        "--adam-eps", fmt_num(tr.eps),
-        "--clip-grad", fmt_num(tr.grad_clip),
-        "--seed", str(tr.seed),
-        "--log-interval", str(tr.log_every),
-    ]
     if plan.checkpoint.every:
         a += ["--save-interval", str(plan.checkpoint.every)]
     return a

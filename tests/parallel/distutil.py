@@ -20,7 +20,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _child(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
+# Children fork from one server process that has imported these once (the first call
+# starts it), instead of each spawned rank importing torch again (~2.5 s of CPU a rank).
+PRELOAD = ["torch", "torch.distributed", "executor.train", "executor.parallel.factory"]
+
+
+def _context() -> Any:
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def _child(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: tuple,
+           env: dict[str, str]) -> None:
+    os.environ.clear()
+    os.environ.update(env)  # the caller's environment now, not the fork server's at its start
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
         WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
@@ -48,12 +62,13 @@ def _child(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: t
 
 
 def run_distributed(fn: Callable, world: int, *args: Any, timeout: float = 240) -> list[Any]:
-    """fn(rank, world, *args) on `world` spawned processes; returns each rank's result."""
-    ctx = mp.get_context("spawn")
+    """fn(rank, world, *args) on `world` forked processes; returns each rank's result."""
+    ctx = _context()
     port = free_port()
     with tempfile.TemporaryDirectory() as out_dir:
         procs = [
-            ctx.Process(target=_child, args=(r, world, port, out_dir, fn, args), daemon=False)
+            ctx.Process(target=_child, args=(r, world, port, out_dir, fn, args, dict(os.environ)),
+                        daemon=False)
             for r in range(world)
         ]
         for p in procs:

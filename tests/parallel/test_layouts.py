@@ -12,7 +12,7 @@ import pytest
 from distutil import run_distributed
 from workers import compare_worker
 
-from tests.scale import scaled
+from tests.scale import FULL, scaled
 
 STEPS = scaled(5, 20)
 
@@ -65,9 +65,11 @@ def test_two_rank_torch_layouts_match_one_process():
     assert names[:2] == ["ddp", "fsdp2-zero3"] and "tp2" in names and "cp2" in names[6]
 
 
+# ZeRO-2 (between the other two: gradients partitioned, parameters whole) at full scale
+# only (`tests.scale`): each DeepSpeed engine costs ~15 s to build on 2 cores.
 DEEPSPEED_2 = [
     {"dp": 2, "engine": "deepspeed", "sharding": "zero1"},
-    {"dp": 2, "engine": "deepspeed", "sharding": "zero2"},
+    *([{"dp": 2, "engine": "deepspeed", "sharding": "zero2"}] if FULL else []),
     {"dp": 2, "engine": "deepspeed", "sharding": "zero3"},
 ]
 

@@ -38,3 +38,23 @@ def test_schedule_names_have_one_home():
     from costmodels.specs import Schedule
 
     assert get_args(Schedule) == SCHEDULE_NAMES
+
+
+SOURCE_PACKAGES = ("costmodels", "planner", "executor", "app", "benchmarks")
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 80  # issue 18: every file readable in one sitting
+
+
+def test_modules_and_functions_stay_small():
+    too_long = []
+    for package in SOURCE_PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            src = path.read_text()
+            name = str(path.relative_to(ROOT))
+            if len(src.splitlines()) > MAX_MODULE_LINES:
+                too_long.append(f"{name}: {len(src.splitlines())} lines")
+            for node in ast.walk(ast.parse(src)):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    n = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+                    if n > MAX_FUNCTION_LINES:
+                        too_long.append(f"{name}:{node.lineno} {node.name}: {n} lines")
+    assert not too_long, too_long
