@@ -40,8 +40,9 @@ def preflight(plan: Plan, nproc: int | None = None) -> int:
             f"= {world} processes; pass --nproc {world} or change the layout's degrees"
         )
     from costmodels.capabilities import unsupported
+    from executor.compile import compile_refusal
 
-    reason = unsupported(spec, plan.layout_spec())
+    reason = unsupported(spec, plan.layout_spec()) or compile_refusal(plan)
     if reason is not None:  # the executor's capability contract (costmodels.capabilities)
         raise MeshplanError(reason)
     if lay.engine == "deepspeed":

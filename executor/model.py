@@ -17,6 +17,7 @@ the weight shapes, so tensor-parallel sharded projections work unchanged.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -97,11 +98,16 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.recompute_core and torch.is_grad_enabled():
-            out = checkpoint(self._core, q, k, v, ctx, use_reentrant=False)
-        else:
-            out = self._core(q, k, v, ctx)
+        out = self._attend(q, k, v, ctx)
         return self.wo(out.reshape(b, t, -1))
+
+    # Eager inside a compiled block (`train.compile`): the attention backends, the context-
+    # parallel K/V exchange and the selective-recompute checkpoint run as they do uncompiled.
+    @torch.compiler.disable
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        if self.recompute_core and torch.is_grad_enabled():
+            return checkpoint(self._core, q, k, v, ctx, use_reentrant=False)
+        return self._core(q, k, v, ctx)
 
     def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         self.core_calls += 1
@@ -135,13 +141,25 @@ class TransformerBlock(nn.Module):
         self.feed_forward: nn.Module = MoEFeedForward(spec) if moe else FeedForward(spec)
         self.recompute_full = False  # re-run the whole block in the backward (Chen et al. 2016)
         self.forward_calls = 0  # block executions, recomputations included
+        self.compiled: Callable[..., torch.Tensor] | None = None  # `compile_body`
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttnContext
     ) -> torch.Tensor:
-        self.forward_calls += 1
+        self.forward_calls += 1  # counted outside the compiled body
+        return (self.compiled or self._residuals)(x, cos, sin, ctx)
+
+    def _residuals(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttnContext
+    ) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, ctx)
         return h + self.feed_forward(self.ffn_norm(h))
+
+    def compile_body(self) -> None:
+        """`train.compile`: torch.compile this block's norms, projections, RoPE, MLP and
+        residuals (torchtitan compiles per block: every block of one shape reuses the graph);
+        attention runs eager between the two graphs (`Attention._attend`)."""
+        self.compiled = torch.compile(self._residuals)
 
 
 class Transformer(nn.Module):

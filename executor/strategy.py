@@ -98,6 +98,7 @@ class Strategy:
         self.device = torch.device("cpu")
         self.amp_dtype: torch.dtype | None = None
         self.applied: dict[str, Any] = {}  # summary.json["applied"], see executor.applied
+        self.loss_sum = token_loss_sum  # compiled under train.compile (`executor.compile`)
 
     # ------------------------------------------------------------------ setup
     def setup(self, model: nn.Module, plan: Plan) -> None:
@@ -106,18 +107,23 @@ class Strategy:
         model.attention_backend = resolve_backend(plan.train.attention_backend, self.device)
         from costmodels.capabilities import unsupported
         from executor.applied import applied_layout, check_applied
+        from executor.compile import compile_blocks, compile_refusal, compiled_blocks, loss_sum_fn
 
         lay = plan.layout_spec()
-        reason = unsupported(plan.model_spec(), lay)
+        reason = unsupported(plan.model_spec(), lay) or compile_refusal(plan, self.device.type)
         if reason is not None:
             raise MeshplanError(reason)
         recomputed = model.set_recompute(lay.recompute, lay.recompute_layers) \
             if hasattr(model, "set_recompute") else 0
+        if plan.train.compile:
+            compile_blocks(model)
+        self.loss_sum = loss_sum_fn(plan.train.compile)
         blocks = len(model.layers) if hasattr(model, "layers") else 0
         self.applied = applied_layout(lay, {}, "none", "none", recomputed, blocks, "none",
                                       lay.grad_accum)
         if lay.world_size == 1:  # (tests run multi-rank plans here as their one-process reference)
             check_applied(lay, self.applied)
+        self.applied["compiled_blocks"] = compiled_blocks([model])
         from executor.moe import configure_moe
 
         configure_moe([model], plan.train, 1.0 / max(lay.global_batch // lay.micro_batch, 1))
@@ -143,7 +149,7 @@ class Strategy:
         mb = mb.to(self.device, non_blocking=True)
         with self.autocast():
             logits = self.model(mb.input_ids, mb.position_ids, mb.doc_ids)
-        return token_loss_sum(logits, mb.labels) * mb.loss_weight
+        return self.loss_sum(logits, mb.labels) * mb.loss_weight
 
     def forward_backward(self, micro_batches: list[Batch], global_target_tokens: int) -> torch.Tensor:
         """Backward of sum(token losses) / global_target_tokens over the micro-batches;

@@ -38,11 +38,39 @@ def _load_registrars() -> dict[str, Any]:
     return {name: _EP(t) for name, t in _FALLBACK.items()}
 
 
+def one_line(message: str) -> str:
+    """`message` with its control characters (a user's "\\r" or tab inside a key it quotes)
+    written as escapes, so an error stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
+def _bounded_int(text: str) -> int:
+    """`type=int` for every flag: an integer within int32, the largest count any flag means
+    (`costmodels.spec_checks.MAX_INT`); beyond it numpy and torch overflow."""
+    from costmodels.spec_checks import MAX_INT
+
+    value = int(text)
+    if abs(value) > MAX_INT:
+        raise argparse.ArgumentTypeError(f"{text} is out of range (at most {MAX_INT})")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
-    """Argument errors end as one line and exit 2, like every other user error."""
+    """Argument errors end as one line and exit 2, like every other user error; integer
+    flags are bounded (`_bounded_int`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("type", int, _bounded_int)
+
+    def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
+        # `--flag=--`: argparse drops the "--" and hands the flag an empty list
+        if action.nargs is None and action.option_strings and arg_strings == ["--"]:
+            self.error(f"argument {'/'.join(action.option_strings)}: expected a value, not '--'")
+        return super()._get_values(action, arg_strings)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def add_action_command(subparsers: argparse._SubParsersAction, name: str,
@@ -83,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = args.func(args)
     except MeshplanError as exc:
-        print(f"meshplan: error: {exc}", file=sys.stderr)
+        print(f"meshplan: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("meshplan: interrupted", file=sys.stderr)

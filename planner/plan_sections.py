@@ -120,6 +120,8 @@ class TrainSection(Section):
     # empty = every domain of the dataset (old and new domains of a continual run).
     eval_domains: list[str] = Field(default_factory=list)
     attention_backend: Literal["auto", "flash", "torch_varlen", "sdpa"] = "auto"
+    # torch.compile each transformer block's body and the token loss (`executor.compile`)
+    compile: bool = False
     # Mixture-of-experts training: the load-balancing loss (Switch, Fedus et al. 2022 eq. 4;
     # 0.01 there, Mixtral's router_aux_loss_coef 0.02) and router z-loss (ST-MoE, Zoph et al.
     # 2022 eq. 5; 1e-3 there) coefficients, and forced balance (round-robin expert choice,

@@ -63,8 +63,9 @@ class DistributedStrategy(CommAccounting, ExpertGrads, Strategy):
     def __init__(self, plan: Plan) -> None:
         super().__init__()
         from costmodels.capabilities import unsupported
+        from executor.compile import compile_refusal
 
-        reason = unsupported(plan.model_spec(), plan.layout_spec())
+        reason = unsupported(plan.model_spec(), plan.layout_spec()) or compile_refusal(plan)
         if reason is not None:  # the contract the planner and preflight read
             raise MeshplanError(reason)
         self.plan = plan
@@ -140,6 +141,9 @@ class DistributedStrategy(CommAccounting, ExpertGrads, Strategy):
                                       self._recomputed, self._blocks, self.schedule_applied(),
                                       self.microbatches_applied())
         check_applied(lay, self.applied)
+        from executor.compile import compiled_blocks
+
+        self.applied["compiled_blocks"] = compiled_blocks(self.model_parts())
 
     def sharding_applied(self) -> str:
         """The ZeRO stage the built objects implement: FSDP2's reshard-after-forward (zero3)

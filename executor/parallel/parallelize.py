@@ -45,9 +45,10 @@ def gradient_sync(sharding: str, dims: ParallelDims, pipelined: bool, ep: int = 
 
 
 def parallelize_chunk(chunk: nn.Module, dims: ParallelDims, mesh: Any, layout: Any,
-                      precision: str) -> nn.Module:
-    """TP -> EP (MoE layers) -> CP -> FSDP2 on one chunk (activation recompute is set across
-    the rank's chunks by `apply_recompute` before this runs)."""
+                      precision: str, compile_blocks: bool = False) -> nn.Module:
+    """TP -> EP (MoE layers) -> CP -> compile (`train.compile`) -> FSDP2 on one chunk
+    (activation recompute is set across the rank's chunks by `apply_recompute` before this
+    runs)."""
     tp_mesh = axis(mesh, dims, "tp")
     if tp_mesh is not None:
         apply_tensor_parallel(chunk, tp_mesh, layout.sequence_parallel)
@@ -55,6 +56,10 @@ def parallelize_chunk(chunk: nn.Module, dims: ParallelDims, mesh: Any, layout: A
     cp_mesh = axis(mesh, dims, "cp")
     if cp_mesh is not None:
         enable_context_parallel(chunk, cp_mesh.get_group(), dims.cp)
+    if compile_blocks:
+        from executor.compile import compile_blocks as compile_chunk
+
+        compile_chunk(chunk)
     if uses_fsdp(layout.sharding) and dims.size("dp_cp") > 1:
         own: dict[nn.Module, Any] = {}
         if layout.ep > 1 or dims.tp > 1:  # expert DTensors live on the expert mesh

@@ -123,7 +123,8 @@ class PipelineStrategy(DistributedStrategy):
             self._chunks.append(chunk)
         self.set_recompute(self._chunks)
         for chunk, sid in zip(self._chunks, ids, strict=True):
-            parallelize_chunk(chunk, self.dims, self.mesh, plan.layout, self.precision)
+            parallelize_chunk(chunk, self.dims, self.mesh, plan.layout, self.precision,
+                              compile_blocks=plan.train.compile)
             self._stages.append(
                 PipelineStage(chunk, sid, self.n_stages, self.device, group=pp_group)
             )

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from executor.attention import resolve_backend
+from executor.compile import loss_sum_fn
 from executor.data.batch import Batch
-from executor.parallel.base import DistributedStrategy, token_loss_sum
+from executor.parallel.base import DistributedStrategy
 from executor.parallel.cp import shard_sequence
 from executor.parallel.data_parallel import apply_ddp
 from executor.parallel.mesh import axis
@@ -50,7 +51,9 @@ class SPMDStrategy(DistributedStrategy):
         self.remember_parameter_order(model)
         self._inner = model
         self.set_recompute([model])
-        parallelize_chunk(model, self.dims, self.mesh, plan.layout, self.precision)
+        parallelize_chunk(model, self.dims, self.mesh, plan.layout, self.precision,
+                          compile_blocks=plan.train.compile)
+        self.loss_sum = loss_sum_fn(plan.train.compile)
         if self.grad_sync == "ddp":
             model = apply_ddp(model, axis(self.mesh, self.dims, "dp_cp").get_group())
         self.model = model
@@ -82,7 +85,7 @@ class SPMDStrategy(DistributedStrategy):
             pos = shard_sequence(pos, self.dims.cp, self.cp_rank)
         with self.autocast():
             logits = self.model(input_ids, pos, mb.doc_ids)
-        return token_loss_sum(logits, labels) * float(mb.loss_weight)
+        return self.loss_sum(logits, labels) * float(mb.loss_weight)
 
     def _micro_loss_sum(self, mb: Batch) -> torch.Tensor:
         """One micro-batch's loss sum without the backward (evaluation)."""
