@@ -1,7 +1,8 @@
 """`train.compile: true`: torchtitan's fast path. Each transformer block's body is compiled
 with torch.compile (inductor: C++ on CPU, Triton on GPU) after tensor and context
 parallelism and before FSDP2 wraps it, as torchtitan's `parallelize_llama` orders them; the
-token loss is compiled too, so the fp32 upcast of the logits fuses into the cross entropy.
+token loss is compiled too in one process and the SPMD layouts (pipeline stages keep the
+eager loss), so the fp32 upcast of the logits fuses into the cross entropy.
 Attention stays eager (`executor.model.Attention._attend`).
 
 Refused before any process starts, in one line: mixture-of-experts models (routing has
@@ -27,8 +28,9 @@ def compile_refusal(plan: Any, device_type: str | None = None) -> str | None:
     accelerator, else the CPU), in one line naming the field, or None."""
     if not plan.train.compile:
         return None
-    if device_type is None:
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type is None:  # where the plan's ranks will run
+        on_cpu = plan.cluster.accelerator == "cpu" or not torch.cuda.is_available()
+        device_type = "cpu" if on_cpu else "cuda"
     if plan.model_spec().is_moe:
         return ("train.compile=true: mixture-of-experts layers route tokens with data-dependent "
                 "shapes and run eager here; set train.compile=false for this model")

@@ -14,6 +14,7 @@ from costmodels.capabilities import unsupported
 from costmodels.cases import build_cases, layout_columns
 from costmodels.profile import Profile
 from costmodels.specs import ClusterSpec, Layout, ModelSpec, SpecError
+from costmodels.stack_contracts import stack_unsupported
 from costmodels.stacks import stack_for
 from costmodels.steptime import evaluate
 
@@ -42,6 +43,9 @@ def _variant(model: ModelSpec, layout: Layout, name: str, framework: str | None,
         lay.check_against(model)
     except SpecError as exc:
         return None, str(exc)
+    why = stack_unsupported(stack_for(framework).name, model, lay)  # Megatron-Core's contract
+    if why:
+        return None, why
     problem = pipeline.microbatch_problem(lay.schedule, lay.pp, lay.vpp, lay.grad_accum)
     return (None, problem) if problem else (lay, "")
 

@@ -89,7 +89,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--engine", choices=["torch", "deepspeed"], default="torch")
     c.add_argument("--any-framework", action="store_true",
                    help="rank every layout, also those meshplan's executor cannot run (a plan "
-                        "for Megatron, torchtitan, ...); implied by a --framework other than meshplan")
+                        "for Megatron, torchtitan, ...), without the executor's contract or the target stack's "
+                        "(costmodels.stack_contracts)")
     k = p.add_argument_group("continual pretraining (written to the plan's continual: section)")
     k.add_argument("--init-from", metavar="PATH",
                    help="start from this checkpoint: a meshplan run / step_N folder, or a "

@@ -1,4 +1,4 @@
-"""Make the helper modules beside these tests importable (and by spawned ranks)."""
+"""Make the helper modules beside these tests importable (and by forked ranks)."""
 
 import sys
 from pathlib import Path

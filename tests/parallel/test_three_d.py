@@ -38,8 +38,9 @@ LAYOUTS: dict[str, dict[str, object]] = {
 
 # At quick scale (`tests.scale`) two of them, to keep the 8-rank runs few: `tp2 pp2 dp2` is
 # `tp2 pp2 vpp2 dp2 zero1` without the chunks and the sharding, CP x PP composes in
-# test_contract_property's 8-rank tp2 pp2 cp2 run, and HSDP on 8 ranks trains, is killed and
-# resumes in tests/reliability/test_faults_layouts.py.
+# test_contract_property's 8-rank tp2 pp2 cp2 run, and HSDP (on 4 ranks, without PP) trains,
+# is killed and resumes in tests/reliability/test_faults_layouts.py; PP x HSDP x full
+# recompute on 8 ranks runs at full scale only.
 QUICK = ("tp2 cp2 dp2", "tp2 pp2 vpp2 dp2 zero1")
 CASES = list(LAYOUTS) if FULL else list(QUICK)
 

@@ -1,4 +1,4 @@
-"""Per-rank bodies of the multi-process fault tests (spawned by tests.parallel.distutil)."""
+"""Per-rank bodies of the multi-process fault tests (forked by tests.parallel.distutil)."""
 
 from __future__ import annotations
 
