@@ -123,8 +123,9 @@ def _restart_scoped_store(timeout):
         return None
     if os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE")) != os.environ.get("WORLD_SIZE"):
         # Several agents (nodes): each counts only its own restarts, so the counts disagree
-        # after one node's worker fails; each rendezvous round hands the workers a fresh
-        # bootstrap store instead.
+        # after one node's worker fails; the launchers set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+        # (planner.emit.common.FRESH_STORE_PER_ROUND) so each rendezvous round hands the
+        # workers a fresh bootstrap store instead.
         return None
     client = dist.TCPStore(
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,

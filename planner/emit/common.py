@@ -28,6 +28,16 @@ def procs_per_node(plan: Plan) -> int:
     return min(plan.cluster.num_gpus, plan.cluster.gpus_per_node)
 
 
+# Multi-node torchrun: every rendezvous round (each restart) hands the workers a fresh
+# bootstrap store. The shared one (torch.distributed.elastic dynamic_rendezvous, the default)
+# keeps the previous incarnation's gloo/NCCL addresses, so restarted workers dial dead peers
+# and the agents burn their restarts on connect timeouts.
+FRESH_STORE_PER_ROUND = [
+    "# a fresh rendezvous store each restart: the shared one keeps dead workers' addresses",
+    "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
+]
+
+
 def default_restarts(plan: Plan) -> int:
     # Multi-node jobs restart a failed worker group (the executor resumes from its last
     # checkpoint); a single-node run surfaces the failure instead.

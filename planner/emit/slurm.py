@@ -8,6 +8,7 @@ from pathlib import Path
 from planner.emit.common import (
     CPUS_PER_GPU,
     DEFAULT_MASTER_PORT,
+    FRESH_STORE_PER_ROUND,
     dq,
     file_header,
     node_count,
@@ -58,6 +59,7 @@ def slurm_script(
         'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"',
         f'MASTER_PORT="${{MASTER_PORT:-{DEFAULT_MASTER_PORT}}}"',
         "export MASTER_ADDR MASTER_PORT",
+        *FRESH_STORE_PER_ROUND,
     ]
     if on_cpu(plan):  # each rank gets its share of the task's cores (what the cost model assumes)
         lines.append(f'export OMP_NUM_THREADS="${{OMP_NUM_THREADS:-{max(1, cpus // per_node)}}}"')

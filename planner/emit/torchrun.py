@@ -6,6 +6,7 @@ from __future__ import annotations
 from costmodels.errors import MeshplanError
 from planner.emit.common import (
     DEFAULT_MASTER_PORT,
+    FRESH_STORE_PER_ROUND,
     default_restarts,
     file_header,
     node_count,
@@ -72,6 +73,7 @@ def torchrun_script(plan: Plan, max_restarts: int | None = None) -> str:
             ': "${MASTER_ADDR:?set MASTER_ADDR to the first node (rendezvous host)}"',
             f'MASTER_PORT="${{MASTER_PORT:-{DEFAULT_MASTER_PORT}}}"',
             'RDZV_ID="${RDZV_ID:-meshplan}"',
+            *FRESH_STORE_PER_ROUND,
         ]
         argv = torchrun_command(
             plan, "$PLAN", "$RUN_DIR", multi_node=True, max_restarts=max_restarts,

@@ -98,8 +98,7 @@ def test_a_rank_killed_on_one_node_restarts_the_group_and_resumes(tmp_path):
     while time.time() < deadline and killed is None:
         steps = _losses(run) if (run / "metrics.jsonl").is_file() else []
         # mid-step 5, away from step 6's checkpoint: a kill inside a save is
-        # tests/reliability/test_faults_layouts.py's (here it costs torchrun's agents a
-        # second, ~80 s, rendezvous before the group comes back)
+        # tests/reliability/test_faults_layouts.py's
         if len(steps) >= 4:
             workers = _children(agents[1].pid)
             assert workers, "agent 1 has no worker process"
