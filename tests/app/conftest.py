@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,16 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 APP = Path(__file__).resolve().parents[2] / "app"
 TIMEOUT = 120  # seconds per script run: the default search is llama3-70b on 1,024 GPUs
+
+
+@pytest.fixture(autouse=True)
+def _restore_main_module():
+    """AppTest leaves `sys.modules["__main__"]` set to the last script it ran; every process
+    multiprocessing starts afterwards (the gloo ranks of tests/parallel) would re-run that
+    page as its main module (~3 s of imports a rank). Put the real one back."""
+    main = sys.modules["__main__"]
+    yield
+    sys.modules["__main__"] = main
 
 
 @pytest.fixture
