@@ -152,6 +152,7 @@ def layout_columns(layouts: Iterable[Layout]) -> dict[str, np.ndarray]:
         "precision_idx": col(lambda r: PRECISIONS.index(r.precision)),
         "dp_shard": col(lambda r: r.dp_shard),
         "recompute_layers": col(lambda r: r.recompute_layers),
+        "loss_chunks": col(lambda r: r.loss_chunks),
     }
 
 
@@ -226,6 +227,7 @@ def build_cases(
     n_rows = len(cases["tp"])
     cases.setdefault("dp_shard", np.zeros(n_rows, dtype=np.int64))
     cases.setdefault("recompute_layers", np.zeros(n_rows, dtype=np.int64))
+    cases.setdefault("loss_chunks", np.ones(n_rows, dtype=np.int64))
     cases.update(link_columns(cluster, cases["tp"], cases["cp"], cases["dp"], cases["pp"], cases["dp_shard"]))
     cases.setdefault("ep", np.ones(n_rows, dtype=np.int64))
     cases.update(expert_link_columns(cluster, cases["tp"], cases["ep"]))

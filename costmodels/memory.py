@@ -117,14 +117,17 @@ def op_level_sac_activation_bytes(
     return tokens * act_bytes * (2 * h + 0.5 * mm_outputs) / t
 
 
-def logits_bytes(tokens: ArrayLike, vocab: ArrayLike, t: ArrayLike, bytes_per_logit: ArrayLike = 6.0) -> ArrayLike:
-    """Last stage at the loss: bytes per logit element, vocab split across TP. A fused /
-    vocab-parallel cross entropy holds the 16-bit logits and one fp32 buffer it computes the
-    gradient in place (2 + 4; Shoeybi et al. 2019, Sec. 3); eager `F.cross_entropy` on
-    upcast logits holds, at the peak of backward, the 16-bit logits, the fp32 log-softmax
-    output it saved, that output's fp32 gradient and the 16-bit gradient of the logits
-    (2 + 4 + 4 + 2 = 12; the fp32 copy it read is freed after forward)."""
-    return tokens * vocab * bytes_per_logit / t
+def logits_bytes(tokens: ArrayLike, vocab: ArrayLike, t: ArrayLike, act_bytes: ArrayLike = 2.0,
+                 eager_ce: bool | np.ndarray = False, chunks: ArrayLike = 1) -> ArrayLike:
+    """Last stage at the loss, vocab split across TP. Per logit element a fused /
+    vocab-parallel cross entropy holds the logits (act_bytes) and one fp32 buffer it
+    computes the gradient in place (2 + 4 in bf16; Shoeybi et al. 2019, Sec. 3). Eager
+    `F.cross_entropy` on upcast logits holds, at the peak of backward, the fp32 log-softmax
+    output it saved, that output's gradient and the fp32 gradient of the logits: 4 + 4 + 4
+    = 12 in any precision (nothing saves the logits, or in 16-bit their fp32 copy, past
+    forward). A loss in `chunks` sequence chunks, each recomputed in backward, holds one."""
+    per_logit = np.where(eager_ce, 12.0, act_bytes + 4.0)
+    return tokens * vocab * per_logit / (t * np.asarray(chunks, dtype=np.float64))
 
 
 def embedding_output_bytes(tokens: ArrayLike, h: ArrayLike, t: ArrayLike, sp: bool | np.ndarray) -> ArrayLike:

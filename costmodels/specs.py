@@ -247,10 +247,16 @@ class Layout:
     # recompute_layers / vpp of each of its virtual chunks (Megatron's --recompute-num-layers
     # with the block method counts per chunk); 0 = all of them.
     recompute_layers: int = 0
+    # Cross entropy over the sequence in this many chunks, each chunk's logits recomputed
+    # in backward (the chunked / fused linear cross entropy of Liger-Kernel, Hsu et al. 2024):
+    # the last stage holds one chunk of the logits at a time and runs the output GEMM's
+    # forward twice. 1 = the whole micro-batch at once.
+    loss_chunks: int = 1
 
     def __post_init__(self) -> None:
         for name in ("dp_shard", "recompute_layers"):
             _positive_int(self, name, minimum=0)
+        _positive_int(self, "loss_chunks")
         if self.dp_shard:
             _require(
                 self.dp % self.dp_shard == 0,

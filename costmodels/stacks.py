@@ -67,9 +67,9 @@ class Stack:
     # Op-level selective activation checkpointing (torchtitan's "selective": save the outputs
     # of every other matmul, recompute the rest) instead of Korthikanti's attention-only one.
     op_level_sac: bool = False
-    # Bytes per logit element at the loss (`costmodels.memory.logits_bytes`): 6 for a fused
-    # or vocab-parallel cross entropy, 12 for eager F.cross_entropy on upcast logits.
-    ce_bytes_per_logit: float = 6.0
+    # The loss as eager F.cross_entropy on upcast logits (it saves an fp32 log-softmax and
+    # its gradient) instead of a fused / vocab-parallel one (`costmodels.memory.logits_bytes`).
+    eager_cross_entropy: bool = False
     # FSDP under pipeline parallelism keeps each stage's parameters (16-bit) and gradients
     # (fp32) unsharded across its micro-batches (torchtitan: reshard_after_forward is off
     # when PP is on, since every micro-batch would re-gather them).
@@ -119,18 +119,18 @@ STACKS: dict[str, Stack] = {
         # torchtitan (2024): SDPA's FlashAttention-2 backend, eager ops, FSDP2 with fp32
         # sharded params cast to bf16 per layer, op-level SAC for "selective".
         Stack("torchtitan", attention="flash2", fusion="eager", weight_bytes=4.0, optim_bytes=8.0,
-              op_level_sac=True, ce_bytes_per_logit=12.0, fsdp_unsharded_with_pp=True,
+              op_level_sac=True, eager_cross_entropy=True, fsdp_unsharded_with_pp=True,
               recompute_early_stop=True, pipeline_schedules=SCHEDULE_NAMES),
         # llm-foundry / Composer: FSDP (1) with fp32 flat params, flash-attn 2.
         Stack("llm-foundry", attention="flash2", fusion="eager", weight_bytes=4.0, optim_bytes=8.0,
-              ce_bytes_per_logit=12.0),
+              eager_cross_entropy=True),
         # MaxText on GPU: XLA-fused elementwise, cuDNN flash attention through TE.
         Stack("maxtext", attention="flash3", fusion="fused", weight_bytes=4.0, optim_bytes=8.0),
         # nanotron: flash-attn 2, eager ops, bf16 gradients accumulated into an fp32 buffer.
         Stack("nanotron", attention="flash2", fusion="eager", grad_copy_bytes=2.0),
         # This project's executor: torch SDPA, eager modules, FSDP2 / DDP; bf16 autocast over
         # fp32 parameters (they are the master: 4 + 4 + 8 bytes); torch.utils.checkpoint.
-        Stack("meshplan", attention="flash2", fusion="eager", ce_bytes_per_logit=12.0,
+        Stack("meshplan", attention="flash2", fusion="eager", eager_cross_entropy=True,
               weight_bytes=4.0, optim_bytes=8.0, recompute_early_stop=True,
               pipeline_schedules=SCHEDULE_NAMES),
     )
@@ -180,7 +180,7 @@ def stack_columns(stack: Stack) -> dict[str, float]:
         "state_optim_bytes": stack.optim_bytes,
         "grad_copy_bytes": stack.grad_copy_bytes,
         "op_level_sac": stack.op_level_sac,
-        "ce_bytes_per_logit": stack.ce_bytes_per_logit,
+        "eager_cross_entropy": stack.eager_cross_entropy,
         "fsdp_unsharded_with_pp": stack.fsdp_unsharded_with_pp,
         "recompute_early_stop": stack.recompute_early_stop,
         "moe_dispatch_sp": stack.moe_dispatch_sp,

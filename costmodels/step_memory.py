@@ -11,7 +11,7 @@ from costmodels import memory, pipeline
 from costmodels.cases import Cases
 from costmodels.profile import Profile
 from costmodels.stacks import ATTENTION_IMPLS
-from costmodels.step_case import stack_columns_of
+from costmodels.step_case import loss_chunks, stack_columns_of
 
 
 def memory_terms(
@@ -74,7 +74,8 @@ def memory_terms(
         # Full recompute still materialises one layer's full activations during its backward.
         "_mem_working": np.where(recompute == 2, act_none, 0.0),
         "_mem_embed": memory.embedding_output_bytes(tok, h, tp, sp),
-        "_mem_logits": memory.logits_bytes(tok, f64("vocab"), tp, stack["ce_bytes_per_logit"]),
+        "_mem_logits": memory.logits_bytes(tok, f64("vocab"), tp, ab, stack["eager_cross_entropy"],
+                                           loss_chunks(c, len(tp))),
         "_mem_factor": np.full(len(tp), prof.memory_factor),
         "_mem_constant": np.full(len(tp), prof.memory_constant_gb * 1e9),
         "hbm_gb": f64("hbm_bytes") / 1e9,

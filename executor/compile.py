@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from executor.strategy import token_loss_sum
+from executor.loss import token_loss_sum
 
 LossSum = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from costmodels.errors import MeshplanError
 from costmodels.specs import ModelSpec
 from executor.attention import AttnContext, attend, make_context
+from executor.loss import chunked_loss_sum
 from executor.moe import MoEFeedForward
 
 
@@ -175,6 +176,7 @@ class Transformer(nn.Module):
         self.output: nn.Linear | None = nn.Linear(spec.hidden, spec.vocab, bias=False)
         if spec.tied_embeddings:
             self.output.weight = self.tok_embeddings.weight  # Press & Wolf 2017
+        self.loss_chunks = 1  # `layout.loss_chunks`: forward(labels=...) in this many chunks
 
     @torch.no_grad()
     def init_weights(self, seed: int, std: float = 0.02) -> None:
@@ -221,9 +223,12 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor,
         doc_ids: torch.Tensor,
         ctx: AttnContext | None = None,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`x`: token ids [B, T] on the first stage, else hidden states [B, T, H].
-        Returns logits [B, T, V] on the last stage, else hidden states."""
+        Returns logits [B, T, V] on the last stage, else hidden states; with `labels` (on
+        the last stage), the token loss sum over `loss_chunks` chunks of the sequence
+        (`executor.loss.chunked_loss_sum`: the logits never exist whole)."""
         h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
         if ctx is None:
             ctx = self.attention_context(doc_ids)
@@ -236,6 +241,10 @@ class Transformer(nn.Module):
                 h = layer(h, cos, sin, ctx)
         if self.norm is not None:
             h = self.norm(h)
+        if labels is not None:
+            if self.output is None:
+                raise MeshplanError("labels passed to a model part without the output head")
+            return chunked_loss_sum(h, self.output, labels, self.loss_chunks)
         if self.output is not None:
             h = self.output(h)
         return h

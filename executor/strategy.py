@@ -20,22 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from costmodels.errors import MeshplanError
 from executor.attention import resolve_backend
 from executor.checkpoint import read_extra_state, read_single_process, write_single_process
-from executor.data.batch import IGNORE_INDEX, Batch
+from executor.data.batch import Batch
+from executor.loss import apply_loss_chunks, forward_loss_sum, token_loss_sum
 from planner.planfile import Plan
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of the cross-entropy of every labelled position (computed in fp32)."""
-    return F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="sum",
-    )
 
 
 def pick_device(plan: Plan) -> torch.device:
@@ -99,6 +91,7 @@ class Strategy:
         self.amp_dtype: torch.dtype | None = None
         self.applied: dict[str, Any] = {}  # summary.json["applied"], see executor.applied
         self.loss_sum = token_loss_sum  # compiled under train.compile (`executor.compile`)
+        self.loss_chunks = 1  # layout.loss_chunks as applied (`executor.loss`)
 
     # ------------------------------------------------------------------ setup
     def setup(self, model: nn.Module, plan: Plan) -> None:
@@ -124,6 +117,7 @@ class Strategy:
         if lay.world_size == 1:  # (tests run multi-rank plans here as their one-process reference)
             check_applied(lay, self.applied)
         self.applied["compiled_blocks"] = compiled_blocks([model])
+        self.loss_chunks = self.applied["loss_chunks"] = apply_loss_chunks([model], lay.loss_chunks)
         from executor.moe import configure_moe
 
         configure_moe([model], plan.train, 1.0 / max(lay.global_batch // lay.micro_batch, 1))
@@ -147,9 +141,8 @@ class Strategy:
     def _micro_loss_sum(self, mb: Batch) -> torch.Tensor:
         assert self.model is not None
         mb = mb.to(self.device, non_blocking=True)
-        with self.autocast():
-            logits = self.model(mb.input_ids, mb.position_ids, mb.doc_ids)
-        return self.loss_sum(logits, mb.labels) * mb.loss_weight
+        return forward_loss_sum(self.model, self.loss_sum, self.loss_chunks, self.autocast(),
+                                mb.input_ids, mb.position_ids, mb.doc_ids, mb.labels) * mb.loss_weight
 
     def forward_backward(self, micro_batches: list[Batch], global_target_tokens: int) -> torch.Tensor:
         """Backward of sum(token losses) / global_target_tokens over the micro-batches;

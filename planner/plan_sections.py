@@ -65,6 +65,7 @@ def layout_section(lay: Layout, engine: str = "torch") -> dict[str, Any]:
         "global_batch_size": lay.global_batch, "recompute": lay.recompute,
         "sequence_parallel": lay.sequence_parallel, "schedule": lay.schedule,
         "dp_shard": lay.dp_shard, "recompute_layers": lay.recompute_layers,
+        "loss_chunks": lay.loss_chunks,
     }
 
 
@@ -84,6 +85,7 @@ class LayoutSection(Section):
     schedule: Schedule = "1f1b"  # `costmodels.pipeline.SCHEDULE_NAMES`
     dp_shard: int = Field(0, ge=0)  # HSDP sharding-group size; 0 = all of dp
     recompute_layers: int = Field(0, ge=0)  # with recompute=full: layers per pipeline rank; 0 = all
+    loss_chunks: int = Field(1, ge=1)  # cross entropy in this many sequence chunks (`executor.loss`)
 
     @property
     def world_size(self) -> int:

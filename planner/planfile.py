@@ -73,7 +73,7 @@ class Plan(Section):
                 global_batch=lay.global_batch_size, recompute=lay.recompute,
                 sequence_parallel=lay.sequence_parallel, precision=self.train.precision,
                 engine=lay.engine, schedule=lay.schedule, dp_shard=lay.dp_shard,
-                recompute_layers=lay.recompute_layers,
+                recompute_layers=lay.recompute_layers, loss_chunks=lay.loss_chunks,
             )
         except SpecError as exc:
             raise PlanError(str(exc)) from None

@@ -61,6 +61,8 @@ class SearchSpace:
     # For a plan for another stack: rank only layouts that stack runs exactly, where it has
     # a contract (`costmodels.stack_contracts`: Megatron-Core, NeMo); False with --any-framework.
     stack_contract: bool = False
+    # The loss in this many sequence chunks on every candidate (`Layout.loss_chunks`).
+    loss_chunks: int = 1
 
 
 @dataclass
@@ -195,6 +197,7 @@ def _expand_shards_and_recompute(model: ModelSpec, base: dict[str, np.ndarray], 
         "ep": np.ones(n, dtype=np.int64), "gbs": np.full(n, global_batch),
         "precision_idx": np.full(n, PRECISIONS.index(space.precision)),
         "dp_shard": np.concatenate(shards),
+        "loss_chunks": np.full(n, space.loss_chunks, dtype=np.int64),
         # the same count in each of a rank's virtual chunks (Megatron's per-chunk flag)
         "recompute_layers": np.where(frac < 1.0, np.maximum(1, np.round(frac * layers_stage / cols["vpp"]))
                                      * cols["vpp"], 0).astype(np.int64),
@@ -355,4 +358,5 @@ def row_to_layout(row: pd.Series, global_batch: int, precision: str) -> Layout:
         "recompute": str(row["recompute"]), "sequence_parallel": bool(row["sp"]),
         "precision": precision, "schedule": str(row["schedule"]), "dp_shard": int(row["dp_shard"]),
         "recompute_layers": int(row["recompute_layers"]),
+        "loss_chunks": int(row.get("loss_chunks", 1)),
     })

@@ -24,6 +24,7 @@ from costmodels.comm_volume import whole_tensor_grad_norm
 from costmodels.errors import MeshplanError
 from executor.applied import applied_layout, check_applied
 from executor.data.batch import Batch
+from executor.loss import apply_loss_chunks
 from executor.parallel.comm import CommCounter
 from executor.parallel.comm_accounting import CommAccounting
 from executor.parallel.data_parallel import fsdp_param_group, fsdp_reshards_after_forward
@@ -126,9 +127,11 @@ class DistributedStrategy(CommAccounting, ExpertGrads, Strategy):
         self.optimizer = self.optimizers[0]
 
     def set_recompute(self, chunks: list[nn.Module]) -> int:
+        """Recompute (and `layout.loss_chunks`, the loss's own recompute) on the model parts."""
         lay = self.plan.layout
         self._recomputed = apply_recompute(chunks, lay.recompute, lay.recompute_layers)
         self._blocks = sum(len(c.layers) for c in chunks)
+        self.loss_chunks = apply_loss_chunks(chunks, lay.loss_chunks)
         return self._recomputed
 
     def record_applied(self) -> None:
@@ -144,6 +147,7 @@ class DistributedStrategy(CommAccounting, ExpertGrads, Strategy):
         from executor.compile import compiled_blocks
 
         self.applied["compiled_blocks"] = compiled_blocks(self.model_parts())
+        self.applied["loss_chunks"] = self.loss_chunks
 
     def sharding_applied(self) -> str:
         """The ZeRO stage the built objects implement: FSDP2's reshard-after-forward (zero3)

@@ -31,6 +31,7 @@ from costmodels.specs import ZERO_STAGE
 from executor.attention import resolve_backend
 from executor.checkpoint import STATE_FILE, read_extra_state
 from executor.data.batch import Batch
+from executor.loss import forward_loss_sum
 from executor.parallel.base import DistributedStrategy, token_loss_sum
 from planner.planfile import Plan
 
@@ -107,9 +108,9 @@ class DeepSpeedStrategy(DistributedStrategy):
         with self.counting():
             for i, mb in enumerate(micro_batches):
                 mb = mb.to(self.device)
-                with self.autocast():
-                    logits = self.engine(mb.input_ids, mb.position_ids, mb.doc_ids)
-                loss_sum = token_loss_sum(logits, mb.labels) * float(mb.loss_weight)
+                loss_sum = forward_loss_sum(
+                    self.engine, token_loss_sum, self.loss_chunks, self.autocast(), mb.input_ids,
+                    mb.position_ids, mb.doc_ids, mb.labels) * float(mb.loss_weight)
                 self.engine.backward(loss_sum * (self.grad_replicas / denom), scale_wrt_gas=False)
                 if i < len(micro_batches) - 1:
                     self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step

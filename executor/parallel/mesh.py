@@ -121,6 +121,10 @@ def _restart_scoped_store(timeout):
 
     if "TORCHELASTIC_RESTART_COUNT" not in os.environ or "MASTER_ADDR" not in os.environ:
         return None
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (the multi-node launchers): rank 0 hosts a fresh
+        # store on a new port every incarnation, so there are no stale keys to step around.
+        return None
     if os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE")) != os.environ.get("WORLD_SIZE"):
         # Several agents (nodes): each counts only its own restarts, so the counts disagree
         # after one node's worker fails; the launchers set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1

@@ -13,6 +13,7 @@ from torch import nn
 from executor.attention import resolve_backend
 from executor.compile import loss_sum_fn
 from executor.data.batch import Batch
+from executor.loss import forward_loss_sum
 from executor.parallel.base import DistributedStrategy
 from executor.parallel.cp import shard_sequence
 from executor.parallel.data_parallel import apply_ddp
@@ -83,9 +84,8 @@ class SPMDStrategy(DistributedStrategy):
             input_ids = shard_sequence(input_ids, self.dims.cp, self.cp_rank)
             labels = shard_sequence(labels, self.dims.cp, self.cp_rank)
             pos = shard_sequence(pos, self.dims.cp, self.cp_rank)
-        with self.autocast():
-            logits = self.model(input_ids, pos, mb.doc_ids)
-        return self.loss_sum(logits, labels) * float(mb.loss_weight)
+        return forward_loss_sum(self.model, self.loss_sum, self.loss_chunks, self.autocast(),
+                                input_ids, pos, mb.doc_ids, labels) * float(mb.loss_weight)
 
     def _micro_loss_sum(self, mb: Batch) -> torch.Tensor:
         """One micro-batch's loss sum without the backward (evaluation)."""

@@ -83,6 +83,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--sharding", default=",".join(SHARDINGS), help="ZeRO stages to consider, e.g. zero1,zero3")
     c.add_argument("--recompute", default=",".join(RECOMPUTES), help="recompute modes to consider")
     c.add_argument("--micro-batches", default="1,2,3,4,5,6,8,10,12,16,20,24,32")
+    c.add_argument("--loss-chunks", type=int, default=1,
+                   help="cross entropy in this many sequence chunks, each recomputed in backward: "
+                        "the last stage holds 1/N of the logits (layout.loss_chunks; default 1)")
     c.add_argument("--max-pp", type=int, default=128)
     c.add_argument("--no-hsdp", action="store_true", help="do not search sharding-group sizes")
     c.add_argument("--headroom", type=float, default=0.05, help="share of HBM kept free (default 0.05)")
@@ -242,6 +245,11 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.headroom < 1:
         raise MeshplanError(f"--headroom={args.headroom} must be in [0, 1)")
     gbs, batch_note = global_batch_from(args, model.seq_len, cluster.num_gpus)
+    if args.loss_chunks < 1:
+        raise MeshplanError(f"--loss-chunks {args.loss_chunks}: must be >= 1 (1 = the whole sequence)")
+    if args.loss_chunks > 1 and args.framework != "meshplan":
+        raise MeshplanError(f"--loss-chunks {args.loss_chunks}: only meshplan's executor chunks the "
+                            f"loss; drop it for --framework {args.framework}")
     space = SearchSpace(
         max_tp=args.max_tp, tp_across_nodes=args.tp_across_nodes, allow_cp=args.allow_cp,
         max_pp=args.max_pp, micro_batches=_csv_ints(args.micro_batches, "--micro-batches"),
@@ -252,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
         # the schedules the target stack runs (`costmodels.stacks`; Megatron-LM: 1F1B, interleaved)
         schedules=tuple(stack_for(args.framework).pipeline_schedules),
         executor_only=not args.any_framework and args.framework == "meshplan",
-        stack_contract=not args.any_framework,
+        stack_contract=not args.any_framework, loss_chunks=args.loss_chunks,
     )
     profile, priced_by = resolve_profile(args.profile)
     res = search(model, cluster, gbs, profile, space, args.top, args.rank_by)
