@@ -122,10 +122,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) 
     hkv = k.shape[2]
     if ctx.backend == "sdpa":
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if hkv != hq:  # GQA: each kv head serves hq/hkv query heads (Ainslie et al. 2023)
+        # GQA: each kv head serves hq/hkv query heads (Ainslie et al. 2023). The CPU kernel
+        # takes them as they are (`enable_gqa`: no repeated K/V copy, same numbers); CUDA's
+        # masked kernels do not, so there the heads are repeated.
+        gqa_kernel = hkv != hq and q.device.type == "cpu"
+        if hkv != hq and not gqa_kernel:
             kt = kt.repeat_interleave(hq // hkv, dim=1)
             vt = vt.repeat_interleave(hq // hkv, dim=1)
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=ctx.mask)
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=ctx.mask, enable_gqa=gqa_kernel)
         return out.transpose(1, 2)
     qf, kf, vf = q.reshape(b * t, hq, d), k.reshape(b * t, hkv, d), v.reshape(b * t, hkv, d)
     assert ctx.cu_seqlens is not None

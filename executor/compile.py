@@ -3,7 +3,9 @@ with torch.compile (inductor: C++ on CPU, Triton on GPU) after tensor and contex
 parallelism and before FSDP2 wraps it, as torchtitan's `parallelize_llama` orders them; the
 token loss is compiled too in one process and the SPMD layouts (pipeline stages keep the
 eager loss), so the fp32 upcast of the logits fuses into the cross entropy.
-Attention stays eager (`executor.model.Attention._attend`).
+SDPA attention is traced into the block's graph; the varlen kernels, context parallelism's
+K/V exchange and selective recompute's checkpoint stay eager
+(`executor.model.Attention.core_inline`).
 
 Refused before any process starts, in one line: mixture-of-experts models (routing has
 data-dependent shapes), the DeepSpeed engine, and a CPU host without a C++ compiler.

@@ -79,6 +79,7 @@ class Attention(nn.Module):
         self.head_dim = spec.head_dim
         self.recompute_core = False  # selective recomputation (Korthikanti et al. 2022 §4.2)
         self.core_calls = 0  # attention-core executions, recomputations included
+        self.compiled_block = False  # inside a compiled block (`TransformerBlock.compile_body`)
         qkv_bias = spec.bias or spec.qkv_bias
         self.wq = nn.Linear(spec.hidden, spec.q_dim, bias=qkv_bias)
         self.wk = nn.Linear(spec.hidden, spec.kv_dim, bias=qkv_bias)
@@ -99,11 +100,20 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = self._attend(q, k, v, ctx)
+        out = attend(q, k, v, ctx) if self.core_inline(ctx) else self._attend(q, k, v, ctx)
         return self.wo(out.reshape(b, t, -1))
 
-    # Eager inside a compiled block (`train.compile`): the attention backends, the context-
-    # parallel K/V exchange and the selective-recompute checkpoint run as they do uncompiled.
+    def core_inline(self, ctx: AttnContext) -> bool:
+        """In a compiled block, SDPA over the block-diagonal mask is traced into the block's
+        graph (one graph a block, as torchtitan compiles it); the varlen kernels, the
+        context-parallel K/V exchange and the selective-recompute checkpoint run eager
+        between two graphs (`_attend`). The block counts an inline core's calls."""
+        return (self.compiled_block and ctx.backend == "sdpa" and not self.recompute_core
+                and getattr(ctx, "attend", None) is None)
+
+    # Eager inside a compiled block (`train.compile`), where `core_inline` is False: the
+    # attention backends, the context-parallel K/V exchange and the selective-recompute
+    # checkpoint run as they do uncompiled.
     @torch.compiler.disable
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         if self.recompute_core and torch.is_grad_enabled():
@@ -148,6 +158,8 @@ class TransformerBlock(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttnContext
     ) -> torch.Tensor:
         self.forward_calls += 1  # counted outside the compiled body
+        if self.compiled is not None and self.attention.core_inline(ctx):
+            self.attention.core_calls += 1  # the core traced into the body runs once per call
         return (self.compiled or self._residuals)(x, cos, sin, ctx)
 
     def _residuals(
@@ -159,7 +171,9 @@ class TransformerBlock(nn.Module):
     def compile_body(self) -> None:
         """`train.compile`: torch.compile this block's norms, projections, RoPE, MLP and
         residuals (torchtitan compiles per block: every block of one shape reuses the graph);
-        attention runs eager between the two graphs (`Attention._attend`)."""
+        SDPA attention is traced in, other attention runs eager between two graphs
+        (`Attention.core_inline`)."""
+        self.attention.compiled_block = True
         self.compiled = torch.compile(self._residuals)
 
 

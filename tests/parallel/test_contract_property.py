@@ -17,7 +17,7 @@ from costmodels.specs import RECOMPUTES, SHARDINGS, ClusterSpec
 from planner.search import SearchSpace, enumerate_layouts
 from tests.scale import scaled
 
-DRAWS = scaled(24, 200)  # the 200 at full scale (`tests.scale`)
+DRAWS = scaled(32, 200)  # the 200 at full scale (`tests.scale`)
 SEED = 20261202
 MODEL = PRESETS["tiny-mha"].with_(seq_len=SEQ, layers=4)
 ROWS = 4  # sequences per step: up to 4 micro-batches, dp up to 4

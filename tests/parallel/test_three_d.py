@@ -36,12 +36,12 @@ LAYOUTS: dict[str, dict[str, object]] = {
 }
 
 
-# At quick scale (`tests.scale`) one of them, to keep the 8-rank runs few: TP x CP with
-# partial recompute and ZeRO-2. PP x TP trains, is killed and resumes on 8 ranks in
-# tests/reliability/test_faults_layouts.py (`tp2 pp2 dp2`), CP x PP x TP composes in
-# test_contract_property's 8-rank tp2 pp2 cp2 run, and the interleaved and HSDP layouts run
-# at full scale only.
-QUICK = ("tp2 cp2 dp2",)
+# At quick scale (`tests.scale`) two of them, to keep the 8-rank runs few: `tp2 pp2 dp2` is
+# `tp2 pp2 vpp2 dp2 zero1` without the chunks and the sharding, CP x PP composes in
+# test_contract_property's 8-rank tp2 pp2 cp2 run, and HSDP (on 4 ranks, without PP) trains,
+# is killed and resumes in tests/reliability/test_faults_layouts.py; PP x HSDP x full
+# recompute on 8 ranks runs at full scale only.
+QUICK = ("tp2 cp2 dp2", "tp2 pp2 vpp2 dp2 zero1")
 CASES = list(LAYOUTS) if FULL else list(QUICK)
 
 
