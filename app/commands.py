@@ -36,6 +36,10 @@ def streamlit_command(port: int, headless: bool, address: str = "localhost") -> 
         "--server.port", str(port), "--server.headless", "true" if headless else "false",
         "--server.address", address, "--browser.gatherUsageStats", "false",
         "--server.fileWatcherType", "none", "--global.developmentMode", "false",
+        # Streamlit's default full gc.collect(2) after every script run holds the GIL for
+        # every session: under 20 concurrent sessions it was half the server's CPU
+        # (py-spy, benchmarks/dashboard_load.py). Python's own generational GC still runs.
+        "--runner.postScriptGC", "false",
     ]
 
 

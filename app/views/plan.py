@@ -137,12 +137,19 @@ st.caption(f"{plan['train']['max_steps']:,} steps, predicted "
            f"{plan['predicted']['time_to_train_hours']:,.1f} h to train")
 cols = st.columns(len(files) + 1)
 for col, (name, text) in zip(cols, files.items(), strict=False):
-    col.download_button(name, text, file_name=name, key=f"plan_dl_{name}")
-buf = io.BytesIO()
-with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-    for name, text in files.items():
-        zf.writestr(name, text)
-cols[-1].download_button("all (zip)", buf.getvalue(), file_name="meshplan-plan.zip",
-                         mime="application/zip", key="plan_dl_zip")
+    col.download_button(name, text, file_name=name, key=f"plan_dl_{name}", on_click="ignore")
+
+
+def _zip() -> bytes:
+    """Built when the button is pressed (Streamlit's deferred download), not on every run."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, text in files.items():
+            zf.writestr(name, text)
+    return buf.getvalue()
+
+
+cols[-1].download_button("all (zip)", _zip, file_name="meshplan-plan.zip",
+                         mime="application/zip", key="plan_dl_zip", on_click="ignore")
 with st.expander("plan.yaml", expanded=False):
     st.code(files["plan.yaml"], language="yaml")
