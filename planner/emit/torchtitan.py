@@ -90,6 +90,9 @@ def torchtitan_unsupported(plan: Plan) -> str | None:
     if lay.tp > 1 and not lay.sequence_parallel:
         return ("layout.sequence_parallel=false: torchtitan's tensor parallelism always shards "
                 "norms over the sequence; set layout.sequence_parallel=true")
+    if lay.loss_chunks > 1:
+        return (f"layout.loss_chunks={lay.loss_chunks}: torchtitan computes the loss over whole "
+                "micro-batches; set loss_chunks=1")
     if lay.recompute == "full" and lay.recompute_layers:
         return (f"layout.recompute_layers={lay.recompute_layers}: torchtitan recomputes every "
                 "layer or every n-th (selective_ac_option), not the first N per stage; use "

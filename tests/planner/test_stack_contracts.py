@@ -66,3 +66,12 @@ def test_megatron_plans_rank_only_what_megatron_runs():
     assert any("refused by its contract" in n for n in res.notes)
     # Without the contract (--any-framework) the same search ranks layouts Megatron refuses.
     assert _megatron_refusals(_search(contract=False))
+
+
+def test_a_chunked_loss_is_refused_by_megatron_and_torchtitan_in_one_line():
+    from planner.emit.torchtitan import torchtitan_unsupported
+
+    plan = Plan(model=PRESETS["llama3-8b"].to_dict(), cluster={"accelerator": "h100-sxm", "num_gpus": 1},
+                layout={"loss_chunks": 4})
+    for why in (emitters.megatron_unsupported(plan), torchtitan_unsupported(plan)):
+        assert why is not None and why.startswith("layout.loss_chunks=4") and "\n" not in why
