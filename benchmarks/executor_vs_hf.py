@@ -4,11 +4,15 @@ precision, eager and with each decoder block compiled.
 
     .venv/bin/python benchmarks/executor_vs_hf.py [--rounds 5] [--steps 8] [--json]
 
-Shape: the `small` preset (8 layers, hidden 512, GQA 8/4, SwiGLU 1408, vocab 8192) at seq 256,
+Shape: the `small` preset (8 layers, hidden 512, GQA 8/4, SwiGLU 1376, vocab 8192) at seq 256,
 8 sequences a step, fp32, AdamW with gradient clipping. The HF loop trains on the batches
 `meshplan run` trains on (the plan's packed loader over the same prepared corpus), calling
-`model(input_ids=x, labels=x)` as its documentation does. `meshplan run` trains the plan with
-checkpoints (every 4 steps), stability checks and metrics on. Each measurement is one process
+`model(input_ids=x, labels=x)` as its documentation does (no document mask: SDPA's causal
+kernel over the packed rows), and `torch.optim.AdamW` with its defaults (on a CPU that is the
+per-parameter loop: torch uses foreach by default on CUDA only). `meshplan run` trains the
+plan with checkpoints (every 4 steps), stability checks and metrics on; its step time is the
+data, forward / backward and optimizer of a step (checkpoint saves and metric writes fall
+between steps). Both processes run torch's default threads (one per core). Each measurement is one process
 run; the four kinds alternate within each round; a run's tokens/s is the tokens of one step
 over its median step time (the first two steps, compile's, left out of the HF loop's; the
 executor's median leaves them out by itself). Reported: the median over rounds of each, and

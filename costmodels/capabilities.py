@@ -142,9 +142,9 @@ RULES: tuple[Rule, ...] = (
     Rule("loss_chunks_tp", lambda m, c: (loss_chunks_of(c) > 1) & (_i(c, "tp") > 1),
          lambda m, lay: f"layout.loss_chunks={lay.loss_chunks} with tp={lay.tp}: the output head is "
                         f"vocab-parallel (the logits already split {lay.tp} ways); set loss_chunks=1"),
-    Rule("loss_chunks_seq", lambda m, c: loss_chunks_of(c) > m.seq_len // _i(c, "cp"),
-         lambda m, lay: f"layout.loss_chunks={lay.loss_chunks} exceeds the "
-                        f"{m.seq_len // lay.cp} tokens of a rank's sequence; lower it"),
+    Rule("loss_chunks_seq", lambda m, c: (m.seq_len // _i(c, "cp")) % loss_chunks_of(c) != 0,
+         lambda m, lay: f"layout.loss_chunks={lay.loss_chunks} must divide the "
+                        f"{m.seq_len // lay.cp} tokens of a rank's sequence (equal chunks)"),
 )
 
 

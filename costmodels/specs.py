@@ -247,10 +247,10 @@ class Layout:
     # recompute_layers / vpp of each of its virtual chunks (Megatron's --recompute-num-layers
     # with the block method counts per chunk); 0 = all of them.
     recompute_layers: int = 0
-    # Cross entropy over the sequence in this many chunks, each chunk's logits recomputed
-    # in backward (the chunked / fused linear cross entropy of Liger-Kernel, Hsu et al. 2024):
-    # the last stage holds one chunk of the logits at a time and runs the output GEMM's
-    # forward twice. 1 = the whole micro-batch at once.
+    # Cross entropy over the sequence in this many equal chunks, each chunk's logits
+    # recomputed in backward (activation checkpointing of the head and loss; the memory saving
+    # of Liger-Kernel's fused linear cross entropy, Hsu et al. 2024): the last stage holds one
+    # chunk of the logits at a time and runs the output GEMM's forward twice. 1 = whole.
     loss_chunks: int = 1
 
     def __post_init__(self) -> None:
@@ -338,6 +338,11 @@ class Layout:
             model.seq_len % (2 * self.cp) == 0 or self.cp == 1,
             f"layout.cp={self.cp}: seq_len={model.seq_len} must be divisible by 2*cp "
             "(load-balanced ring attention)",
+        )
+        _require(
+            (model.seq_len // self.cp) % self.loss_chunks == 0,
+            f"layout.loss_chunks={self.loss_chunks} must divide the {model.seq_len // self.cp} "
+            "tokens of a rank's sequence (equal chunks)",
         )
         if self.ep > 1:
             _require(model.is_moe, f"layout.ep={self.ep} needs a mixture-of-experts model")

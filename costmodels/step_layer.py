@@ -156,10 +156,11 @@ def logits(x: StepCase) -> np.ndarray:
     tok, h, v, ab, sms = x.tok, x.h, x.vocab / x.tp, x.ab, x.sms
     peak, eff, hbm = x.peak_bf16, x.gen_eff, x.hbm_bw
     fwd = gemm_time(tok, v, h, peak, eff, hbm, ab, sms)
-    # a chunked loss re-runs each chunk's output GEMM in backward (`Layout.loss_chunks`)
+    # a chunked loss re-runs each chunk's output GEMM and cross-entropy forward in backward
+    # (`Layout.loss_chunks`): one more GEMM, half a cross-entropy pass more
     t = (fwd * np.where(x.loss_chunks > 1, 2.0, 1.0) + gemm_time(tok, h, v, peak, eff, hbm, ab, sms)
          + gemm_time(h, v, tok, peak, eff, hbm, ab, sms))
-    ce_passes = np.where(x.tp > 1, VOCAB_PARALLEL_CE_PASSES, 1.0)
+    ce_passes = np.where(x.tp > 1, VOCAB_PARALLEL_CE_PASSES, 1.0) + np.where(x.loss_chunks > 1, 0.5, 0.0)
     return t + 2 * ce_passes * memory.logits_bytes(tok, x.vocab, x.tp) / x.bw_elem
 
 

@@ -129,7 +129,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnContext) 
         if hkv != hq and not gqa_kernel:
             kt = kt.repeat_interleave(hq // hkv, dim=1)
             vt = vt.repeat_interleave(hq // hkv, dim=1)
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=ctx.mask, enable_gqa=gqa_kernel)
+        gqa = {"enable_gqa": True} if gqa_kernel else {}  # the keyword exists from torch 2.5
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=ctx.mask, **gqa)
         return out.transpose(1, 2)
     qf, kf, vf = q.reshape(b * t, hq, d), k.reshape(b * t, hkv, d), v.reshape(b * t, hkv, d)
     assert ctx.cu_seqlens is not None

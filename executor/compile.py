@@ -1,8 +1,9 @@
 """`train.compile: true`: torchtitan's fast path. Each transformer block's body is compiled
 with torch.compile (inductor: C++ on CPU, Triton on GPU) after tensor and context
 parallelism and before FSDP2 wraps it, as torchtitan's `parallelize_llama` orders them; the
-token loss is compiled too in one process and the SPMD layouts (pipeline stages keep the
-eager loss), so the fp32 upcast of the logits fuses into the cross entropy.
+token loss is compiled too in one process and the SPMD layouts (pipeline stages and a loss
+in chunks, `layout.loss_chunks`, keep the eager loss), so the fp32 upcast of the logits
+fuses into the cross entropy.
 SDPA attention is traced into the block's graph; the varlen kernels, context parallelism's
 K/V exchange and selective recompute's checkpoint stay eager
 (`executor.model.Attention.core_inline`).

@@ -1,9 +1,11 @@
 """The token loss: cross entropy summed over labelled positions, whole or in sequence chunks.
 
-The chunked form is the chunked linear cross entropy of Liger-Kernel (Hsu et al. 2024): the
-output projection and the loss run on one chunk of the sequence at a time under activation
-checkpointing, so only one chunk's logits (and, in backward, their gradient) exist at once;
-backward re-runs each chunk's output GEMM. `costmodels.memory.logits_bytes` charges
+The chunked form runs the output projection and the loss on one chunk of the sequence at a
+time under activation checkpointing, so only one chunk's logits (and, in backward, their
+gradient) exist at once; backward re-runs each chunk's output GEMM and cross entropy. (The
+memory saving of Liger-Kernel's fused linear cross entropy, Hsu et al. 2024, which instead
+computes the chunk's gradients inside the forward.) Tested in fp32; in bf16 the head
+weight's gradient sums its chunks in bf16. `costmodels.memory.logits_bytes` charges
 1 / chunks of the logits term for it, `costmodels.step_layer.logits` the second GEMM."""
 
 from __future__ import annotations

@@ -233,17 +233,22 @@ def _nothing_runs(model: ModelSpec, cols: dict[str, np.ndarray], contract_cols: 
     row.update(sharding=SHARDINGS[row["sharding"]], recompute=RECOMPUTES[row["recompute"]],
                schedule=SCHEDULE_NAMES[row["schedule"]])
     why = rule.message(model, row_to_layout(pd.Series(row), global_batch, precision))
-    hint = "" if "--any-framework" in why else "; or pass --any-framework to plan for another stack"
+    hint = "" if "--any-framework" in why or "loss_chunks" in why \
+        else "; or pass --any-framework to plan for another stack"
     return MeshplanError(f"no layout {runner} can run: {why}{hint}")
 
 
-def _nothing_fits(cols: dict[str, np.ndarray], pred: dict[str, np.ndarray], cand: np.ndarray) -> MeshplanError:
+def _nothing_fits(cols: dict[str, np.ndarray], pred: dict[str, np.ndarray], cand: np.ndarray,
+                  loss_chunks: int = 1) -> MeshplanError:
     mem = pred["peak_memory_gb"]
     i = int(cand[np.argmin(mem[cand])])
+    # a chunked loss runs without TP and PP (`costmodels.capabilities`): say so
+    chunks = (f" (--loss-chunks {loss_chunks} rules out TP and PP; drop it to search them)"
+              if loss_chunks > 1 else "")
     return MeshplanError(
         f"no layout fits in memory: the smallest needs {mem[i]:.1f} GB per GPU of "
         f"{pred['hbm_gb'][i]:.0f} GB (tp={cols['tp'][i]} pp={cols['pp'][i]} "
-        f"{SHARDINGS[cols['sharding'][i]]} recompute={RECOMPUTES[cols['recompute'][i]]}); "
+        f"{SHARDINGS[cols['sharding'][i]]} recompute={RECOMPUTES[cols['recompute'][i]]}){chunks}; "
         "use more GPUs, a larger-memory accelerator, or a shorter sequence"
     )
 
@@ -310,7 +315,7 @@ def search(
         allowed = np.ones(len(refused), dtype=bool)
     fits = np.flatnonzero((mem <= pred["hbm_gb"] * (1 - space.memory_headroom)) & allowed)
     if fits.size == 0:
-        raise _nothing_fits(cols, pred, np.flatnonzero(allowed))
+        raise _nothing_fits(cols, pred, np.flatnonzero(allowed), space.loss_chunks)
     key, _ = RANK_KEYS.get(rank_by, RANK_KEYS["throughput"])
     order = fits[np.lexsort((mem[fits], pred[key][fits]))]
     # Pareto front of (peak memory, step time) among fitting layouts.

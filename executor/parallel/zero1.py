@@ -120,5 +120,6 @@ class Zero1Partition:
             st = full.state.get(self.params[i])
             if not st:
                 continue
-            opt.state[v] = {"step": st["step"].detach().clone().cpu().float(),
+            # on the parameter's device: the fused kernel (CUDA, CPU) keeps `step` there
+            opt.state[v] = {"step": st["step"].detach().clone().to(v.device, torch.float32),
                             **{k: local_tensor(st[k]).reshape(-1)[a:b].clone() for k in STATE_KEYS}}

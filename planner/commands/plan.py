@@ -247,6 +247,9 @@ def run(args: argparse.Namespace) -> int:
     gbs, batch_note = global_batch_from(args, model.seq_len, cluster.num_gpus)
     if args.loss_chunks < 1:
         raise MeshplanError(f"--loss-chunks {args.loss_chunks}: must be >= 1 (1 = the whole sequence)")
+    if args.loss_chunks > 1 and args.any_framework:
+        raise MeshplanError(f"--loss-chunks {args.loss_chunks}: only meshplan's executor chunks the "
+                            "loss, and --any-framework ranks layouts it cannot run; drop one of them")
     if args.loss_chunks > 1 and args.framework != "meshplan":
         raise MeshplanError(f"--loss-chunks {args.loss_chunks}: only meshplan's executor chunks the "
                             f"loss; drop it for --framework {args.framework}")

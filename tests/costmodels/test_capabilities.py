@@ -67,7 +67,7 @@ REFUSALS = [
     (Layout(pp=2, dp=2, sharding="zero3", schedule="zbv", global_batch=8), TINY, "zbv with layout.sharding=zero3"),
     (Layout(pp=2, loss_chunks=4, global_batch=2), TINY, "layout.loss_chunks=4 with pp=2"),
     (Layout(tp=2, loss_chunks=4), TINY, "layout.loss_chunks=4 with tp=2"),
-    (Layout(cp=2, loss_chunks=1000), TINY, "layout.loss_chunks=1000 exceeds"),
+    (Layout(cp=2, loss_chunks=1000), TINY, "layout.loss_chunks=1000 must divide"),
 ]
 
 

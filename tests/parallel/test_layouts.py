@@ -54,7 +54,8 @@ TORCH_2 = [
     {"cp": 2},
     {"pp": 2, "schedule": "gpipe"},
     {"pp": 2, "schedule": "1f1b"},
-    # the loss in sequence chunks (`executor.loss`) under FSDP2 and CP
+    # the loss in sequence chunks (`executor.loss`) under DDP, FSDP2 and CP
+    {"dp": 2, "loss_chunks": 4},
     {"dp": 2, "sharding": "zero3", "loss_chunks": 4},
     {"cp": 2, "loss_chunks": 4},
 ]
@@ -71,8 +72,9 @@ def test_two_rank_torch_layouts_match_one_process():
 # ZeRO-2 (between the other two: gradients partitioned, parameters whole) at full scale
 # only (`tests.scale`): each DeepSpeed engine costs ~15 s to build on 2 cores.
 DEEPSPEED_2 = [
-    {"dp": 2, "engine": "deepspeed", "sharding": "zero1", "loss_chunks": 4},
-    *([{"dp": 2, "engine": "deepspeed", "sharding": "zero2"}] if FULL else []),
+    {"dp": 2, "engine": "deepspeed", "sharding": "zero1"},
+    # and the loss in sequence chunks under DeepSpeed's engine
+    *([{"dp": 2, "engine": "deepspeed", "sharding": "zero2", "loss_chunks": 4}] if FULL else []),
     {"dp": 2, "engine": "deepspeed", "sharding": "zero3"},
 ]
 
