@@ -45,11 +45,13 @@ def _batch():
     return ids, pos, torch.zeros_like(ids), labels
 
 
-def _loss_and_grads(chunks: int):
+def _loss_and_grads(chunks: int, bf16: bool = False):
     model = _model()
     ids, pos, doc, labels = _batch()
     model.loss_chunks = chunks
-    loss = model(ids, pos, doc, labels=labels) if chunks > 1 else token_loss_sum(model(ids, pos, doc), labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(ids, pos, doc, labels=labels) if chunks > 1 \
+            else token_loss_sum(model(ids, pos, doc), labels)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -61,6 +63,19 @@ def test_chunked_loss_and_gradients_equal_the_whole_sequence_loss():
     for name, g in g_whole.items():  # the head's gradient sums over chunks in another order
         rel = float((g_chunked[name] - g).norm() / g.norm())
         assert rel <= 1e-6, (name, rel)
+
+
+def test_in_bf16_the_chunked_head_gradient_is_as_accurate_as_the_whole_one():
+    """bf16 autocast: the head's gradient sums its chunks in fp32 (`executor.loss`), so
+    against the fp32 gradient it is no worse than the whole-sequence bf16 one."""
+    _, exact = _loss_and_grads(1)
+    whole_loss, whole = _loss_and_grads(1, bf16=True)
+    chunked_loss, chunked = _loss_and_grads(CHUNKS, bf16=True)
+    assert abs(float(chunked_loss - whole_loss)) <= 1e-6 * abs(float(whole_loss))
+    name = "output.weight"
+    err = {k: float((g[name] - exact[name]).norm() / exact[name].norm())
+           for k, g in (("whole", whole), ("chunked", chunked))}
+    assert err["chunked"] <= 1.1 * err["whole"], err
 
 
 def _peak_bytes(chunks: int) -> float:
