@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from costmodels import pipeline
+from costmodels.cases import loss_chunks_column
 from costmodels.pipeline import SCHEDULE_NAMES
 from costmodels.specs import RECOMPUTES, SHARDINGS, Layout, ModelSpec, SpecError
 
@@ -41,11 +42,6 @@ class Rule:
 
 def _i(cols: Cols, key: str) -> np.ndarray:
     return np.asarray(cols[key], dtype=np.int64)
-
-
-def loss_chunks_of(cols: Cols) -> np.ndarray:
-    """`loss_chunks` per candidate row (1 where the columns carry none)."""
-    return _i(cols, "loss_chunks") if "loss_chunks" in cols else np.ones(len(np.asarray(cols["tp"])), np.int64)
 
 
 def _grad_accum(cols: Cols) -> np.ndarray:
@@ -136,13 +132,13 @@ RULES: tuple[Rule, ...] = (
          lambda m, lay: f"layout.recompute_layers={lay.recompute_layers} exceeds the "
                         f"{int(_min_stage_layers(m, layout_columns(lay))[0])} layers of the "
                         "smallest pipeline stage; lower it (0 = all layers)"),
-    Rule("loss_chunks_pp", lambda m, c: (loss_chunks_of(c) > 1) & (_i(c, "pp") > 1),
+    Rule("loss_chunks_pp", lambda m, c: (loss_chunks_column(c) > 1) & (_i(c, "pp") > 1),
          lambda m, lay: f"layout.loss_chunks={lay.loss_chunks} with pp={lay.pp}: the pipeline's "
                         "last stage hands its whole logits to the schedule's loss; set loss_chunks=1"),
-    Rule("loss_chunks_tp", lambda m, c: (loss_chunks_of(c) > 1) & (_i(c, "tp") > 1),
+    Rule("loss_chunks_tp", lambda m, c: (loss_chunks_column(c) > 1) & (_i(c, "tp") > 1),
          lambda m, lay: f"layout.loss_chunks={lay.loss_chunks} with tp={lay.tp}: the output head is "
                         f"vocab-parallel (the logits already split {lay.tp} ways); set loss_chunks=1"),
-    Rule("loss_chunks_seq", lambda m, c: (m.seq_len // _i(c, "cp")) % loss_chunks_of(c) != 0,
+    Rule("loss_chunks_seq", lambda m, c: (m.seq_len // _i(c, "cp")) % loss_chunks_column(c) != 0,
          lambda m, lay: f"layout.loss_chunks={lay.loss_chunks} must divide the "
                         f"{m.seq_len // lay.cp} tokens of a rank's sequence (equal chunks)"),
 )

@@ -156,6 +156,14 @@ def layout_columns(layouts: Iterable[Layout]) -> dict[str, np.ndarray]:
     }
 
 
+def loss_chunks_column(c: Mapping[str, object]) -> np.ndarray:
+    """`Layout.loss_chunks` per row of a case or candidate table (1, the whole micro-batch,
+    where the table carries none)."""
+    if "loss_chunks" in c:
+        return np.asarray(c["loss_chunks"], dtype=np.int64)
+    return np.ones(len(np.asarray(c["tp"])), dtype=np.int64)
+
+
 def _thread_rate(hw: Mapping[str, float], key: str, threads: float, cores: float) -> float:
     """A figure `meshplan bench` measured with all cores (`key`) and with one thread
     (`key`_1core), for a process running `threads` threads: interpolated linearly between

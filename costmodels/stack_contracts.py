@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from costmodels.capabilities import Cols, Rule, first_refusal, loss_chunks_of
+from costmodels.capabilities import Cols, Rule, first_refusal
+from costmodels.cases import loss_chunks_column
 from costmodels.pipeline import SCHEDULE_NAMES
 from costmodels.specs import RECOMPUTES, SHARDINGS, Layout, ModelSpec
 from costmodels.stacks import MEGATRON_SCHEDULES
@@ -57,7 +58,7 @@ MEGATRON_RULES: tuple[Rule, ...] = (
                         "--recompute-num-layers counts per virtual chunk; use a multiple of "
                         f"vpp={lay.stages_per_rank}"),
     Rule("megatron_loss_chunks",
-         lambda m, c: loss_chunks_of(c) > 1,
+         lambda m, c: loss_chunks_column(c) > 1,
          lambda m, lay: f"layout.loss_chunks={lay.loss_chunks}: Megatron-LM computes its "
                         "(vocab-parallel) loss over whole micro-batches; set loss_chunks=1"),
 )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from costmodels.cases import GEN_ORDER, Cases
+from costmodels.cases import GEN_ORDER, Cases, loss_chunks_column
 from costmodels.gemm import gemm_time
 from costmodels.profile import Profile
 from costmodels.stacks import ATTENTION_IMPLS, ATTENTION_UTILISATION
@@ -51,7 +51,7 @@ class StepCase:
         # per chunk (Megatron's uneven pipeline split).
         self.layers_stage = np.ceil(self.layers / (pp * vpp)) * vpp
         self.rc_frac = recompute_fraction(c, self.layers_stage)
-        self.loss_chunks = loss_chunks(c, len(tp))
+        self.loss_chunks = loss_chunks_column(c).astype(np.float64)
         self.stack = stack_columns_of(c, len(tp))
         prec = np.asarray(c["precision_idx"], dtype=int) if "precision_idx" in c else np.zeros(len(tp), int)
         self.low_prec = low_prec = self.peak_gemm > self.peak_bf16 * 1.01  # FP8 / FP4 GEMMs
@@ -122,11 +122,6 @@ def stack_columns_of(c: Cases, n: int) -> dict[str, np.ndarray]:
         col = np.asarray(c[k]) if k in c else np.full(n, v)
         out[k] = col.astype(bool) if isinstance(v, bool) else col.astype(np.float64)
     return out
-
-
-def loss_chunks(c: Cases, n: int) -> np.ndarray:
-    """`Layout.loss_chunks` per case (1, the whole micro-batch, where a table has none)."""
-    return np.asarray(c["loss_chunks"], dtype=np.float64) if "loss_chunks" in c else np.ones(n)
 
 
 def recompute_fraction(c: Cases, layers_stage: np.ndarray) -> np.ndarray:

@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 
 from costmodels import memory, pipeline
-from costmodels.cases import Cases
+from costmodels.cases import Cases, loss_chunks_column
 from costmodels.profile import Profile
 from costmodels.stacks import ATTENTION_IMPLS
-from costmodels.step_case import loss_chunks, stack_columns_of
+from costmodels.step_case import stack_columns_of
 
 
 def memory_terms(
@@ -75,7 +75,7 @@ def memory_terms(
         "_mem_working": np.where(recompute == 2, act_none, 0.0),
         "_mem_embed": memory.embedding_output_bytes(tok, h, tp, sp),
         "_mem_logits": memory.logits_bytes(tok, f64("vocab"), tp, ab, stack["eager_cross_entropy"],
-                                           loss_chunks(c, len(tp))),
+                                           loss_chunks_column(c)),
         "_mem_factor": np.full(len(tp), prof.memory_factor),
         "_mem_constant": np.full(len(tp), prof.memory_constant_gb * 1e9),
         "hbm_gb": f64("hbm_bytes") / 1e9,

@@ -247,12 +247,10 @@ def run(args: argparse.Namespace) -> int:
     gbs, batch_note = global_batch_from(args, model.seq_len, cluster.num_gpus)
     if args.loss_chunks < 1:
         raise MeshplanError(f"--loss-chunks {args.loss_chunks}: must be >= 1 (1 = the whole sequence)")
-    if args.loss_chunks > 1 and args.any_framework:
+    if args.loss_chunks > 1 and (args.any_framework or args.framework != "meshplan"):
+        other = "--any-framework" if args.any_framework else f"--framework {args.framework}"
         raise MeshplanError(f"--loss-chunks {args.loss_chunks}: only meshplan's executor chunks the "
-                            "loss, and --any-framework ranks layouts it cannot run; drop one of them")
-    if args.loss_chunks > 1 and args.framework != "meshplan":
-        raise MeshplanError(f"--loss-chunks {args.loss_chunks}: only meshplan's executor chunks the "
-                            f"loss; drop it for --framework {args.framework}")
+                            f"loss; drop it for {other}")
     space = SearchSpace(
         max_tp=args.max_tp, tp_across_nodes=args.tp_across_nodes, allow_cp=args.allow_cp,
         max_pp=args.max_pp, micro_batches=_csv_ints(args.micro_batches, "--micro-batches"),
