@@ -23,7 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from costmodels.cases import build_cases  # noqa: E402
+from costmodels.cases import build_cases, subset_cases  # noqa: E402
 from costmodels.presets import get_preset  # noqa: E402
 from costmodels.profile import dump_profile  # noqa: E402
 from costmodels.specs import ClusterSpec  # noqa: E402
@@ -57,7 +57,6 @@ def speed(n: int = 100_000) -> float:
 
 
 def _dense_rows(df):
-    from costmodels.cases import subset_cases
     from planner.calibration.runs_table import cases_from_runs
 
     cases, used, _, _ = cases_from_runs(df)
@@ -131,7 +130,7 @@ def uncertainty_from(df, prof) -> dict:
     mem = df.iloc[used]["measured_peak_memory_gb"].to_numpy(dtype=float)
     ok = np.isfinite(mem) & (mem > 0)
     if ok.sum() >= 4:
-        pm = evaluate(cases, prof)["peak_memory_gb"][ok]
+        pm = evaluate(cases, prof)["peak_memory_as_logged"][ok]
         out["memory"] = {"all": residual_quantiles(np.log(mem[ok] / pm), np.zeros(ok.sum()))["all"]}
     return out
 
@@ -158,6 +157,29 @@ def regimes(rows, ape) -> list:
         out.append(pd.DataFrame({"regime": col, "value": g.size().index.astype(str),
                                  "n": g.size().to_numpy(), "mape_pct": g.mean().round(2).to_numpy()}))
     return out
+
+
+def memory_scores(df, prof) -> dict:
+    """Peak memory held out by source: the allocator factor and constant fitted on the other
+    sources' memory rows (from the shipped throughput parameters), each row scored as its
+    framework logs it."""
+    from costmodels.fit import MEMORY_PARAMS, fit_memory
+    from planner.calibration.runs_table import cases_from_runs
+
+    cases, used, _, _ = cases_from_runs(df)
+    rows = df.iloc[used]
+    mem = rows["measured_peak_memory_gb"].to_numpy(dtype=float)
+    idx = np.flatnonzero(np.isfinite(mem) & (mem > 0))
+    src = rows["source_id"].fillna("unknown").to_numpy()[idx]
+    pred = np.full(len(idx), np.nan)
+    for s_id in np.unique(src):
+        train, test = idx[src != s_id], idx[src == s_id]
+        fitted = fit_memory(subset_cases(cases, train), mem[train], prof)
+        pred[src == s_id] = evaluate(subset_cases(cases, test), fitted)["peak_memory_as_logged"]
+    ape = np.abs(pred / mem[idx] - 1) * 100
+    by = {s_id: float(ape[src == s_id].mean()) for s_id in np.unique(src)}
+    bounds = [(n, getattr(prof, n), lo, hi) for n, lo, hi in MEMORY_PARAMS]
+    return {"loso": float(ape.mean()), "by_source": by, "params": bounds}
 
 
 def parameters(df) -> list[dict]:
@@ -191,6 +213,12 @@ def main() -> int:
           f"median={s['median_ape_pct']:.2f}% within10={s['within_10pct_share']:.2%} "
           f"within20={s['within_20pct_share']:.2%} dense scored share={s['dense_scored_share']:.2%}")
     print(f"peak memory: MAPE={s['memory_mape_pct']:.2f}% over {s['n_memory_scored']} rows")
+    ms = memory_scores(df, prof)
+    print(f"peak memory, leave-one-source-out (allocator terms fitted on the other source): "
+          f"MAPE={ms['loso']:.2f}% (" + ", ".join(f"{k} {v:.2f}%" for k, v in ms["by_source"].items()) + ")")
+    print("  memory parameters: " + ", ".join(
+        f"{n}={v:.4g} bounds [{lo:g}, {hi:g}]{' AT BOUND' if min(v - lo, hi - v) < 5e-3 * (hi - lo) else ''}"
+        for n, v, lo, hi in ms["params"]))
     cv_all, cv_dense = [], []
     for seed in range(5):
         cv = validate_runs(df, prof, cross_validated=True, seed=seed).summary

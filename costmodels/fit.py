@@ -134,7 +134,8 @@ def fit_throughput(
 
 
 def fit_memory(c: Cases, measured_gb: np.ndarray, base: Profile) -> Profile:
-    """Fit the allocator factor and constant to measured peak memory (relative error)."""
+    """Fit the allocator factor and constant to measured peak memory (relative error), each
+    figure as its framework logs it (`peak_memory_as_logged`: its ranks, its unit)."""
     if len(measured_gb) < 2:
         return base
     names = [p[0] for p in MEMORY_PARAMS]
@@ -144,7 +145,7 @@ def fit_memory(c: Cases, measured_gb: np.ndarray, base: Profile) -> Profile:
 
     def resid(x: np.ndarray) -> np.ndarray:
         prof = base.with_(**dict(zip(names, map(float, x), strict=True)))
-        return evaluate(c, prof)["peak_memory_gb"] / measured_gb - 1
+        return evaluate(c, prof)["peak_memory_as_logged"] / measured_gb - 1
 
     res = least_squares(resid, np.clip(x0, lo, hi), bounds=(lo, hi))
     return base.with_(**dict(zip(names, map(float, res.x), strict=True)))

@@ -32,6 +32,8 @@ ATTENTION_UTILISATION = {
 
 
 CLASSIC_SCHEDULES = ("gpipe", "1f1b", "interleaved")
+MEMORY_LOG_RANKS = ("max", "first")
+GIB_GB = 2**30 / 1e9  # GB per GiB
 MEGATRON_SCHEDULES = ("1f1b", "interleaved")
 
 
@@ -87,8 +89,17 @@ class Stack:
     # Pipeline schedules it runs (`costmodels.pipeline` names): Megatron-LM 1F1B and its
     # interleaved form; torchtitan every `torch.distributed.pipelining` schedule.
     pipeline_schedules: tuple[str, ...] = CLASSIC_SCHEDULES
+    # What the framework's own peak-memory figure is, so a measured figure is compared with
+    # the same quantity: "max" over ranks, or "first" = global rank 0's alone (the first
+    # pipeline stage: nanotron's benchmark table is written by rank 0, `create_table_log`);
+    # and its unit in GB (torchtitan's and nanotron's loggers divide by 2**30: GiB).
+    memory_log_rank: str = "max"
+    memory_log_unit_gb: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.memory_log_rank not in MEMORY_LOG_RANKS:
+            raise MeshplanError(f"stack {self.name}: memory_log_rank={self.memory_log_rank!r} must be one of "
+                                f"{MEMORY_LOG_RANKS}")
         if self.attention not in ATTENTION_IMPLS:
             raise MeshplanError(f"stack {self.name}: attention={self.attention!r} must be one of {ATTENTION_IMPLS}")
         if self.fusion not in ("fused", "eager"):
@@ -120,14 +131,16 @@ STACKS: dict[str, Stack] = {
         # sharded params cast to bf16 per layer, op-level SAC for "selective".
         Stack("torchtitan", attention="flash2", fusion="eager", weight_bytes=4.0, optim_bytes=8.0,
               op_level_sac=True, eager_cross_entropy=True, fsdp_unsharded_with_pp=True,
-              recompute_early_stop=True, pipeline_schedules=SCHEDULE_NAMES),
+              recompute_early_stop=True, pipeline_schedules=SCHEDULE_NAMES, memory_log_unit_gb=GIB_GB),
         # llm-foundry / Composer: FSDP (1) with fp32 flat params, flash-attn 2.
         Stack("llm-foundry", attention="flash2", fusion="eager", weight_bytes=4.0, optim_bytes=8.0,
               eager_cross_entropy=True),
         # MaxText on GPU: XLA-fused elementwise, cuDNN flash attention through TE.
         Stack("maxtext", attention="flash3", fusion="fused", weight_bytes=4.0, optim_bytes=8.0),
-        # nanotron: flash-attn 2, eager ops, bf16 gradients accumulated into an fp32 buffer.
-        Stack("nanotron", attention="flash2", fusion="eager", grad_copy_bytes=2.0),
+        # nanotron: flash-attn 2, eager ops, bf16 gradients accumulated into an fp32 buffer;
+        # its benchmark table's memory is rank 0's `torch.cuda.max_memory_*` in GiB.
+        Stack("nanotron", attention="flash2", fusion="eager", grad_copy_bytes=2.0,
+              memory_log_rank="first", memory_log_unit_gb=GIB_GB),
         # This project's executor: torch SDPA, eager modules, FSDP2 / DDP; bf16 autocast over
         # fp32 parameters (they are the master: 4 + 4 + 8 bytes); torch.utils.checkpoint.
         Stack("meshplan", attention="flash2", fusion="eager", eager_cross_entropy=True,
@@ -184,4 +197,6 @@ def stack_columns(stack: Stack) -> dict[str, float]:
         "fsdp_unsharded_with_pp": stack.fsdp_unsharded_with_pp,
         "recompute_early_stop": stack.recompute_early_stop,
         "moe_dispatch_sp": stack.moe_dispatch_sp,
+        "mem_log_first_rank": stack.memory_log_rank == "first",
+        "mem_log_unit_gb": stack.memory_log_unit_gb,
     }

@@ -78,6 +78,7 @@ def memory_terms(
                                            loss_chunks_column(c)),
         "_mem_factor": np.full(len(tp), prof.memory_factor),
         "_mem_constant": np.full(len(tp), prof.memory_constant_gb * 1e9),
+        "_mem_log_first_rank": stack["mem_log_first_rank"], "_mem_log_unit_gb": stack["mem_log_unit_gb"],
         "hbm_gb": f64("hbm_bytes") / 1e9,
     }
 
@@ -125,4 +126,6 @@ def memory_totals(terms: dict[str, np.ndarray], schedule: np.ndarray,
         "peak_memory_gb": total / 1e9,
         "mem_first_stage_gb": first_gb,
         "mem_last_stage_gb": last_gb,
+        # the figure the stack's own memory log prints (`costmodels.stacks.Stack.memory_log_rank`)
+        "peak_memory_as_logged": np.where(t["_mem_log_first_rank"], first_gb, total / 1e9) / t["_mem_log_unit_gb"],
     }

@@ -76,9 +76,12 @@ def _schedule_free(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     expert_local = x.f64("params_layer_expert") * layers_stage / (x.tp * x.ep)
     embed_all = (x.f64("params_embed") + x.f64("params_output")) / x.tp
     # A pipeline's first and last stage each hold one of the embedding and the output head
-    # (the heavier stage sets the pace); a V placement holds both on its first rank.
+    # (the heavier stage sets the pace); tied embeddings put a copy on each, their gradients
+    # all-reduced between the two (Shoeybi et al. 2019, Sec. 3; Narayanan et al. 2021,
+    # Sec. 2.2's shared word embeddings); a V placement holds both (one tied copy) on its first rank.
+    end_stage = x.f64("params_embed") / x.tp
     held = dense_local + expert_local
-    states, mem = states_terms(x, held + embed_all / np.where(pp > 1, 2.0, 1.0), expert_local, compute,
+    states, mem = states_terms(x, held + np.where(pp > 1, end_stage, embed_all), expert_local, compute,
                                stage_mb, n_tp)
     states_v, _ = states_terms(x, held + embed_all, expert_local, compute, stage_mb, n_tp)
     fpt = model_flops_per_token(x.layers, x.h, x.ffn_active, x.kv, x.mats, x.vocab, x.seq, 1.0, True,

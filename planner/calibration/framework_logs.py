@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from costmodels.errors import MeshplanError
+from costmodels.stacks import GIB_GB
 
 FRAMEWORKS = ("megatron", "torchtitan", "deepspeed", "nemo")
-GIB = 2**30 / 1e9  # GB per GiB
 
 _NUM = r"([0-9][0-9,]*\.?[0-9]*(?:[eE][-+]?[0-9]+)?)"
 _MEGATRON_STEP = re.compile(r"iteration\s+(\d+)\s*/\s*\d+\s*\|.*?elapsed time per iteration \(ms\):\s*" + _NUM)
@@ -101,7 +101,7 @@ def _rate_steps(name: str, lines: list[str], step_re: re.Pattern[str], mem_re: r
 def _torchtitan(lines: list[str], tokens_per_step: int = 0, gpus: int = 0, **_: int) -> LogSteps:
     # tps is per GPU: a step of `tokens_per_step` tokens over `gpus` GPUs
     per_step = tokens_per_step / gpus if tokens_per_step and gpus else 0.0
-    return _rate_steps("torchtitan", lines, _TITAN_STEP, _TITAN_MEM, per_step, GIB)
+    return _rate_steps("torchtitan", lines, _TITAN_STEP, _TITAN_MEM, per_step, GIB_GB)
 
 
 def _deepspeed(lines: list[str], samples_per_step: int = 0, **_: int) -> LogSteps:

@@ -49,11 +49,13 @@ def validate_runs(df: pd.DataFrame, profile: Profile, cross_validated: bool = Fa
     cases, used, skipped, assumed = cases_from_runs(df)
     pred_tps = np.full(len(df), np.nan)
     pred_mem = np.full(len(df), np.nan)
+    pred_logged = np.full(len(df), np.nan)  # what the run's framework would log (its ranks, its unit)
     pred_mfu = np.full(len(df), np.nan)
     if cases is not None:
         out = evaluate(cases, profile)
         pred_tps[used] = out["tokens_per_sec_per_gpu"]
         pred_mem[used] = out["peak_memory_gb"]
+        pred_logged[used] = out["peak_memory_as_logged"]
         pred_mfu[used] = out["mfu"]
         if cross_validated:
             meas = df["measured_tokens_per_sec_per_gpu"].to_numpy(dtype=float)[used]
@@ -79,6 +81,7 @@ def validate_runs(df: pd.DataFrame, profile: Profile, cross_validated: bool = Fa
             "measured_tokens_per_sec_per_gpu": measured,
             "ape_pct": None if ape is None else round(ape, 3),
             "predicted_peak_memory_gb": None if i not in used_set else round(float(pred_mem[i]), 3),
+            "predicted_peak_memory_as_logged": None if i not in used_set else round(float(pred_logged[i]), 3),
             "measured_peak_memory_gb": mem_meas,
             "predicted_mfu_pct": None if i not in used_set else round(float(pred_mfu[i]) * 100, 2),
             "assumed": assumed[used_set[i]] if i in used_set else [],
@@ -89,8 +92,9 @@ def validate_runs(df: pd.DataFrame, profile: Profile, cross_validated: bool = Fa
     table["gpu"] = df["gpu"].to_numpy()
     table["model_type"] = df["model_type"].fillna("dense").to_numpy()
     scored = table[table["ape_pct"].notna()]
-    mem = table[table["measured_peak_memory_gb"].notna() & table["predicted_peak_memory_gb"].notna()]
-    mem_ape = ape_pct(mem["predicted_peak_memory_gb"], mem["measured_peak_memory_gb"]) if len(mem) else np.zeros(0)
+    # a measured figure is the framework's own (`costmodels.stacks.Stack.memory_log_rank`)
+    mem = table[table["measured_peak_memory_gb"].notna() & table["predicted_peak_memory_as_logged"].notna()]
+    mem_ape = ape_pct(mem["predicted_peak_memory_as_logged"], mem["measured_peak_memory_gb"]) if len(mem) else np.zeros(0)
     dense = scored[scored["model_type"] == "dense"]
     dense_measured = table[(table["model_type"] == "dense") & table["measured_tokens_per_sec_per_gpu"].notna()]
 

@@ -67,3 +67,50 @@ def test_inflight_microbatches():
     assert inflight_microbatches(gpipe, 8, 1, 32) == 32
     assert inflight_microbatches(one_f_one_b, 8, 1, 4) == 4  # never more than m
     assert np.allclose(inflight_microbatches(one_f_one_b, np.array([1, 4]), 1, 16), [1, 4])
+
+
+def _one(model, layout, cluster, framework=None):
+    from costmodels.cases import single_case
+    from costmodels.profile import Profile
+    from costmodels.steptime import evaluate
+
+    out = evaluate(single_case(model, layout, cluster, framework=framework), Profile())
+    return {k: float(v[0]) for k, v in out.items()}
+
+
+def test_tied_embeddings_put_a_copy_on_each_end_stage():
+    from dataclasses import replace
+
+    from costmodels.presets import get_preset
+    from costmodels.specs import ClusterSpec, Layout
+
+    untied = get_preset("llama3-8b")
+    tied = replace(untied, tied_embeddings=True)
+    c = ClusterSpec("h100-sxm", 8)
+    vh = untied.vocab * untied.hidden
+    one = Layout(dp=8, micro_batch=1, global_batch=8)
+    # one stage: tied embeddings are one matrix fewer
+    assert _one(untied, one, c)["params_local"] - _one(tied, one, c)["params_local"] == pytest.approx(vh)
+    # two stages: the first holds the embedding, the last the head or (tied) its own copy of it
+    two = Layout(pp=2, dp=4, micro_batch=1, global_batch=8)
+    assert _one(tied, two, c)["params_local"] == pytest.approx(_one(untied, two, c)["params_local"])
+    assert _one(tied, two, c)["params_local"] == pytest.approx(untied.layers // 2 * (
+        _one(untied, one, c)["params_local"] - 2 * vh) / untied.layers + vh)
+
+
+def test_peak_memory_as_the_framework_logs_it():
+    from costmodels.presets import get_preset
+    from costmodels.specs import ClusterSpec, Layout
+    from costmodels.stacks import GIB_GB
+
+    m, c = get_preset("llama3-8b"), ClusterSpec("h100-sxm", 8)
+    lay = Layout(pp=2, dp=4, micro_batch=1, global_batch=64, sharding="zero1")
+    nano = _one(m, lay, c, "nanotron")
+    assert nano["mem_first_stage_gb"] != pytest.approx(nano["mem_last_stage_gb"])
+    # nanotron's benchmark table: rank 0 (the first stage), in GiB
+    assert nano["peak_memory_as_logged"] == pytest.approx(nano["mem_first_stage_gb"] / GIB_GB)
+    # torchtitan: the maximum over ranks, in GiB; meshplan's own records: the maximum, in GB
+    titan = _one(m, lay, c, "torchtitan")
+    assert titan["peak_memory_as_logged"] == pytest.approx(titan["peak_memory_gb"] / GIB_GB)
+    own = _one(m, lay, c, "meshplan")
+    assert own["peak_memory_as_logged"] == pytest.approx(own["peak_memory_gb"])
