@@ -128,12 +128,23 @@ def layer_gemm_shapes(hidden: int, ffn: int, tokens: int, kv_dim: int | None = N
     return [(tokens, hidden + 2 * kv, hidden), (tokens, hidden, hidden), (tokens, ffn, hidden), (tokens, hidden, ffn)]
 
 
+def gemm_repeats(dtype: str, device: str, quick: bool) -> int:
+    """Timed calls per GEMM shape. The best of many: a shared host's speed moves by ~10%
+    over seconds (best of 3 read 0.073-0.100 TFLOP/s here where best of 30 read 0.096-0.117),
+    and the fit can only lower the rate it is given. CPU bf16 is emulated (~0.5 s a call at
+    these shapes) and no CPU run uses it: a few calls."""
+    if device == "cpu" and dtype != "fp32":
+        return 3 if quick else 5
+    return 20 if quick else 30
+
+
 def bench_gemm(
-    shapes: list[tuple[int, int, int]], dtypes: list[str], device: str = "cpu", repeats: int = 5
+    shapes: list[tuple[int, int, int]], dtypes: list[str], device: str = "cpu", quick: bool = False,
 ) -> list[dict[str, float]]:
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     out = []
     for dt in dtypes:
+        repeats = gemm_repeats(dt, device, quick)
         for m, n, k in shapes:
             a = torch.randn(m, k, device=device, dtype=DTYPES[dt])
             b = torch.randn(k, n, device=device, dtype=DTYPES[dt])
@@ -143,7 +154,7 @@ def bench_gemm(
     return out
 
 
-def bench_memory(device: str = "cpu", mbytes: int = 64, repeats: int = 5) -> float:
+def bench_memory(device: str = "cpu", mbytes: int = 64, repeats: int = 20) -> float:
     """GB/s of an in-place add (reads two arrays, writes one): the STREAM 'add' kernel."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     n = mbytes * 1024 * 1024 // 4
@@ -153,7 +164,7 @@ def bench_memory(device: str = "cpu", mbytes: int = 64, repeats: int = 5) -> flo
     return 3 * n * 4 / t / 1e9
 
 
-def bench_elementwise(device: str = "cpu", mbytes: int = 32, repeats: int = 5) -> float:
+def bench_elementwise(device: str = "cpu", mbytes: int = 32, repeats: int = 20) -> float:
     """GB/s of an out-of-place add (c = a + b, a fresh output each call): how the forward and
     backward passes' elementwise kernels run. On a CPU host every fresh activation-sized
     buffer is page-faulted in, so this is far below the in-place STREAM figure."""
@@ -294,14 +305,14 @@ def run_bench(
     res = BenchResult(device=device, threads=threads)
     try:
         torch.set_num_threads(threads)  # the whole host, whatever OMP_NUM_THREADS says
-        res.gemm = bench_gemm(shapes, ["fp32", "bf16"], device, repeats=3 if quick else 5)
+        res.gemm = bench_gemm(shapes, ["fp32", "bf16"], device, quick)
         res.memory_gb_s = bench_memory(device, mbytes=32 if quick else 128)
         res.elementwise_gb_s = bench_elementwise(device, mbytes=32)
         if device == "cpu" and threads > 1:
             # Ranks of a multi-process run split the cores (down to one thread each): the
             # cost model interpolates between the one-thread and all-cores rates.
             torch.set_num_threads(1)
-            res.gemm += bench_gemm(shapes, ["fp32", "bf16"], device, repeats=3 if quick else 5)
+            res.gemm += bench_gemm(shapes, ["fp32", "bf16"], device, quick)
             res.elementwise_gb_s_1core = bench_elementwise(device, mbytes=32)
     finally:
         torch.set_num_threads(before)
