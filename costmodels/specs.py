@@ -9,7 +9,7 @@ one line naming the field and the fix.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Self
 
 from costmodels import pipeline
 from costmodels.spec_checks import SpecError
@@ -32,13 +32,37 @@ RECOMPUTES: tuple[str, ...] = ("none", "selective", "full")
 PRECISIONS: tuple[str, ...] = ("bf16", "fp8", "fp16", "fp32", "fp4")
 
 
+class _Spec:
+    """What every spec dataclass does with its fields: copies with changes, a plain dict,
+    and back from one (an unknown or a missing key named in one line)."""
+
+    SECTION: ClassVar[str]  # the key it is written under in a plan file
+
+    def with_(self, **changes: Any) -> Self:
+        return replace(self, **changes)  # type: ignore[type-var]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        _require(not unknown, f"{cls.SECTION}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        try:
+            return cls(**data)
+        except TypeError as exc:  # missing required fields
+            raise SpecError(f"{cls.SECTION}: {exc}") from None
+
+
 # --------------------------------------------------------------------------- model
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelSpec(_Spec):
     """A decoder-only (or encoder, for MLM) transformer, LLaMA-style by default."""
 
+    SECTION: ClassVar[str] = "model"
     name: str
     layers: int
     hidden: int
@@ -197,34 +221,20 @@ class ModelSpec:
             + self.norm_params()  # final norm
         )
 
-    def with_(self, **changes: Any) -> ModelSpec:
-        return replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        _require(not unknown, f"model: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        try:
-            return cls(**data)
-        except TypeError as exc:  # missing required fields
-            raise SpecError(f"model: {exc}") from None
 
 
 # --------------------------------------------------------------------------- layout
 
 
 @dataclass(frozen=True)
-class Layout:
+class Layout(_Spec):
     """How one training step is laid out over the cluster (Megatron / torchtitan terms).
 
     Degrees multiply to the world size: tp * pp * dp * cp = GPUs (ep shards experts inside
     dp * cp, as in Megatron-Core). `global_batch` counts sequences per optimizer step.
     """
 
+    SECTION: ClassVar[str] = "layout"
     tp: int = 1
     pp: int = 1
     dp: int = 1
@@ -360,18 +370,6 @@ class Layout:
         # Interleaved chunks may be uneven (Megatron-Core's uneven pipeline split): the slowest
         # stage then holds ceil(layers / (pp * vpp)) layers per chunk.
 
-    def with_(self, **changes: Any) -> Layout:
-        return replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Layout:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        _require(not unknown, f"layout: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**data)
 
 
 # A re-export: specs is where callers read the three descriptions from.

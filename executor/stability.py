@@ -15,7 +15,9 @@ gradient norm jumps. Here, per optimizer step:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
+
+from planner.plan_sections import StabilitySection
 
 
 @dataclass
@@ -28,30 +30,23 @@ class Decision:
 
 @dataclass
 class SpikeDetector:
-    factor: float = 3.0
-    warmup_steps: int = 100
-    grad_norm_limit: float = 10.0
-    max_consecutive: int = 3
-    ema_beta: float = 0.9
-    # state
+    """The plan's `stability:` limits and the running state they are checked against."""
+
+    limits: StabilitySection = field(default_factory=StabilitySection)
     ema: float = 0.0
     n_good: int = 0
     consecutive: int = 0
 
     @classmethod
-    def from_plan(cls, stability) -> SpikeDetector:
-        return cls(
-            factor=stability.spike_factor, warmup_steps=stability.spike_warmup_steps,
-            grad_norm_limit=stability.grad_norm_limit,
-            max_consecutive=stability.max_consecutive_spikes, ema_beta=stability.ema_beta,
-        )
+    def from_plan(cls, stability: StabilitySection) -> SpikeDetector:
+        return cls(stability)
 
     @property
     def running_loss(self) -> float | None:
         if self.n_good == 0:
             return None
         # Bias-corrected EMA (Kingma & Ba 2015, Algorithm 1: m_t / (1 - beta^t)).
-        return self.ema / (1.0 - self.ema_beta ** self.n_good)
+        return self.ema / (1.0 - self.limits.ema_beta ** self.n_good)
 
     def check(self, step: int, loss: float, grad_norm: float) -> Decision:
         """Decide for `step` (1-based) and update the state accordingly."""
@@ -59,18 +54,18 @@ class SpikeDetector:
         reason: str | None = None
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             reason = "nonfinite"
-        elif step > self.warmup_steps:
-            if run is not None and loss > self.factor * run:
+        elif step > self.limits.spike_warmup_steps:
+            if run is not None and loss > self.limits.spike_factor * run:
                 reason = "loss_spike"
-            elif grad_norm > self.grad_norm_limit:
+            elif grad_norm > self.limits.grad_norm_limit:
                 reason = "grad_norm"
         if reason is None:
-            self.ema = self.ema_beta * self.ema + (1.0 - self.ema_beta) * loss
+            self.ema = self.limits.ema_beta * self.ema + (1.0 - self.limits.ema_beta) * loss
             self.n_good += 1
             self.consecutive = 0
             return Decision(skip=False, running_loss=self.running_loss)
         self.consecutive += 1
-        rollback = self.consecutive >= self.max_consecutive
+        rollback = self.consecutive >= self.limits.max_consecutive_spikes
         return Decision(skip=True, reason=reason, rollback=rollback, running_loss=run)
 
     def state_dict(self) -> dict[str, float | int]:
@@ -81,8 +76,3 @@ class SpikeDetector:
         self.n_good = int(state["n_good"])
         self.consecutive = int(state["consecutive"])
 
-    def config(self) -> dict[str, float | int]:
-        d = asdict(self)
-        for k in ("ema", "n_good", "consecutive"):
-            d.pop(k)
-        return d

@@ -1,15 +1,16 @@
 """The sections of a plan file (`planner.planfile.Plan`), each a validated pydantic model,
 and the one mapping between the cost model's specs and a plan's `cluster` and `layout`
-sections (`cluster_section`, `layout_section`, `LayoutSection` -> `Plan.layout_spec`)."""
+sections (`cluster_section`; `LAYOUT_PLAN_KEYS` for `layout_section` and `LayoutSection.spec`)."""
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from costmodels.errors import MeshplanError
-from costmodels.specs import ClusterSpec, Layout, Schedule, SpecError
+from costmodels.specs import ClusterSpec, Layout, Precision, Schedule, SpecError
 
 
 class PlanError(MeshplanError):
@@ -57,16 +58,17 @@ def cluster_section(cluster: ClusterSpec) -> dict[str, Any]:
     }
 
 
+# The one Layout <-> plan mapping: a `Layout` field's key in the plan's `layout:` section
+# where the names differ; the precision is the train section's (`train.precision`).
+LAYOUT_PLAN_KEYS = {"micro_batch": "micro_batch_size", "global_batch": "global_batch_size"}
+LAYOUT_FIELDS = tuple(f.name for f in fields(Layout) if f.name != "precision")
+
+
 def layout_section(lay: Layout, engine: str = "torch") -> dict[str, Any]:
-    """The plan's `layout:` section for a cost-model layout."""
-    return {
-        "tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "cp": lay.cp, "ep": lay.ep, "vpp": lay.vpp,
-        "sharding": lay.sharding, "engine": engine, "micro_batch_size": lay.micro_batch,
-        "global_batch_size": lay.global_batch, "recompute": lay.recompute,
-        "sequence_parallel": lay.sequence_parallel, "schedule": lay.schedule,
-        "dp_shard": lay.dp_shard, "recompute_layers": lay.recompute_layers,
-        "loss_chunks": lay.loss_chunks,
-    }
+    """The plan's `layout:` section for a cost-model layout (run by `engine`)."""
+    out = {LAYOUT_PLAN_KEYS.get(f, f): getattr(lay, f) for f in LAYOUT_FIELDS}
+    out["engine"] = engine
+    return out
 
 
 class LayoutSection(Section):
@@ -87,13 +89,21 @@ class LayoutSection(Section):
     recompute_layers: int = Field(0, ge=0)  # with recompute=full: layers per pipeline rank; 0 = all
     loss_chunks: int = Field(1, ge=1)  # cross entropy in this many sequence chunks (`executor.loss`)
 
+    def spec(self, precision: Precision = "bf16") -> Layout:
+        """The cost model's layout for this section (`precision`: the train section's)."""
+        try:
+            return Layout(**{f: getattr(self, LAYOUT_PLAN_KEYS.get(f, f)) for f in LAYOUT_FIELDS},
+                          precision=precision)
+        except SpecError as exc:
+            raise PlanError(str(exc)) from None
+
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp * self.cp
+        return self.spec().world_size
 
     @property
     def grad_accum(self) -> int:
-        return self.global_batch_size // (self.micro_batch_size * self.dp)
+        return self.spec().grad_accum
 
 
 class TrainSection(Section):

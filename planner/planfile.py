@@ -65,18 +65,7 @@ class Plan(Section):
             raise PlanError(str(exc)) from None
 
     def layout_spec(self) -> Layout:
-        lay = self.layout
-        try:
-            return Layout(
-                tp=lay.tp, pp=lay.pp, dp=lay.dp, cp=lay.cp, ep=lay.ep, vpp=lay.vpp,
-                sharding=lay.sharding, micro_batch=lay.micro_batch_size,
-                global_batch=lay.global_batch_size, recompute=lay.recompute,
-                sequence_parallel=lay.sequence_parallel, precision=self.train.precision,
-                engine=lay.engine, schedule=lay.schedule, dp_shard=lay.dp_shard,
-                recompute_layers=lay.recompute_layers, loss_chunks=lay.loss_chunks,
-            )
-        except SpecError as exc:
-            raise PlanError(str(exc)) from None
+        return self.layout.spec(self.train.precision)
 
     def cost_profile(self) -> Profile | None:
         """The profile the plan was priced with, or None (a plan written without one)."""

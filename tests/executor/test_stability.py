@@ -12,11 +12,13 @@ from costmodels.errors import MeshplanError
 from executor.faults import Fault
 from executor.stability import SpikeDetector
 from planner.cli import main
+from planner.plan_sections import StabilitySection
 from tests.executor.executor_testlib import make_plan, read_metrics, write_plan
 
 
 def test_detector_rules() -> None:
-    d = SpikeDetector(factor=3.0, warmup_steps=2, grad_norm_limit=10.0, max_consecutive=2)
+    d = SpikeDetector(StabilitySection(spike_factor=3.0, spike_warmup_steps=2, grad_norm_limit=10.0,
+                                       max_consecutive_spikes=2))
     assert not d.check(1, 50.0, 100.0).skip  # warm-up: only non-finite values are skipped
     assert d.check(2, float("nan"), 1.0).reason == "nonfinite"
     assert not d.check(3, 4.0, 1.0).skip
@@ -33,7 +35,7 @@ def test_detector_rules() -> None:
 
 
 def test_running_loss_is_bias_corrected() -> None:
-    d = SpikeDetector(ema_beta=0.9, warmup_steps=0)
+    d = SpikeDetector(StabilitySection(ema_beta=0.9, spike_warmup_steps=0))
     d.check(1, 5.0, 1.0)
     assert d.running_loss == pytest.approx(5.0)
     d.check(2, 5.0, 1.0)
