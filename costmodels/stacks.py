@@ -92,7 +92,10 @@ class Stack:
     # What the framework's own peak-memory figure is, so a measured figure is compared with
     # the same quantity: "max" over ranks, or "first" = global rank 0's alone (the first
     # pipeline stage: nanotron's benchmark table is written by rank 0, `create_table_log`);
-    # and its unit in GB (torchtitan's and nanotron's loggers divide by 2**30: GiB).
+    # and its unit in GB (torchtitan's and nanotron's loggers divide by 2**30: GiB). Which
+    # counter it is differs too (torchtitan: max reserved; nanotron's table has both
+    # allocated and reserved; meshplan's runs: max allocated): the profile's allocator factor
+    # and constant (`Profile.memory_factor`) are fitted across them.
     memory_log_rank: str = "max"
     memory_log_unit_gb: float = 1.0
 

@@ -76,14 +76,16 @@ def _schedule_free(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
     expert_local = x.f64("params_layer_expert") * layers_stage / (x.tp * x.ep)
     embed_all = (x.f64("params_embed") + x.f64("params_output")) / x.tp
     # A pipeline's first and last stage each hold one of the embedding and the output head
-    # (the heavier stage sets the pace); tied embeddings put a copy on each, their gradients
-    # all-reduced between the two (Shoeybi et al. 2019, Sec. 3; Narayanan et al. 2021,
-    # Sec. 2.2's shared word embeddings); a V placement holds both (one tied copy) on its first rank.
+    # (the heavier stage sets the pace); tied embeddings put a copy on each (Shoeybi et al.
+    # 2019, Sec. 3; the all-reduce of the two copies' gradients is not priced); a V
+    # placement holds both (one tied copy) on its first rank.
     end_stage = x.f64("params_embed") / x.tp
     held = dense_local + expert_local
     states, mem = states_terms(x, held + np.where(pp > 1, end_stage, embed_all), expert_local, compute,
                                stage_mb, n_tp)
     states_v, _ = states_terms(x, held + embed_all, expert_local, compute, stage_mb, n_tp)
+    # the last rank of a V holds two middle stages: neither the embedding nor the head
+    states_mid, _ = states_terms(x, held, expert_local, compute, stage_mb, n_tp)
     fpt = model_flops_per_token(x.layers, x.h, x.ffn_active, x.kv, x.mats, x.vocab, x.seq, 1.0, True,
                                 q_dim=x.q_dim)
     t_stage = stage_mb - t_logits
@@ -94,6 +96,7 @@ def _schedule_free(c: Cases, prof: Profile) -> dict[str, np.ndarray]:
         "compute": compute, "p2p_one": pp_send(x), "t_logits": t_logits,
         "t_f": lt["fwd_share"] * t_stage, "t_w": lt["wgrad_share"] * t_stage, "t_stage": t_stage,
         **states, **{k + V_SUFFIX: v for k, v in states_v.items()},
+        **{k + MID_SUFFIX: states_mid[k] for k in STATE_KEYS},
         # Synchronous steps wait for the slowest node: with per-node jitter of relative size
         # sigma, the expected maximum over N nodes is ~ sigma sqrt(2 ln N) (Gumbel / extreme
         # value of Gaussians; the straggler effect of Dubey et al. 2024, Sec. 3.3.4).
@@ -119,6 +122,7 @@ CARRIED = ("pp", "vpp", "m", "layers_stage", "layers", "compute", "p2p_one", "t_
            "t_stage", "rest", "jitter", "tokens_gpu", "flops_gpu")
 # Terms of the rank holding the model's parameters, under the looped placement and (suffix) a V
 V_SUFFIX = "@v"
+MID_SUFFIX = "@mid"  # model states of a V's last rank
 PLACED = ("rest", "dp_comm_s", "dp_exposed_s", "optimizer_s", "params_local", *STATE_KEYS)
 
 
@@ -127,7 +131,7 @@ def _with_schedule(free: dict[str, np.ndarray], schedule: np.ndarray) -> dict[st
     sends on the critical path, the idle a run measures, the step, and memory per rank."""
     pp, vpp, m, layers_stage = free["pp"], free["vpp"], free["m"], free["layers_stage"]
     v_shape = pipeline.first_rank_holds_last_stage(schedule) & (pp > 1)
-    f = {k: v for k, v in free.items() if not k.endswith(V_SUFFIX)}
+    f = {k: v for k, v in free.items() if not k.endswith((V_SUFFIX, MID_SUFFIX))}
     f.update({k: np.where(v_shape, free[k + V_SUFFIX], free[k]) for k in PLACED})
     # Fill and drain run on the stages that hold layers but not the output head, so the
     # schedule's bubble (`costmodels.pipeline.bubble_time`) is priced on a rank's micro-batch
@@ -154,9 +158,7 @@ def _with_schedule(free: dict[str, np.ndarray], schedule: np.ndarray) -> dict[st
         "pp_fwd_s": t_f, "pp_bwd_input_s": t_b, "pp_bwd_weight_s": t_w, "sync_s": t_sync,
         "tokens_per_sec_per_gpu": tps_gpu, "mfu": f["flops_gpu"] * tps_gpu,
     })
-    # the last rank of a V holds neither the embedding nor the head: states are affine in the
-    # parameters held, so theirs are 2 x (half of both) - (both)
-    last_states = {k: np.where(v_shape, 2 * free[k] - free[k + V_SUFFIX], free[k]) for k in STATE_KEYS}
+    last_states = {k: np.where(v_shape, free[k + MID_SUFFIX], free[k]) for k in STATE_KEYS}
     out.update(memory_totals(f, schedule, last_states))
     return out
 

@@ -62,12 +62,13 @@ def cluster_section(cluster: ClusterSpec) -> dict[str, Any]:
 # where the names differ; the precision is the train section's (`train.precision`).
 LAYOUT_PLAN_KEYS = {"micro_batch": "micro_batch_size", "global_batch": "global_batch_size"}
 LAYOUT_FIELDS = tuple(f.name for f in fields(Layout) if f.name != "precision")
+LAYOUT_PLAN_FIELDS = tuple(LAYOUT_PLAN_KEYS.get(f, f) for f in LAYOUT_FIELDS)  # their plan keys
 
 
-def layout_section(lay: Layout, engine: str = "torch") -> dict[str, Any]:
-    """The plan's `layout:` section for a cost-model layout (run by `engine`)."""
+def layout_section(lay: Layout, engine: str | None = None) -> dict[str, Any]:
+    """The plan's `layout:` section for a cost-model layout (run by `engine`, else its own)."""
     out = {LAYOUT_PLAN_KEYS.get(f, f): getattr(lay, f) for f in LAYOUT_FIELDS}
-    out["engine"] = engine
+    out["engine"] = engine or lay.engine
     return out
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from planner.plan_sections import layout_section
+from planner.plan_sections import LAYOUT_PLAN_FIELDS, layout_section
 from planner.search import BREAKDOWN, SearchResult, row_to_layout
 
 
@@ -51,8 +51,7 @@ def trial_runs(result: SearchResult, plan_path: str = "PLAN") -> list[str]:
     top = top_json(result)
     if not top:
         return []
-    fields = ("tp", "pp", "dp", "cp", "ep", "vpp", "sharding", "micro_batch_size", "recompute",
-              "sequence_parallel", "schedule", "dp_shard", "recompute_layers")
+    fields = [f for f in LAYOUT_PLAN_FIELDS if f not in ("engine", "global_batch_size")]
     cmds = []
     close = [(i, t) for i, t in enumerate(top) if t["within_uncertainty_of_best"]][:4]
     for rank, t in close:

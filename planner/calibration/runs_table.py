@@ -49,7 +49,11 @@ KNOWN_MARKERS: dict[str, dict[str, tuple[str, str]]] = {
 OPTIONAL_COLUMNS = (
     "source_id", "model_type", "params_b", "num_experts", "experts_topk", "global_batch_size",
     "micro_batch_size", "cp", "ep", "vpp", "sharding", "recompute", "sequence_parallel",
-    "precision", "framework", "measured_step_time_s", "measured_peak_memory_gb",
+    "precision", "framework", "measured_step_time_s",
+    # The framework's own peak-memory figure as its log prints it: the ranks it covers and
+    # its unit are the stack's (`costmodels.stacks.Stack.memory_log_rank` /
+    # `memory_log_unit_gb`: torchtitan and nanotron print GiB, nanotron rank 0 alone).
+    "measured_peak_memory_gb",
     # The cluster per row (GB/s per GPU per direction, as `meshplan predict --nvlink-gbps /
     # --nic-gbps` take them); empty = the accelerator catalog's.
     "gpus_per_node", "scaleup_gbps", "scaleout_gbps",

@@ -23,6 +23,7 @@ from planner.model_args import (
     load_yaml_config,
     model_from_args,
 )
+from planner.plan_sections import LAYOUT_PLAN_KEYS
 from planner.planfile import plan_from_dict
 from planner.profiles import PricedBy, resolve_profile
 from planner.render import print_prediction
@@ -110,13 +111,11 @@ def predict_dict(model, layout: Layout, cluster, profile, priced_by: PricedBy,
     }
 
 
-# predict flag -> the plan field it overrides
-_PLAN_FIELDS = {"tp": "layout.tp", "pp": "layout.pp", "dp": "layout.dp", "cp": "layout.cp",
-                "ep": "layout.ep", "vpp": "layout.vpp", "micro_batch": "layout.micro_batch_size",
-                "global_batch": "layout.global_batch_size", "sharding": "layout.sharding",
-                "recompute": "layout.recompute", "sequence_parallel": "layout.sequence_parallel",
-                "schedule": "layout.schedule", "precision": "train.precision",
-                "seq_len": "model.seq_len", "gpus": "cluster.num_gpus",
+# predict flag -> the plan field it overrides (layout flags are named as Layout's fields)
+_LAYOUT_FLAGS = ("tp", "pp", "dp", "cp", "ep", "vpp", "micro_batch", "global_batch", "sharding",
+                 "recompute", "sequence_parallel", "schedule")
+_PLAN_FIELDS = {**{f: f"layout.{LAYOUT_PLAN_KEYS.get(f, f)}" for f in _LAYOUT_FLAGS},
+                "precision": "train.precision", "seq_len": "model.seq_len", "gpus": "cluster.num_gpus",
                 "gpus_per_node": "cluster.gpus_per_node"}
 
 
@@ -192,10 +191,7 @@ def run(args: argparse.Namespace) -> int:
             raise MeshplanError(f"--gpus={cluster.num_gpus} is not divisible by tp*pp*cp={other}")
         lay["dp"] = cluster.num_gpus // other
     lay.setdefault("global_batch", int(lay.get("micro_batch", 1)) * int(lay["dp"]) * max(1, int(lay.get("pp", 1))))
-    try:
-        layout = Layout.from_dict(lay)
-    except TypeError as exc:
-        raise MeshplanError(f"layout: {exc}") from None
+    layout = Layout.from_dict(lay)
     profile, priced_by = resolve_profile(args.profile)
     return _show(predict_dict(model, layout, cluster, profile, priced_by,
                               args.framework or "meshplan", args.moe_imbalance), args.json)

@@ -114,3 +114,20 @@ def test_peak_memory_as_the_framework_logs_it():
     assert titan["peak_memory_as_logged"] == pytest.approx(titan["peak_memory_gb"] / GIB_GB)
     own = _one(m, lay, c, "meshplan")
     assert own["peak_memory_as_logged"] == pytest.approx(own["peak_memory_gb"])
+
+
+def test_tied_embeddings_under_a_v_schedule():
+    from dataclasses import replace
+
+    from costmodels.presets import get_preset
+    from costmodels.specs import ClusterSpec, Layout
+
+    untied = get_preset("llama3-8b")
+    tied = replace(untied, tied_embeddings=True)
+    c = ClusterSpec("h100-sxm", 8)
+    lay = Layout(pp=2, vpp=2, dp=4, micro_batch=1, global_batch=32, schedule="zbv")
+    t, u = _one(tied, lay, c), _one(untied, lay, c)
+    # the V's last rank holds two middle stages: no embedding, tied or not
+    assert t["mem_last_stage_gb"] == pytest.approx(u["mem_last_stage_gb"])
+    # its first rank holds the embedding and the head: one matrix fewer when they are tied
+    assert t["mem_first_stage_gb"] < u["mem_first_stage_gb"]

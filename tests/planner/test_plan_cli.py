@@ -168,3 +168,21 @@ def test_uneven_interleaving_emits_megatron_layout():
     assert s.count("t") == 126
     assert chunks[0].startswith("E") and chunks[-1].endswith("L")
     assert max(c.count("t") for c in chunks) - min(c.count("t") for c in chunks) <= 1
+
+
+def test_one_layout_plan_mapping_round_trips():
+    from dataclasses import fields
+
+    from costmodels.specs import Layout
+    from planner.plan_sections import LAYOUT_PLAN_FIELDS, LayoutSection, layout_section
+
+    # every Layout field but the precision (the train section's) is a layout-section key
+    assert set(LAYOUT_PLAN_FIELDS) == set(LayoutSection.model_fields)
+    assert {f.name for f in fields(Layout)} - {"precision"} == {
+        f.replace("_size", "") for f in LAYOUT_PLAN_FIELDS}
+    lay = Layout(tp=2, pp=2, dp=2, vpp=2, micro_batch=2, global_batch=16, sharding="zero1",
+                 recompute="full", recompute_layers=1, sequence_parallel=True, schedule="interleaved",
+                 precision="fp8", loss_chunks=2)
+    section = LayoutSection(**layout_section(lay))
+    assert section.spec("fp8") == lay
+    assert section.world_size == lay.world_size and section.grad_accum == lay.grad_accum
