@@ -84,12 +84,7 @@ class DirLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _read_holder(fd)
-            os.close(fd)
-            raise MeshplanError(
-                f"{where}: in use by meshplan {_describe(holder)} (lock {self.path}); wait for "
-                f"it to finish or choose another {self.field}"
-            ) from None
+            raise self._in_use(fd) from None
         except OSError as exc:  # a filesystem without flock support
             os.close(fd)
             raise MeshplanError(f"{where}: cannot lock {self.path} ({exc.strerror}); use a "
@@ -109,6 +104,29 @@ class DirLock:
         os.fsync(fd)
         self._fd = fd
         return self
+
+    def _in_use(self, fd: int) -> MeshplanError:
+        holder = _read_holder(fd)
+        os.close(fd)
+        return MeshplanError(
+            f"{self.field} {self.shown}: in use by meshplan {_describe(holder)} (lock {self.path}); "
+            f"wait for it to finish or choose another {self.field}"
+        )
+
+    def refuse_if_held(self) -> None:
+        """Exit now, before the slow checks and imports that come before `acquire`, when
+        another writer holds the lock; creates nothing (`acquire` still decides)."""
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except OSError:
+            return  # no lock file yet (or not readable): `acquire` reports it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise self._in_use(fd) from None
+        except OSError:
+            pass
+        os.close(fd)  # closing drops the probe's flock
 
     def release(self) -> None:
         if self._fd is None:
@@ -146,3 +164,11 @@ def run_dir_lock(directory: str | Path) -> contextlib.AbstractContextManager:
     if "LOCAL_RANK" in os.environ and os.environ.get("RANK", "0") != "0":
         return contextlib.nullcontext()  # a rank of an external launch: global rank 0 locks
     return dir_lock(directory, "--out")
+
+
+def refuse_if_run_dir_held(directory: str | Path) -> None:
+    """Exit now when another run holds `--out` (`DirLock.refuse_if_held`), unless this process
+    writes under a lock its launcher holds."""
+    lock = run_dir_lock(directory)
+    if isinstance(lock, DirLock):
+        lock.refuse_if_held()

@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from executor.dir_lock import run_dir_lock
+    from executor.dir_lock import refuse_if_run_dir_held, run_dir_lock
     from planner.planfile import load_plan
 
     plan = load_plan(args.plan, args.override, resize_cluster=True)
@@ -40,6 +40,7 @@ def handle(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise MeshplanError(f"--out {out}: exists and is not a folder; pass a folder path")
+    refuse_if_run_dir_held(out)  # a second writer learns it before the imports below
     from executor.faults import Fault
 
     faults = [Fault.parse(f) for f in args.inject_fault]  # a typo fails before anything runs
