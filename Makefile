@@ -40,9 +40,11 @@ demo: $(STAMP)
 	rm -rf $(DEMO)
 	# fp32: the precision the calibration loop below measures (its report then compares like
 	# with like; bf16 autocast on a CPU is predicted ~30% fast by an fp32-calibrated profile).
+	# host_probe: the run logs this host's speed, as the loop's runs do, and is priced at it.
 	$(BIN)/meshplan plan --model tiny --gpu cpu --gpus 1 --seq-len 128 \
 		--global-batch-tokens 2048 --precision fp32 --out $(DEMO)/plan \
-		--override train.max_steps=$(DEMO_STEPS) --override train.lr=1e-3
+		--override train.max_steps=$(DEMO_STEPS) --override train.lr=1e-3 \
+		--override train.host_probe=true
 	$(BIN)/meshplan run $(DEMO)/plan/plan.yaml --out $(DEMO)/run
 	# Calibrate: bench this machine, run 14 short layouts, fit on eight, predict the rest.
 	$(BIN)/meshplan calibrate --local-loop --workdir $(DEMO)/calibration

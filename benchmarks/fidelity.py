@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from costmodels.cases import build_cases, subset_cases  # noqa: E402
+from costmodels.fit import at_bound  # noqa: E402
 from costmodels.presets import get_preset  # noqa: E402
 from costmodels.profile import dump_profile  # noqa: E402
 from costmodels.specs import ClusterSpec  # noqa: E402
@@ -217,7 +218,7 @@ def main() -> int:
     print(f"peak memory, leave-one-source-out (allocator terms fitted on the other source): "
           f"MAPE={ms['loso']:.2f}% (" + ", ".join(f"{k} {v:.2f}%" for k, v in ms["by_source"].items()) + ")")
     print("  memory parameters: " + ", ".join(
-        f"{n}={v:.4g} bounds [{lo:g}, {hi:g}]{' AT BOUND' if min(v - lo, hi - v) < 5e-3 * (hi - lo) else ''}"
+        f"{n}={v:.4g} bounds [{lo:g}, {hi:g}]{' AT BOUND' if at_bound(v, lo, hi) else ''}"
         for n, v, lo, hi in ms["params"]))
     cv_all, cv_dense = [], []
     for seed in range(5):

@@ -176,13 +176,13 @@ def random_halves(n: int, seed: int = 0) -> np.ndarray:
     return folds
 
 
+def at_bound(value: float, lower: float, upper: float) -> bool:
+    """Within 0.5% of its range of a bound: a parameter there is a modelling gap, not a result."""
+    tol = 5e-3 * (upper - lower)
+    return bool(value - lower < tol or upper - value < tol)
+
+
 def parameter_report(c: Cases, fr: FitResult, fixed: Sequence[str] = ()) -> list[dict]:
-    """Each fitted parameter with its bounds and whether it sits at one (within 0.5% of the
-    range): a parameter at a bound is a modelling gap, not a result."""
-    rows = []
-    for name, lo, hi in _param_space(c, fixed):
-        v = fr.params[name]
-        tol = 5e-3 * (hi - lo)
-        rows.append({"name": name, "value": v, "lower": lo, "upper": hi,
-                     "at_bound": bool(v - lo < tol or hi - v < tol)})
-    return rows
+    """Each fitted parameter with its bounds and whether it sits at one (`at_bound`)."""
+    return [{"name": name, "value": fr.params[name], "lower": lo, "upper": hi,
+             "at_bound": at_bound(fr.params[name], lo, hi)} for name, lo, hi in _param_space(c, fixed)]

@@ -9,6 +9,7 @@ with `torch.matmul` on 1024x1024 operands and are replaced by `meshplan bench`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from costmodels.specs import SpecError
@@ -101,6 +102,23 @@ def cpu_threads_per_rank(ranks_on_host: int, cores: int) -> int:
     (what `meshplan run` sets unless OMP_NUM_THREADS says otherwise; the executor counts the
     cores, `executor.host.host_cores`)."""
     return max(1, cores // max(1, ranks_on_host))
+
+
+# A host's rates that move with its speed: compute (GEMM peaks) and memory (streaming and
+# elementwise bandwidth). Links are left as measured.
+_HOST_RATES = ("fp32_tflops", "bf16_tflops", "fp32_tflops_1core", "bf16_tflops_1core",
+               "hbm_tb_s", "elementwise_tb_s", "elementwise_tb_s_1core")
+
+
+def at_host_speed(hw: Mapping[str, float], probe_fp32_tflops: float | None) -> dict[str, float]:
+    """A measured host's hardware entry at the speed a run's probe saw (`executor.host_probe`):
+    its compute and memory rates scaled by the run's probe rate over the probe rate measured
+    beside them (`probe_fp32_tflops`: one factor, as a shared host slows all its work alike).
+    Unchanged where the entry or the run has no probe."""
+    ref = hw.get("probe_fp32_tflops")
+    if not (probe_fp32_tflops and ref):
+        return dict(hw)
+    return {k: v * probe_fp32_tflops / ref if k in _HOST_RATES else v for k, v in hw.items()}
 
 
 def get_accelerator(key: str) -> Accelerator:

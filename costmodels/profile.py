@@ -132,7 +132,7 @@ HARDWARE_KEYS = (
     "allgather_bw_rel", "allgather_latency_s", "reduce_scatter_bw_rel", "reduce_scatter_latency_s",
     "p2p_bw_rel", "p2p_latency_s", "elementwise_tb_s", "elementwise_tb_s_1core",
     "tp_allreduce_bw_rel", "tp_allreduce_latency_s", "tp_allgather_bw_rel", "tp_allgather_latency_s",
-    "tp_reduce_scatter_bw_rel", "tp_reduce_scatter_latency_s",
+    "tp_reduce_scatter_bw_rel", "tp_reduce_scatter_latency_s", "probe_fp32_tflops",
 )
 
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from executor.host import host_cores
+from executor.host_probe import HostProbe
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -53,6 +54,9 @@ class BenchResult:
     # Out-of-place elementwise ops, as autograd runs them: all threads, then one thread.
     elementwise_gb_s: float = 0.0
     elementwise_gb_s_1core: float = 0.0
+    # The host-speed probe's median GEMM rate while the rates above were measured
+    # (`executor.host_probe`; CPU hosts)
+    probe_fp32_tflops: float = 0.0
     collectives: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -77,6 +81,8 @@ class BenchResult:
             out["elementwise_tb_s"] = self.elementwise_gb_s / 1000
         if self.elementwise_gb_s_1core:
             out["elementwise_tb_s_1core"] = self.elementwise_gb_s_1core / 1000
+        if self.probe_fp32_tflops:
+            out["probe_fp32_tflops"] = self.probe_fp32_tflops
         ar = self.collectives.get("all_reduce")
         if self.device == "cpu":
             out["host_cores"] = float(self.threads)
@@ -104,7 +110,7 @@ class BenchResult:
             "device": self.device, "threads": self.threads, "seconds": self.seconds,
             "gemm": self.gemm, "memory_gb_s": self.memory_gb_s, "collectives": self.collectives,
             "elementwise_gb_s": self.elementwise_gb_s, "elementwise_gb_s_1core": self.elementwise_gb_s_1core,
-            "hardware_override": self.hardware_override(),
+            "probe_fp32_tflops": self.probe_fp32_tflops, "hardware_override": self.hardware_override(),
         }
 
 
@@ -140,7 +146,9 @@ def gemm_repeats(dtype: str, device: str, quick: bool) -> int:
 
 def bench_gemm(
     shapes: list[tuple[int, int, int]], dtypes: list[str], device: str = "cpu", quick: bool = False,
+    between: Callable[[], None] | None = None,
 ) -> list[dict[str, float]]:
+    """Best-of-`gemm_repeats` TFLOP/s per shape and dtype; `between` runs after each shape."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     out = []
     for dt in dtypes:
@@ -151,6 +159,8 @@ def bench_gemm(
             t = _timeit(lambda a=a, b=b: a @ b, repeats, sync, best=True)
             out.append({"dtype": dt, "m": m, "n": n, "k": k, "seconds": t, "tflops": 2 * m * n * k / t / 1e12,
                         "threads": torch.get_num_threads()})
+            if between is not None:
+                between()
     return out
 
 
@@ -303,17 +313,35 @@ def run_bench(
     before = torch.get_num_threads()
     threads = host_cores() if device == "cpu" else before
     res = BenchResult(device=device, threads=threads)
+    # On a CPU host the speed probe runs between the phases, so its reference figure is the
+    # host's speed while the rates were measured, not a moment before or after.
+    probe = HostProbe() if device == "cpu" else None
+    probes: list[float] = []
+
+    def between() -> None:
+        if probe is not None:
+            probes.extend(probe.measure() for _ in range(3))
+
     try:
         torch.set_num_threads(threads)  # the whole host, whatever OMP_NUM_THREADS says
-        res.gemm = bench_gemm(shapes, ["fp32", "bf16"], device, quick)
+        between()
+        res.gemm = bench_gemm(shapes, ["fp32"], device, quick, between=between)
+        res.gemm += bench_gemm(shapes, ["bf16"], device, quick)
+        between()
         res.memory_gb_s = bench_memory(device, mbytes=32 if quick else 128)
+        between()
         res.elementwise_gb_s = bench_elementwise(device, mbytes=32)
+        between()
         if device == "cpu" and threads > 1:
             # Ranks of a multi-process run split the cores (down to one thread each): the
             # cost model interpolates between the one-thread and all-cores rates.
             torch.set_num_threads(1)
-            res.gemm += bench_gemm(shapes, ["fp32", "bf16"], device, quick)
+            res.gemm += bench_gemm(shapes, ["fp32"], device, quick, between=between)
+            res.gemm += bench_gemm(shapes, ["bf16"], device, quick)
             res.elementwise_gb_s_1core = bench_elementwise(device, mbytes=32)
+            between()
+        if probes:
+            res.probe_fp32_tflops = statistics.median(probes)
     finally:
         torch.set_num_threads(before)
     if world > 1:

@@ -64,7 +64,7 @@ def _plan_for(run: LoopRun, model: str, seq_len: int, steps: int) -> dict[str, A
         "cluster": {"accelerator": "cpu", "num_gpus": run.gpus, "gpus_per_node": 1, "num_nodes": run.gpus},
         "layout": run.layout,
         "train": {"objective": "clm", "max_steps": steps, "precision": "fp32", "lr": 1e-3,
-                  "warmup_frac": 0.0, "log_every": 1},
+                  "warmup_frac": 0.0, "log_every": 1, "host_probe": True},
         "checkpoint": {"every": 0, "keep": 1},
     }
 

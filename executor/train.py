@@ -38,6 +38,7 @@ from executor.data.loader import LoaderConfig, PackedLoader
 from executor.data.prepare import resolve_dataset
 from executor.evaluation import domain_eval_losses, eval_loss
 from executor.faults import Fault, FaultInjector
+from executor.host_probe import HostProbe
 from executor.metrics import EventLog, MetricsLog, Reporter
 from executor.model import build_model, count_params
 from executor.phase_timer import PhaseTimer
@@ -144,6 +145,7 @@ class Trainer:
             warn=self._warn,
         )
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.is_main)
+        self.host_probe = HostProbe() if train.host_probe and self.is_main else None
         self.state = TrainState()
         self.resumed_from: int | None = None
 
@@ -263,6 +265,11 @@ class Trainer:
         if idle is not None and (pp := idle()):  # pipelines: measured bubble (idle / step)
             rec.update(pp, pp_bubble_share=pp["pp_idle_s"] / step_time if step_time > 0 else 0.0)
         rec.update(self.strategy.moe_metrics())  # MoE: tokens per expert, imbalance, losses
+        if self.plan.train.host_probe:  # every rank waits while the logging rank probes
+            self.strategy.barrier()
+            if self.host_probe is not None:
+                rec["host_fp32_tflops"] = self.host_probe.measure()
+            self.strategy.barrier()
         if decision.skip:
             self.state.skipped += 1
             self.events.write({

@@ -135,6 +135,10 @@ class TrainSection(Section):
     attention_backend: Literal["auto", "flash", "torch_varlen", "sdpa"] = "auto"
     # torch.compile each transformer block's body and the token loss (`executor.compile`)
     compile: bool = False
+    # After each step (outside its timer) the logging rank times a fixed GEMM on every core
+    # while the other ranks wait (`executor.host_probe`): the host's speed
+    # during the run, which calibration prices the run at. For shared CPU hosts.
+    host_probe: bool = False
     # Mixture-of-experts training: the load-balancing loss (Switch, Fedus et al. 2022 eq. 4;
     # 0.01 there, Mixtral's router_aux_loss_coef 0.02) and router z-loss (ST-MoE, Zoph et al.
     # 2022 eq. 5; 1e-3 there) coefficients, and forced balance (round-robin expert choice,

@@ -86,6 +86,9 @@ class Plan(Section):
         self.cluster.spec()
         self.cost_profile()
         self.continual.check()
+        if self.train.host_probe and self.cluster.accelerator != "cpu":
+            raise PlanError("train.host_probe: the probe times this host's CPU and prices CPU runs; "
+                            f"set it false for accelerator {self.cluster.accelerator!r}")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

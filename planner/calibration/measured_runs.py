@@ -17,6 +17,7 @@ import numpy as np
 from costmodels.cases import Cases, build_cases, concat_cases, layout_columns
 from costmodels.errors import MeshplanError
 from costmodels.fit import cross_validate, fit_throughput
+from costmodels.hardware import at_host_speed
 from costmodels.profile import Profile
 from costmodels.steptime import evaluate
 from planner.planfile import Plan, load_plan
@@ -39,6 +40,9 @@ class MeasuredRun:
     cpu_threads: int | None = None  # threads per rank the run used (CPU runs)
     moe_imbalance: float | None = None  # median logged max / mean expert load (MoE runs)
     framework: str = "meshplan"  # the training stack that ran it (`costmodels.stacks`)
+    # median of the steps' host-speed probes (`train.host_probe`; CPU runs), fp32 TFLOP/s:
+    # `run_cases` prices the run at that speed
+    host_fp32_tflops: float | None = None
 
     @property
     def tokens_per_sec_per_gpu(self) -> float:
@@ -68,6 +72,7 @@ def load_run(path: str | Path) -> MeasuredRun:
         raise MeshplanError(f"{p}: no metrics.jsonl (the run never logged a step)")
     times: list[float] = []
     imbalance: list[float] = []
+    probes: list[float] = []
     for rec in read_records(metrics):
         if rec.get("skipped") or int(rec.get("step", 0)) <= WARMUP_STEPS:
             continue
@@ -77,6 +82,9 @@ def load_run(path: str | Path) -> MeasuredRun:
         imb = rec.get("moe_imbalance")
         if isinstance(imb, int | float) and imb >= 1.0:
             imbalance.append(float(imb))
+        probe = rec.get("host_fp32_tflops")
+        if isinstance(probe, int | float) and probe > 0:
+            probes.append(float(probe))
     if len(times) < 2:
         raise MeshplanError(f"{p}: fewer than 2 steady-state steps after warm-up to measure")
     peak, threads = None, None
@@ -91,7 +99,8 @@ def load_run(path: str | Path) -> MeasuredRun:
         except (json.JSONDecodeError, TypeError, ValueError, AttributeError):
             peak, threads = None, None
     return MeasuredRun(p.name, p, plan, statistics.median(times), len(times), peak, threads,
-                       statistics.median(imbalance) if imbalance else None)
+                       statistics.median(imbalance) if imbalance else None,
+                       host_fp32_tflops=statistics.median(probes) if probes else None)
 
 
 def run_cases(runs: list[MeasuredRun], profile: Profile) -> Cases:
@@ -102,6 +111,7 @@ def run_cases(runs: list[MeasuredRun], profile: Profile) -> Cases:
         hw = dict(profile.hardware.get(c.accelerator, {}))
         if c.accelerator == "cpu" and r.cpu_threads:
             hw["threads_per_rank"] = float(r.cpu_threads)  # what the run used, not the default
+        hw = at_host_speed(hw, r.host_fp32_tflops)
         case = build_cases(
             r.plan.model_spec(), cluster, layout_columns([r.plan.layout_spec()]),
             r.plan.train.precision, hardware=hw, framework=r.framework,

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from executor.calibration_loop import LOOP_RUNS, LOOP_STEPS
+from planner.calibration.measured_runs import load_run
 from planner.profiles import load_profile
 from tests.conftest import run_cli
 from tests.scale import FULL, scaled
@@ -39,3 +40,9 @@ def test_local_loop_contract(tmp_path):
     assert len(res["fitted_on"]) == sum(not (r.held_out or r.check) for r in SUBSET)
     prof = load_profile(res["profile_path"])
     assert prof.hardware["cpu"]["host_cores"] >= 1 and prof.hardware["cpu"]["fp32_tflops"] > 0
+    # Every run, multi-rank ones included, logged the host's speed while it ran, and the
+    # fitted profile holds the probe figure its rates were measured beside.
+    assert prof.hardware["cpu"]["probe_fp32_tflops"] > 0
+    for r in SUBSET:
+        run = load_run(tmp_path / "loop" / "runs" / r.name)
+        assert run.host_fp32_tflops and run.host_fp32_tflops > 0
