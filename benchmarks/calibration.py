@@ -3,10 +3,10 @@
     python benchmarks/calibration.py            # both reports
     python benchmarks/calibration.py --skip-local
 
-1. The local loop on this machine (`meshplan calibrate --local-loop`): bench, eight short
-   runs (1 process x 2 batch sizes, DDP, FSDP2/ZeRO-2 and TP=2 fitted; FSDP2/ZeRO-3, PP=2 and
-   TP=2 with sequence parallelism held out), fit, and the held-out step-time error against
-   the uncalibrated default profile.
+1. The local loop on this machine (`meshplan calibrate --local-loop`): bench, fourteen short
+   runs (`executor.calibration_loop.LOOP_RUNS`: eight fitted, FSDP2/ZeRO-3, PP=2 and TP=2 with
+   sequence parallelism held out, three more checks), fit, and the held-out step-time error
+   against the uncalibrated default profile.
 2. On published_runs.csv: a profile refitted on a random half, scored on the other half,
    MAPE per GPU type and per source (5 seeds averaged).
 """

@@ -209,7 +209,7 @@ def _measured(cluster: ClusterSpec, precision: str, hw: Mapping[str, float]) -> 
         elem = _thread_rate(hw, "elementwise_tb_s", threads, cores)
         if elem:
             cols["elem_bw"] = min(elem * share, hw.get("elementwise_tb_s", elem) * busy) * 1e12
-        cols["hbm_bw"] = cols["hbm_bw"] / min(ranks, cores)
+        cols["hbm_bw"] = cols["hbm_bw"] * busy  # the ranks share the host's streaming bandwidth
     up, out = hw.get("scaleup_gbps", 0.0), hw.get("scaleout_gbps", 0.0)
     if up or out:
         cluster = replace(cluster, scaleup_gbps=up or cluster.scaleup_gbps,

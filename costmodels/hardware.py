@@ -104,21 +104,23 @@ def cpu_threads_per_rank(ranks_on_host: int, cores: int) -> int:
     return max(1, cores // max(1, ranks_on_host))
 
 
-# A host's rates that move with its speed: compute (GEMM peaks) and memory (streaming and
-# elementwise bandwidth). Links are left as measured.
-_HOST_RATES = ("fp32_tflops", "bf16_tflops", "fp32_tflops_1core", "bf16_tflops_1core",
-               "hbm_tb_s", "elementwise_tb_s", "elementwise_tb_s_1core")
+def is_host_rate(key: str) -> bool:
+    """A hardware entry's compute (`*_tflops`) or memory (`*_tb_s`) rate, all-core or
+    one-thread: what moves with a host's speed. Links, latencies and counts do not."""
+    return key.endswith(("_tflops", "_tflops_1core", "_tb_s", "_tb_s_1core")) and not key.startswith("probe_")
 
 
 def at_host_speed(hw: Mapping[str, float], probe_fp32_tflops: float | None) -> dict[str, float]:
     """A measured host's hardware entry at the speed a run's probe saw (`executor.host_probe`):
-    its compute and memory rates scaled by the run's probe rate over the probe rate measured
-    beside them (`probe_fp32_tflops`: one factor, as a shared host slows all its work alike).
-    Unchanged where the entry or the run has no probe."""
+    its compute and memory rates (`is_host_rate`) scaled by the run's probe rate over the
+    probe rate measured beside them (`probe_fp32_tflops`: one factor, as a shared host slows
+    all its work alike; the all-core probe scales the one-thread rates too). Links and the
+    fitted per-call and per-layer overheads stay as measured. Unchanged where the entry or
+    the run has no probe."""
     ref = hw.get("probe_fp32_tflops")
     if not (probe_fp32_tflops and ref):
         return dict(hw)
-    return {k: v * probe_fp32_tflops / ref if k in _HOST_RATES else v for k, v in hw.items()}
+    return {k: v * probe_fp32_tflops / ref if is_host_rate(k) else v for k, v in hw.items()}
 
 
 def get_accelerator(key: str) -> Accelerator:

@@ -59,11 +59,11 @@ class Profile:
     host_op_s: float = 1e-5
     # Fixed host overhead per layer per micro-batch on a CPU host (s), fitted per machine.
     layer_overhead_s: float = 0.0
-    # CPU hosts: time per synchronising collective call that the measured link rates miss:
-    # ranks that time-share the cores meet at every collective (the first waits for the
-    # last), gloo works on a compute core, DTensor dispatches around each sharded op. Fitted
-    # per machine by `meshplan calibrate` (5.8-6.7 ms here); on an accelerator the host
-    # queues kernels ahead and this is hidden, so it applies to CPU runs only.
+    # CPU hosts: time per meeting of the ranks at a collective that the measured link rates
+    # miss (the first to arrive waits for the last, gloo works on a compute core, DTensor
+    # dispatches around each sharded op; `costmodels.step_dp.cpu_sync_calls` counts the
+    # meetings). Fitted per machine by `meshplan calibrate` (4-22 ms here); on an accelerator
+    # the host queues kernels ahead and this is hidden, so it applies to CPU runs only.
     cpu_sync_call_s: float = 0.0
     # MoE: the share of the dense GEMM rate a grouped expert GEMM sustains at the same
     # shapes (scheduling of unequal groups, the permutation kernels' launch), and the load

@@ -79,8 +79,7 @@ def cpu_sync_calls(x: StepCase, params_local: np.ndarray, n_tp: np.ndarray) -> n
     first to arrive waits for the last, and gloo does its work on a compute core. A fitted
     cost per meeting, charged per meeting each layout holds per step: TP n_tp per layer per
     micro-batch (SP's all-gather follows its reduce-scatter with only a norm between them, no
-    work to drift apart over, so the pair is one meeting, as TP's all-reduce is; the runs
-    agree: TP2+SP steps take what TP2 steps take, 1.70 s and 1.66 s at micro-batch 16);
+    work for the ranks to drift apart over, so the pair is one meeting, as TP's all-reduce is);
     ZeRO-3 2 gathers + 1 reduce-scatter per layer per micro-batch; ZeRO-1/2 a gather and a
     reduce-scatter per layer; DDP one all-reduce per bucket. Pipeline sends are not charged:
     the schedule already prices each stage's wait for its neighbour (`pp_idle_s`)."""

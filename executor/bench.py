@@ -25,7 +25,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from executor.host import host_cores
-from executor.host_probe import HostProbe
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -299,9 +298,13 @@ def bench_collectives(world: int = 2, sizes: list[int] | None = None, repeats: i
     return result
 
 
+# The tiny model's layer (hidden, ffn, tokens at micro-batch 16 x 128): the quick bench's GEMMs
+BENCH_MODEL_DIMS = (256, 688, 128 * 16)
+
+
 def run_bench(
     quick: bool = False, world: int = 2, device: str | None = None,
-    model_dims: tuple[int, int, int] = (256, 688, 128 * 16),
+    model_dims: tuple[int, int, int] = BENCH_MODEL_DIMS,
 ) -> BenchResult:
     """Benchmark GEMMs at a layer's shapes (hidden, ffn, tokens), memory and collectives."""
     t0 = time.perf_counter()
@@ -315,6 +318,8 @@ def run_bench(
     res = BenchResult(device=device, threads=threads)
     # On a CPU host the speed probe runs between the phases, so its reference figure is the
     # host's speed while the rates were measured, not a moment before or after.
+    from executor.host_probe import HostProbe
+
     probe = HostProbe() if device == "cpu" else None
     probes: list[float] = []
 

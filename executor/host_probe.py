@@ -13,16 +13,17 @@ import time
 
 import torch
 
+from executor.bench import BENCH_MODEL_DIMS, layer_gemm_shapes
 from executor.host import host_cores
 
-# The tiny model's MLP up-projection at 16 x 128 tokens (one of the bench's GEMM shapes):
-# ~6 ms a call here, short beside a step.
-PROBE_GEMM = (2048, 688, 256)
+# The bench's MLP up-projection GEMM (2048 x 688 x 256): ~6 ms a call here, short beside a step.
+PROBE_GEMM = layer_gemm_shapes(*BENCH_MODEL_DIMS)[2]
 PROBE_CALLS = 3  # best of: one call can land on a descheduled slice
 
 
 class HostProbe:
-    """Holds its operands, so each probe times only the kernel."""
+    """Holds its operands, so each probe times the GEMM and its output's allocation, as the
+    bench's GEMM timings do."""
 
     def __init__(self) -> None:
         m, n, k = PROBE_GEMM

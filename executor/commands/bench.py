@@ -68,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"  memory (STREAM add): {res.memory_gb_s:.2f} GB/s")
     print(f"  elementwise (out-of-place add): {res.elementwise_gb_s:.2f} GB/s"
           + (f", {res.elementwise_gb_s_1core:.2f} GB/s on one thread" if res.elementwise_gb_s_1core else ""))
+    if res.probe_fp32_tflops:
+        print(f"  host-speed probe (median between the phases): {res.probe_fp32_tflops * 1e3:.1f} GFLOP/s")
     for name, c in res.collectives.items():
         print(f"  {name:14} alpha {c['alpha_s'] * 1e6:8.1f} us   bus bandwidth {c['bus_gbps']:7.3f} GB/s ({c['backend']}, {c['world']} ranks)")
     if args.out:

@@ -142,3 +142,20 @@ def test_container_cpu_quota_caps_the_host_cores(tmp_path):
     (v1 / "cpu.cfs_quota_us").write_text("-1\n")
     assert cgroup_cpu_limit(str(tmp_path / "v1")) is None
     assert cgroup_cpu_limit(str(tmp_path / "nowhere")) is None
+
+
+def test_adam_streams_its_states_in_place_at_each_ranks_share_of_the_host():
+    params = get_preset("tiny").param_count()
+    one = evaluate(_case(1, HW), Profile())["optimizer_s"][0]
+    assert one == pytest.approx(36 * params / (HW["hbm_tb_s"] * 1e12), rel=1e-3)  # in place, not out-of-place
+    two = evaluate(_case(2, HW, dp=2), Profile())["optimizer_s"][0]
+    assert two == pytest.approx(2 * one)  # two ranks at once share the host's bandwidth
+    small = {**HW, "host_cores": 2.0}
+    four = evaluate(_case(4, small, dp=4), Profile())["optimizer_s"][0]
+    assert four == pytest.approx(4 * one)  # four ranks on two cores together never exceed it
+    gpu = single_case(get_preset("small"), Layout(micro_batch=1, global_batch=8, dp=8), ClusterSpec("h100-sxm", 8))
+    prof = Profile()
+    gpu_opt = evaluate(gpu, prof)["optimizer_s"][0]
+    from costmodels.hardware import get_accelerator
+    bw = get_accelerator("h100-sxm").hbm_tb_s * 1e12 * prof.elementwise_eff
+    assert gpu_opt == pytest.approx(36 * get_preset("small").param_count() / bw, rel=1e-3)  # the elementwise share of HBM

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from costmodels.cases import single_case
-from costmodels.hardware import at_host_speed
+from costmodels.hardware import at_host_speed, is_host_rate
 from costmodels.presets import get_preset
-from costmodels.profile import Profile
+from costmodels.profile import HARDWARE_KEYS, Profile
 from costmodels.specs import ClusterSpec, Layout
 from costmodels.steptime import evaluate
 from executor.bench import BenchResult
@@ -34,13 +34,26 @@ def test_at_host_speed_scales_compute_and_memory_by_the_probe():
     assert at_host_speed(no_ref, 0.05) == no_ref  # a profile measured without one
 
 
-def test_probe_measures_on_every_core_and_restores_the_threads():
+def test_every_hardware_key_is_classed_as_a_rate_or_not():
+    rates = {k for k in HARDWARE_KEYS if is_host_rate(k)}
+    assert rates == {"bf16_tflops", "fp32_tflops", "fp8_tflops", "fp4_tflops", "hbm_tb_s", "fp32_tflops_1core",
+                     "bf16_tflops_1core", "elementwise_tb_s", "elementwise_tb_s_1core"}
+
+
+def test_probe_measures_on_every_core_and_restores_the_threads(monkeypatch):
+    import executor.host_probe as host_probe
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
+    calls: list[int] = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(host_probe, "host_cores", lambda: 3)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real(n)))
     try:
         assert HostProbe().measure() > 0
-        assert torch.get_num_threads() == 1
+        assert calls == [3, 1]  # all the host's cores for the GEMM, then the caller's count back
     finally:
+        monkeypatch.undo()
         torch.set_num_threads(before)
     assert BenchResult(device="cpu", threads=2, probe_fp32_tflops=0.12).hardware_override()["probe_fp32_tflops"] == 0.12
     assert "probe_fp32_tflops" not in BenchResult(device="cpu", threads=2).hardware_override()
@@ -78,4 +91,4 @@ def test_a_run_is_priced_at_the_host_speed_its_probes_saw(tmp_path):
 def test_host_probe_is_refused_off_the_cpu():
     with pytest.raises(PlanError, match="train.host_probe"):
         plan_from_dict({"model": get_preset("tiny").to_dict(), "cluster": {"accelerator": "h100", "num_gpus": 1},
-                        "train": {"host_probe": True}}).check()
+                        "train": {"host_probe": True}})
